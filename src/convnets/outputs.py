@@ -22,6 +22,7 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; outputs are ordinary folders
     try:
         yield tmp
     except BaseException:

@@ -64,6 +64,7 @@ def train(params: Params, prepared_dir: str | Path, model_dir: str | Path, live_
             make_dataset(x_train, y_train, batch, params.seed, shuffle=True),
             validation_data=make_dataset(x_val, y_val, batch, params.seed, shuffle=False),
             epochs=params.train.epochs,
+            shuffle=False,  # the dataset reshuffles itself each epoch
             callbacks=[checkpoint, DVCLiveCallback(live=live)],
             verbose=1 if sys.stdout.isatty() else 2,
         )
