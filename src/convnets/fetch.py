@@ -58,8 +58,10 @@ def load_keras_mnist(url: str, sha256: str, download_dir: Path) -> tuple[np.ndar
 
     download_dir.mkdir(parents=True, exist_ok=True)
     try:
-        # An absolute fname keeps Keras from caching under ~/.keras.
-        path = get_file(fname=str(download_dir.resolve() / "mnist.npz"), origin=url, file_hash=sha256)
+        # cache_dir keeps Keras from caching under ~/.keras: nothing is written outside data/.
+        path = get_file(
+            fname="mnist.npz", origin=url, file_hash=sha256, cache_dir=str(download_dir.resolve()), cache_subdir=""
+        )
     except Exception as exc:  # urllib and hash errors come in many types
         raise DataError(f"could not download MNIST from {url}: {exc}") from None
     with np.load(path, allow_pickle=False) as data:

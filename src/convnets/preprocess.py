@@ -88,7 +88,8 @@ def shrink_npy(path: Path, n: int, chunk: int = 1024) -> None:
     tmp = path.with_name(f".{path.name}.shrink")
     target = np.lib.format.open_memmap(tmp, mode="w+", dtype=source.dtype, shape=(n, *source.shape[1:]))
     for start in range(0, n, chunk):
-        target[start : start + chunk] = source[start : start + chunk]
+        end = min(start + chunk, n)
+        target[start:end] = source[start:end]
     target.flush()
     del target, source
     tmp.replace(path)

