@@ -152,3 +152,93 @@ def test_preprocess_sets_aside_unreadable_files_and_counts_them(mnist_raw, tmp_p
     kept_files = [f for f in manifest[manifest["split"] == "train"]["file"] if f not in broken]
     labels = np.load(out / "train_labels.npy")
     assert [str(label) for label in labels] == [f.split("/")[1] for f in kept_files]
+
+
+# --- model, train, evaluate, report ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(mnist_raw, tmp_path_factory):
+    """prepared -> train -> evaluate -> report on 300/100/100 digits, 2 epochs."""
+    from conftest import TINY_OVERRIDES, deep_update, default_params
+    from convnets.evaluate import evaluate
+    from convnets.params import Params
+    from convnets.report import report
+    from convnets.train import train
+
+    params = Params.model_validate(deep_update(default_params(), TINY_OVERRIDES))
+    root = tmp_path_factory.mktemp("tiny")
+    manifest = split(read_catalog(mnist_raw), params.split, params.seed)
+    preprocess(manifest, mnist_raw, params.preprocess, root / "prepared")
+    best = train(params, root / "prepared", root / "model", root / "train")
+    metrics = evaluate(params, root / "prepared", root / "model", root / "eval")
+    html = report(params, root / "prepared", root / "train", root / "eval", root / "report")
+    return {"params": params, "root": root, "best": best, "metrics": metrics, "html": html}
+
+
+def test_mnist_convnet_is_the_books(tmp_path):
+    from convnets.models import build_model
+    from convnets.params import ModelParams
+
+    model = build_model(ModelParams(), (28, 28, 1), 10)
+    counts = [layer.count_params() for layer in model.layers if layer.count_params()]
+    assert counts == [320, 18_496, 73_856, 11_530]
+    lines: list[str] = []
+    model.summary(print_fn=lambda line, **_: lines.append(line))
+    summary = "\n".join(lines)
+    for shown in ("320", "18,496", "73,856", "11,530"):
+        assert shown in summary
+
+
+def test_train_keeps_the_best_model_and_logs_every_epoch(tiny_run):
+    root, best = tiny_run["root"], tiny_run["best"]
+    assert (root / "model" / "model.keras").is_file()
+    summary = json.loads((root / "train" / "metrics.json").read_text())
+    assert summary["step"] == 1  # two epochs, 0-based
+    assert summary["best"]["epoch"] == best["epoch"]
+    history = pd.read_csv(root / "train" / "plots" / "metrics" / "eval" / "loss.tsv", sep="\t")
+    assert list(history["step"]) == [0, 1]
+    assert best["val_loss"] == pytest.approx(history["loss"].min(), rel=1e-5)
+    assert not (root / "train" / "dvc.yaml").exists()  # dvc.yaml is ours, not dvclive's
+
+
+def test_evaluate_metrics_agree_with_predictions(tiny_run):
+    root, metrics = tiny_run["root"], tiny_run["metrics"]
+    predictions = pd.read_csv(root / "eval" / "predictions.csv", dtype={"true": str, "predicted": str})
+    assert len(predictions) == 100
+    assert metrics["accuracy"] == pytest.approx((predictions["true"] == predictions["predicted"]).mean())
+    assert metrics["accuracy"] > 0.5  # far above the 0.1 of guessing, even after 2 epochs
+    logged = json.loads((root / "eval" / "metrics.json").read_text())
+    assert logged["test"]["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert set(logged["test"]["per_class"]) == {str(d) for d in range(10)}
+    assert set(logged["test"]["per_class"]["3"]) == {"precision", "recall", "f1-score"}
+    confusion = json.loads((root / "eval" / "plots" / "sklearn" / "confusion_matrix.json").read_text())
+    cells = confusion if isinstance(confusion, list) else next(iter(confusion.values()))
+    assert len(cells) == 100 and {"actual", "predicted"} <= set(cells[0])
+
+
+def test_evaluate_reloads_the_model_it_was_given(tiny_run):
+    """The saved model alone reproduces evaluate's predictions (Rescaling travels inside it)."""
+    import keras
+
+    root = tiny_run["root"]
+    model = keras.models.load_model(root / "model" / "model.keras")
+    images = np.load(root / "prepared" / "test_images.npy")
+    predicted = model.predict(images, verbose=0).argmax(axis=1).astype(str)
+    predictions = pd.read_csv(root / "eval" / "predictions.csv", dtype={"predicted": str})
+    assert list(predicted) == list(predictions["predicted"])
+
+
+def test_report_is_self_contained(tiny_run):
+    html = tiny_run["html"].read_text()
+    assert html.count('src="data:image/png;base64,') == 4
+    assert "src=\"http" not in html and "<link" not in html
+    for name in ("accuracy.png", "loss.png", "confusion_matrix.png", "misclassified.png"):
+        assert (tiny_run["html"].parent / name).stat().st_size > 1000
+    assert f"{tiny_run['metrics']['accuracy']:.4f}" in html
+
+
+def test_training_is_deterministic(tiny_run, tmp_path):
+    from convnets.train import train
+
+    again = train(tiny_run["params"], tiny_run["root"] / "prepared", tmp_path / "model", tmp_path / "train")
+    assert again == tiny_run["best"]
