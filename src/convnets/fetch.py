@@ -2,36 +2,91 @@
 
 Output layout (the same for every source, so later stages need not care):
 
-    data/raw/images/<label>/<index>.png   one file per image
-    data/raw/catalog.csv                  file,label,index  (index counts per label)
+    data/raw/images/<label>/...   one file per image (MNIST: <index>.png; dogs vs. cats: cat.1234.jpg)
+    data/raw/catalog.csv          file,label,index  (index: per label; for dogs vs. cats the
+                                  number in the file name, which the book's split uses)
+    data/raw/set_aside.csv        file,label,reason,detail  entries of the source that were
+                                  refused (unsafe paths, Thumbs.db, ...); preprocess reports them
+
+Downloads (Kaggle, URLs) are kept in data/downloads/, outside the DVC output, so
+that a repro does not fetch them again; see docs/data.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
+from convnets.archive import SET_ASIDE_COLUMNS, extract_labelled_images
 from convnets.cli import stage_main
+from convnets.downloads import download_url, is_url, sha256_of
 from convnets.errors import DataError
 from convnets.outputs import staged_dir
 from convnets.params import FetchParams, Params
 from convnets.progress import progress
 
+log = logging.getLogger(__name__)
+
 CATALOG = "catalog.csv"
+SET_ASIDE = "set_aside.csv"
 
 
-def fetch(params: FetchParams, out_dir: str | Path) -> pd.DataFrame:
-    """Fetch the configured source into `out_dir`; return its catalog."""
+def fetch(params: FetchParams, out_dir: str | Path, downloads_dir: str | Path | None = None) -> pd.DataFrame:
+    """Fetch the configured source into `out_dir`; return its catalog.
+
+    `downloads_dir` (default: `downloads` next to out_dir) keeps Kaggle and URL downloads.
+    """
     out_dir = Path(out_dir)
+    downloads_dir = Path(downloads_dir) if downloads_dir is not None else out_dir.parent / "downloads"
+    if params.source in ("kaggle", "archive"):
+        archive = locate_archive(params, downloads_dir)
+        with staged_dir(out_dir) as tmp:
+            extracted = extract_labelled_images(archive, tmp, params.max_extract_bytes, params.classes)
+            catalog, set_aside = extracted.catalog, extracted.set_aside
+            write_tables(tmp, catalog, set_aside)
+        log.info("read %s as a %s; set aside %d entries", archive, extracted.layout, len(set_aside))
+        return catalog
     with staged_dir(out_dir) as tmp:
         images, labels = load_source(params, download_dir=tmp / "download")
         catalog = write_images(images, labels, tmp)
-        catalog.to_csv(tmp / CATALOG, index=False)
+        write_tables(tmp, catalog, pd.DataFrame(columns=SET_ASIDE_COLUMNS))
     return catalog
+
+
+def write_tables(out_dir: Path, catalog: pd.DataFrame, set_aside: pd.DataFrame) -> None:
+    catalog.to_csv(out_dir / CATALOG, index=False)
+    set_aside.to_csv(out_dir / SET_ASIDE, index=False)
+
+
+def locate_archive(params: FetchParams, downloads_dir: Path) -> Path:
+    """The local zip or folder to read: downloaded first for the kaggle source and for URLs."""
+    if params.source == "kaggle":
+        from convnets.kaggle_source import download_competition
+
+        return download_competition(params.kaggle_competition, downloads_dir, params.download_retries, params.retry_backoff_s)
+    if is_url(params.archive):
+        return download_url(
+            params.archive, downloads_dir, params.download_retries, params.retry_backoff_s, params.archive_sha256
+        )
+    path = Path(params.archive).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"fetch.archive {params.archive} not found (relative paths start at the repo root, "
+            f"where DVC runs the stage; here that is {Path.cwd()})"
+        )
+    if params.archive_sha256 and path.is_file():
+        actual = sha256_of(path)
+        if actual != params.archive_sha256.lower():
+            raise DataError(
+                f"{path} has SHA-256 {actual}, not fetch.archive_sha256 {params.archive_sha256}: "
+                "a different or damaged archive (update archive_sha256 if the change is intended)"
+            )
+    return path
 
 
 def load_source(params: FetchParams, download_dir: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -88,7 +143,11 @@ def write_images(images: np.ndarray, labels: np.ndarray, out_dir: Path) -> pd.Da
 
 def _run(params: Params, args: argparse.Namespace) -> None:
     catalog = fetch(params.fetch, args.out_dir)
-    print(f"fetch: {len(catalog)} images in {catalog['label'].nunique()} classes -> {args.out_dir}")
+    set_aside = pd.read_csv(Path(args.out_dir) / SET_ASIDE)
+    print(
+        f"fetch: {len(catalog)} images in {catalog['label'].nunique()} classes -> {args.out_dir}"
+        + (f"; set aside {len(set_aside)} entries (see {SET_ASIDE})" if len(set_aside) else "")
+    )
 
 
 def main(argv=None) -> int:

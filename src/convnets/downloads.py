@@ -1,0 +1,224 @@
+"""Downloads kept in the data folder: retried on transient errors, verified once, never repeated.
+
+A finished download is checked (its SHA-256 when one is expected, and the CRC
+of every member of a zip) and then gets a `<name>.verified` note with its size
+and SHA-256. Later runs reuse a file whose note still matches, without any
+network access; anything else is downloaded again. URLs are logged without
+their query string or user info, where signed URLs and passwords live.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import json
+import logging
+import math
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from convnets.errors import DataError
+from convnets.progress import progress
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CHUNK = 1 << 20
+TIMEOUT_S = 60
+TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
+
+
+class IncompleteDownload(Exception):
+    """The transfer ended early or the file is damaged; worth another try."""
+
+
+def with_retries(
+    action: Callable[[], T],
+    what: str,
+    retries: int,
+    backoff_s: float,
+    is_transient: Callable[[BaseException], bool],
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Run `action`; on a transient error wait backoff_s, 2 x backoff_s, ... and try again."""
+    for attempt in range(retries + 1):
+        try:
+            return action()
+        except Exception as exc:
+            if attempt == retries or not is_transient(exc):
+                raise
+            delay = backoff_s * 2**attempt
+            log.warning("%s: %s; retry %d of %d in %.0f s", what, describe(exc), attempt + 1, retries, delay)
+            sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def describe(exc: BaseException) -> str:
+    """A short description with no URL, header or credential in it."""
+    status = http_status(exc)
+    return f"HTTP {status}" if status else type(exc).__name__
+
+
+def http_status(exc: BaseException) -> int | None:
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code
+    response = getattr(exc, "response", None)  # requests.HTTPError
+    if response is not None and getattr(response, "status_code", None):
+        return int(response.status_code)
+    status = getattr(exc, "status", None)  # kaggle<1.7's ApiException
+    return int(status) if isinstance(status, int) else None
+
+
+def redact(url: str) -> str:
+    """The URL without user info, query or fragment."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def is_url(location: str) -> bool:
+    return urllib.parse.urlsplit(location).scheme in {"http", "https", "file"}
+
+
+# --- verified files ---------------------------------------------------------------------
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def note_path(path: Path) -> Path:
+    return path.with_name(path.name + ".verified")
+
+
+def is_verified(path: Path, expected_sha256: str = "") -> bool:
+    """True when `path` is the complete file a previous run verified (and matches the expected hash)."""
+    note = note_path(path)
+    if not (path.is_file() and note.is_file()):
+        return False
+    try:
+        recorded = json.loads(note.read_text())
+        if recorded["size"] != path.stat().st_size:
+            return False
+        actual = sha256_of(path)
+    except (ValueError, KeyError, TypeError, OSError):
+        return False
+    return actual == recorded["sha256"] and (not expected_sha256 or actual == expected_sha256.lower())
+
+
+def verify_download(path: Path, expected_sha256: str = "") -> None:
+    """Check a fresh download; raise IncompleteDownload if it is damaged, then note it as verified."""
+    actual = sha256_of(path)
+    if expected_sha256 and actual != expected_sha256.lower():
+        raise IncompleteDownload(f"SHA-256 {actual} differs from the expected {expected_sha256}")
+    if path.suffix == ".zip":
+        check_zip(path)
+    note_path(path).write_text(json.dumps({"size": path.stat().st_size, "sha256": actual}) + "\n")
+
+
+def check_zip(path: Path) -> None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # reads every member and checks its CRC
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise IncompleteDownload(f"not a complete zip archive ({exc})") from None
+    if bad is not None:
+        raise IncompleteDownload(f"member {bad} is damaged")
+
+
+def forget(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    note_path(path).unlink(missing_ok=True)
+
+
+def prepare_downloads_dir(downloads_dir: Path) -> Path:
+    """Create the folder; it ignores itself in git, as it is a cache rather than a DVC output."""
+    downloads_dir.mkdir(parents=True, exist_ok=True)
+    ignore = downloads_dir / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text("# downloads cached by the fetch stage (see docs/data.md)\n*\n")
+    return downloads_dir
+
+
+# --- plain URLs -----------------------------------------------------------------------
+
+def download_url(url: str, downloads_dir: Path, retries: int, backoff_s: float, sha256: str = "") -> Path:
+    """Download `url` into downloads_dir (once) and return the local file."""
+    name = Path(urllib.parse.urlsplit(url).path).name or "download.zip"
+    target = prepare_downloads_dir(downloads_dir) / name
+    if is_verified(target, sha256):
+        log.info("using %s, verified when it was downloaded", target)
+        return target
+    forget(target)
+    partial = target.with_name(target.name + ".partial")
+
+    def attempt() -> None:
+        try:
+            fetch_to(url, partial)
+            verify_download(partial, sha256)
+        except BaseException:
+            forget(partial)  # no resume for plain URLs: the next try starts afresh
+            raise
+
+    try:
+        with_retries(attempt, f"downloading {redact(url)}", retries, backoff_s, is_transient_url_error)
+    except urllib.error.HTTPError as exc:
+        raise DataError(f"could not download {redact(url)}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException, IncompleteDownload) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise DataError(f"could not download {redact(url)} after {retries + 1} tries: {reason}") from None
+    partial.replace(target)
+    note_path(partial).replace(note_path(target))
+    return target
+
+
+def fetch_to(url: str, path: Path) -> None:
+    plain_url, headers = split_credentials(url)
+    request = urllib.request.Request(plain_url, headers=headers)
+    with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response, open(path, "wb") as out:
+        length = response.headers.get("Content-Length")
+        expected = int(length) if length and length.isdigit() else None
+        chunks = iter(lambda: response.read(CHUNK), b"")
+        total = math.ceil(expected / CHUNK) if expected else None
+        written = 0
+        for chunk in progress(chunks, f"fetch: downloading {path.name.removesuffix('.partial')}", total, unit="MiB"):
+            out.write(chunk)
+            written += len(chunk)
+    if expected is not None and written != expected:
+        raise IncompleteDownload(f"got {written:,} of {expected:,} bytes")
+
+
+def split_credentials(url: str) -> tuple[str, dict[str, str]]:
+    """urllib does not take user:password@ in a URL: send it as a basic-auth header instead."""
+    headers = {"User-Agent": "convnets-fetch"}
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None:
+        return url, headers
+    userinfo = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+    headers["Authorization"] = "Basic " + base64.b64encode(userinfo.encode()).decode()
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), headers
+
+
+def is_transient_url_error(exc: BaseException) -> bool:
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code in TRANSIENT_STATUS
+    if isinstance(exc, urllib.error.URLError):
+        # Refused or reset connections and timeouts pass; a missing local file does not.
+        return not isinstance(exc.reason, FileNotFoundError)
+    return isinstance(
+        exc, (IncompleteDownload, TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException)
+    )

@@ -1,0 +1,135 @@
+"""Download a Kaggle competition's files with the official `kaggle` client.
+
+The client is imported only here, and only when `fetch.source` is kaggle:
+importing it authenticates (and, in some versions, fails without
+credentials), so other sources must never pay for it. Credentials are
+whatever the installed client accepts: KAGGLE_USERNAME / KAGGLE_KEY,
+~/.kaggle/kaggle.json (or $KAGGLE_CONFIG_DIR/kaggle.json), KAGGLE_API_TOKEN or
+~/.kaggle/access_token, or `kaggle auth login`. None of them is ever logged:
+errors are reported by HTTP status and exception type only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import sys
+from pathlib import Path
+
+from convnets.downloads import (
+    TRANSIENT_STATUS,
+    IncompleteDownload,
+    describe,
+    forget,
+    http_status,
+    is_verified,
+    prepare_downloads_dir,
+    verify_download,
+    with_retries,
+)
+from convnets.errors import DataError
+
+log = logging.getLogger(__name__)
+
+TOKEN_PAGE = "https://www.kaggle.com/settings/api"
+NO_CREDENTIALS = (
+    "no usable Kaggle credentials: set KAGGLE_USERNAME and KAGGLE_KEY (or KAGGLE_API_TOKEN), "
+    f"or save kaggle.json in ~/.kaggle/ (or $KAGGLE_CONFIG_DIR); create a token at {TOKEN_PAGE}"
+)
+
+
+def download_competition(competition: str, downloads_dir: Path, retries: int, backoff_s: float) -> Path:
+    """Return <downloads_dir>/<competition>.zip, downloading it unless a verified copy is there."""
+    target = prepare_downloads_dir(downloads_dir) / f"{competition}.zip"
+    if is_verified(target):
+        log.info("using %s, verified when it was downloaded", target)
+        return target
+    api = with_kaggle_errors(
+        competition, lambda: with_retries(authenticated_api, "signing in to Kaggle", retries, backoff_s, is_transient)
+    )
+    force = False  # let the client resume a partial file from an earlier run
+
+    def attempt() -> None:
+        nonlocal force
+        quiet = not sys.stderr.isatty()  # the client's own progress bar, on a terminal only
+        try:
+            api.competition_download_files(competition, path=str(downloads_dir), force=force, quiet=quiet)
+        except ValueError as exc:  # the client's check of the size it received
+            raise IncompleteDownload(str(exc)) from None
+        if not target.is_file():
+            raise DataError(f"the Kaggle client reported success but {target} is not there")
+        try:
+            verify_download(target)
+        except IncompleteDownload:
+            forget(target)
+            force = True
+            raise
+
+    with_kaggle_errors(
+        competition,
+        lambda: with_retries(attempt, f"downloading the {competition} files from Kaggle", retries, backoff_s, is_transient),
+    )
+    return target
+
+
+def authenticated_api():
+    """A signed-in KaggleApi, or DataError(NO_CREDENTIALS)."""
+    # The client prints a page of help and calls exit() when it finds no credentials;
+    # we say it in one line instead. Credentials are never printed by it either way.
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            from kaggle.api.kaggle_api_extended import KaggleApi
+
+            api = KaggleApi()
+            api.authenticate()
+        except (SystemExit, OSError):  # kaggle<1.7 raises OSError at import without kaggle.json
+            raise DataError(NO_CREDENTIALS) from None
+    return api
+
+
+def with_kaggle_errors(competition: str, action):
+    """Run `action`, turning HTTP errors into one-line messages that say what to do."""
+    try:
+        return action()
+    except DataError:
+        raise
+    except Exception as exc:
+        status = http_status(exc)
+        if status == 401:
+            raise DataError(
+                "Kaggle did not accept the credentials (HTTP 401): check KAGGLE_USERNAME / KAGGLE_KEY "
+                f"or kaggle.json, or create a new token at {TOKEN_PAGE}"
+            ) from None
+        if status == 403:
+            raise DataError(
+                f"Kaggle refused the {competition} files (HTTP 403): sign in with the account of your "
+                f"credentials and accept the competition rules at "
+                f"https://www.kaggle.com/competitions/{competition}/rules, then run again"
+            ) from None
+        if status == 404:
+            raise DataError(f"Kaggle has no competition {competition!r} (HTTP 404): check fetch.kaggle_competition") from None
+        if status is not None or is_transient(exc):
+            raise DataError(f"Kaggle download of {competition} failed: {describe(exc)}; try again later") from None
+        raise
+
+
+def is_transient(exc: BaseException) -> bool:
+    status = http_status(exc)
+    if status is not None:
+        return status in TRANSIENT_STATUS
+    if isinstance(exc, (IncompleteDownload, TimeoutError, ConnectionError)):
+        return True
+    import requests  # a dependency of the kaggle client, loaded with it
+    import urllib3.exceptions
+
+    return isinstance(
+        exc,
+        (
+            requests.ConnectionError,
+            requests.Timeout,
+            requests.exceptions.ChunkedEncodingError,
+            urllib3.exceptions.ProtocolError,
+            urllib3.exceptions.ReadTimeoutError,
+        ),
+    )

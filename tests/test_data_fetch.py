@@ -1,0 +1,397 @@
+"""fetch from the dogs-vs-cats replica in every accepted layout, from a URL, and its refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import os
+import threading
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import SHARED_DIR
+from convnets.errors import DataError, ParamsError
+from convnets.fetch import SET_ASIDE, fetch
+from convnets.params import FetchParams
+
+REPLICA = SHARED_DIR / "data" / "dogs-vs-cats-128" / "dogs-vs-cats.zip"
+needs_replica = pytest.mark.skipif(not REPLICA.is_file(), reason=f"the offline replica {REPLICA} is not there")
+PER_CLASS = 30  # photos per class in the small layouts built from the replica
+
+
+def archive_params(archive, **changes) -> FetchParams:
+    return FetchParams(source="archive", archive=str(archive), classes=["cat", "dog"], retry_backoff_s=0.0, **changes)
+
+
+@pytest.fixture(scope="module")
+def replica_photos() -> dict[str, bytes]:
+    """The first PER_CLASS cats and dogs of the replica, by file name."""
+    if not REPLICA.is_file():
+        pytest.skip(f"the offline replica {REPLICA} is not there")
+    with zipfile.ZipFile(REPLICA) as outer, outer.open("train.zip") as inner, zipfile.ZipFile(inner) as train:
+        names = [f"train/{label}.{i}.jpg" for label in ("cat", "dog") for i in range(PER_CLASS)]
+        return {name: train.read(name) for name in names}
+
+
+def write_zip(path: Path, members: dict[str, bytes]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def competition_zip(path: Path, photos: dict[str, bytes]) -> Path:
+    """dogs-vs-cats.zip as Kaggle serves it: train.zip, test1.zip, sampleSubmission.csv."""
+    train = io.BytesIO()
+    with zipfile.ZipFile(train, "w") as archive:
+        for name, data in photos.items():
+            archive.writestr(name, data)
+    test1 = io.BytesIO()
+    with zipfile.ZipFile(test1, "w") as archive:
+        archive.writestr("test1/1.jpg", next(iter(photos.values())))
+    return write_zip(
+        path,
+        {"sampleSubmission.csv": b"id,label\n1,0\n", "test1.zip": test1.getvalue(), "train.zip": train.getvalue()},
+    )
+
+
+def check_catalog(out: Path, photos: dict[str, bytes]) -> pd.DataFrame:
+    catalog = pd.read_csv(out / "catalog.csv")
+    assert len(catalog) == len(photos)
+    assert catalog.groupby("label")["index"].apply(sorted).to_dict() == {
+        "cat": list(range(PER_CLASS)),
+        "dog": list(range(PER_CLASS)),
+    }
+    for row in catalog.itertuples():
+        # Each image is the archive's bytes, filed under its label with its own name.
+        assert row.file == f"images/{row.label}/{row.label}.{row.index}.jpg"
+        assert (out / row.file).read_bytes() == photos[f"train/{row.label}.{row.index}.jpg"]
+    return catalog
+
+
+# --- the accepted layouts ----------------------------------------------------------
+
+@needs_replica
+def test_the_replica_itself(tmp_path):
+    """The whole 23,000-photo replica, read through train.zip inside dogs-vs-cats.zip."""
+    out = tmp_path / "data" / "raw"
+    digest = hashlib.sha256(REPLICA.read_bytes()).hexdigest()
+    catalog = fetch(archive_params(REPLICA, archive_sha256=digest), out)
+    assert len(catalog) == 23_000
+    assert catalog.groupby("label")["index"].agg(["size", "min", "max"]).to_dict("index") == {
+        "cat": {"size": 11_500, "min": 0, "max": 11_499},
+        "dog": {"size": 11_500, "min": 0, "max": 11_499},
+    }
+    assert pd.read_csv(out / SET_ASIDE).empty
+    assert not (out / "images" / "test1").exists()  # the unlabelled test photos are not labelled data
+    with Image.open(out / "images" / "dog" / "dog.11499.jpg") as photo:
+        assert photo.format == "JPEG" and photo.size == (128, 128)
+
+
+def test_competition_zip(tmp_path, replica_photos):
+    out = tmp_path / "data" / "raw"
+    fetch(archive_params(competition_zip(tmp_path / "in" / "dogs-vs-cats.zip", replica_photos)), out)
+    check_catalog(out, replica_photos)
+
+
+def test_bare_train_zip(tmp_path, replica_photos):
+    out = tmp_path / "data" / "raw"
+    fetch(archive_params(write_zip(tmp_path / "in" / "train.zip", replica_photos)), out)
+    check_catalog(out, replica_photos)
+
+
+def test_extracted_train_folder(tmp_path, replica_photos):
+    folder = tmp_path / "in" / "dogs-vs-cats"
+    for name, data in replica_photos.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    (folder / "test1").mkdir()
+    (folder / "test1" / "1.jpg").write_bytes(b"unlabelled")
+    out = tmp_path / "data" / "raw"
+    fetch(archive_params(folder), out)
+    check_catalog(out, replica_photos)
+    assert pd.read_csv(out / SET_ASIDE).empty  # test1/ is not read at all
+
+
+def test_extracted_competition_folder(tmp_path, replica_photos):
+    """Unzipping dogs-vs-cats.zip gives a folder holding train.zip."""
+    folder = tmp_path / "in"
+    with zipfile.ZipFile(competition_zip(tmp_path / "c.zip", replica_photos)) as archive:
+        archive.extractall(folder)
+    out = tmp_path / "data" / "raw"
+    fetch(archive_params(folder), out)
+    check_catalog(out, replica_photos)
+
+
+def test_the_dogs_vs_cats_preset_finds_the_replica_from_the_repo_root(monkeypatch, repo_root):
+    """The preset's relative path is relative to the repo root, where DVC runs the stage."""
+    import yaml
+
+    preset = yaml.safe_load((repo_root / "conf" / "dataset" / "dogs_vs_cats.yaml").read_text())
+    params = FetchParams.model_validate(preset["fetch"])
+    assert params.source == "archive"
+    if REPLICA.is_file():
+        assert (repo_root / params.archive).resolve() == REPLICA.resolve()
+        assert hashlib.sha256(REPLICA.read_bytes()).hexdigest() == params.archive_sha256
+
+
+# --- URLs ----------------------------------------------------------------------------
+
+class FlakyServer(http.server.ThreadingHTTPServer):
+    """Serves one file over real HTTP on localhost; the first `failures` requests get a 503."""
+
+    def __init__(self, payload: bytes, failures: int = 0, truncate: bool = False):
+        self.payload, self.failures, self.truncate, self.requests = payload, failures, truncate, 0
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def url(self, name: str = "train.zip") -> str:
+        return f"http://user:pw@127.0.0.1:{self.server_address[1]}/files/{name}?token=SIGNED"
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        server = self.server
+        server.requests += 1
+        if server.requests <= server.failures:
+            self.send_error(503, "try later")
+            return
+        body = server.payload[: len(server.payload) // 2] if server.truncate else server.payload
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(server.payload)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(payload, **kwargs):
+        servers.append(FlakyServer(payload, **kwargs))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_url_with_a_transient_error_is_retried_then_reused(tmp_path, replica_photos, serve, caplog):
+    payload = write_zip(tmp_path / "train.zip", replica_photos).read_bytes()
+    server = serve(payload, failures=2)
+    params = archive_params(server.url(), archive_sha256=hashlib.sha256(payload).hexdigest(), download_retries=3)
+    out = tmp_path / "data" / "raw"
+    fetch(params, out)
+    check_catalog(out, replica_photos)
+    assert server.requests == 3
+    assert (tmp_path / "data" / "downloads" / "train.zip").read_bytes() == payload
+    assert "retry 2 of 3" in caplog.text and "HTTP 503" in caplog.text
+    assert "SIGNED" not in caplog.text and "pw@" not in caplog.text  # no secrets of the URL in logs
+    # A second fetch uses the verified download: no request at all.
+    fetch(params, out)
+    assert server.requests == 3
+
+
+def test_url_gives_up_after_the_retries_and_keeps_the_old_output(tmp_path, serve):
+    server = serve(b"never served", failures=10)
+    out = tmp_path / "data" / "raw"
+    out.mkdir(parents=True)
+    (out / "catalog.csv").write_text("old\n")
+    with pytest.raises(DataError, match=r"could not download http://127.0.0.1:\d+/files/train.zip: HTTP 503") as info:
+        fetch(archive_params(server.url(), download_retries=2), out)
+    assert "SIGNED" not in str(info.value)
+    assert server.requests == 3
+    assert (out / "catalog.csv").read_text() == "old\n"
+
+
+def test_url_download_cut_short_is_not_kept(tmp_path, replica_photos, serve):
+    payload = write_zip(tmp_path / "train.zip", replica_photos).read_bytes()
+    server = serve(payload, truncate=True)
+    with pytest.raises(DataError, match="after 2 tries"):
+        fetch(archive_params(server.url(), download_retries=1), tmp_path / "data" / "raw")
+    assert server.requests == 2
+    assert [p.name for p in (tmp_path / "data" / "downloads").iterdir()] == [".gitignore"]
+
+
+def test_url_that_is_not_found_fails_at_once(tmp_path):
+    with pytest.raises(DataError, match="could not download file:///nonexistent/train.zip"):
+        fetch(archive_params("file:///nonexistent/train.zip", download_retries=3), tmp_path / "data" / "raw")
+
+
+# --- refusals ------------------------------------------------------------------------
+
+def test_wrong_sha256_is_refused(tmp_path, replica_photos):
+    archive = write_zip(tmp_path / "train.zip", replica_photos)
+    with pytest.raises(DataError, match="not fetch.archive_sha256"):
+        fetch(archive_params(archive, archive_sha256="0" * 64), tmp_path / "data" / "raw")
+    assert not (tmp_path / "data" / "raw").exists()
+
+
+def test_missing_archive_says_where_relative_paths_start(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"fetch.archive nope/dogs-vs-cats.zip not found \(relative paths start at the repo root"):
+        fetch(archive_params("nope/dogs-vs-cats.zip"), tmp_path / "data" / "raw")
+
+
+def test_archive_source_needs_a_location():
+    with pytest.raises(ValueError, match="fetch.archive must name"):
+        FetchParams(source="archive")
+
+
+def test_not_a_zip_is_a_clear_error(tmp_path):
+    bogus = tmp_path / "dogs-vs-cats.zip"
+    bogus.write_bytes(b"<html>login page</html>")
+    with pytest.raises(DataError, match="is not a readable zip archive"):
+        fetch(archive_params(bogus), tmp_path / "data" / "raw")
+
+
+def test_a_zip_without_labelled_images_says_what_it_found(tmp_path):
+    archive = write_zip(tmp_path / "photos.zip", {"holiday/IMG_0001.jpg": b"x", "notes.txt": b"y"})
+    with pytest.raises(DataError, match=r"no labelled images .* \(set aside: 1 not_an_image_file, 1 unlabelled_name\)"):
+        fetch(archive_params(archive), tmp_path / "data" / "raw")
+
+
+def test_extraction_is_bounded(tmp_path, replica_photos):
+    archive = write_zip(tmp_path / "train.zip", replica_photos)
+    total = sum(len(data) for data in replica_photos.values())
+    out = tmp_path / "data" / "raw"
+    with pytest.raises(DataError, match=rf"would extract to {total:,} bytes, more than fetch.max_extract_bytes \(1,000\)"):
+        fetch(archive_params(archive, max_extract_bytes=1000), out)
+    assert not out.exists() and os.listdir(out.parent) == []
+
+
+def test_extraction_bound_holds_when_the_archive_lies_about_sizes(tmp_path):
+    """A member whose header understates its size cannot write more than the bound."""
+    from convnets.archive import Budget, Member, copy_member
+
+    big = io.BytesIO(b"x" * 5000)
+    liar = Member("train/cat.0.jpg", size=10, is_file=True, open=lambda: big)
+    target = tmp_path / "data" / "raw" / "cat.0.jpg"
+    with pytest.raises(DataError, match="extracted more than its directory declared"):
+        copy_member(liar, target, Budget(1000, "train.zip"))
+    assert not target.exists()
+
+
+def test_entries_that_are_not_usable_are_set_aside_with_their_reason(tmp_path, replica_photos, monkeypatch):
+    photo = replica_photos["train/cat.0.jpg"]
+    members = {
+        "train/cat.0.jpg": photo,
+        "train/dog.0.jpg": photo,
+        "train/Thumbs.db": b"\xd0\xcf\x11\xe0 thumbnail cache",
+        "train/.DS_Store": b"\0\0\0\1Bud1",
+        "__MACOSX/train/._cat.0.jpg": b"resource fork",
+        "train/readme.txt": b"hello",
+        "train/IMG_1234.jpg": photo,
+        "train/horse.1.jpg": photo,
+        "train/cat.0.png": photo,
+        "train/../../../escape.jpg": photo,
+        "../cat.5.jpg": photo,
+        f"{tmp_path}/abs/dog.6.jpg": photo,
+        "C:\\windows\\cat.7.jpg": photo,
+    }
+    archive = write_zip(tmp_path / "in" / "train.zip", members)
+    with zipfile.ZipFile(archive, "a") as zf:  # a symbolic link member pointing outside
+        link = zipfile.ZipInfo("train/dog.1.jpg")
+        link.external_attr = (0o120777 << 16)
+        zf.writestr(link, "/etc/passwd")
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)  # extraction must not depend on (or write to) the working directory
+    catalog = fetch(archive_params(archive), project / "data" / "raw")
+    assert sorted(catalog["file"]) == ["images/cat/cat.0.jpg", "images/dog/dog.0.jpg"]
+    set_aside = pd.read_csv(project / "data" / "raw" / SET_ASIDE, keep_default_na=False)
+    reasons = dict(zip(set_aside["file"], set_aside["reason"]))
+    assert reasons == {
+        "train/Thumbs.db": "not_an_image_file",
+        "train/.DS_Store": "not_an_image_file",
+        "__MACOSX/train/._cat.0.jpg": "not_an_image_file",
+        "train/readme.txt": "not_an_image_file",
+        "train/IMG_1234.jpg": "unlabelled_name",
+        "train/horse.1.jpg": "unknown_class",
+        "train/cat.0.png": "duplicate_index",
+        "train/../../../escape.jpg": "unsafe_path",
+        "../cat.5.jpg": "unsafe_path",
+        f"{tmp_path}/abs/dog.6.jpg": "unsafe_path",
+        "C:\\windows\\cat.7.jpg": "unsafe_path",
+        "train/dog.1.jpg": "link_or_special_file",
+    }
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert written == [
+        "in/train.zip",
+        "project/data/raw/catalog.csv",
+        "project/data/raw/images/cat/cat.0.jpg",
+        "project/data/raw/images/dog/dog.0.jpg",
+        "project/data/raw/set_aside.csv",
+    ]
+
+
+def test_folder_links_are_not_followed(tmp_path, replica_photos):
+    folder = tmp_path / "in" / "train"
+    folder.mkdir(parents=True)
+    (folder / "cat.0.jpg").write_bytes(replica_photos["train/cat.0.jpg"])
+    (folder / "dog.0.jpg").write_bytes(replica_photos["train/dog.0.jpg"])
+    secret = tmp_path / "secret.txt"
+    secret.write_text("outside")
+    (folder / "dog.1.jpg").symlink_to(secret)
+    (folder / "more").symlink_to(tmp_path, target_is_directory=True)
+    out = tmp_path / "data" / "raw"
+    catalog = fetch(archive_params(folder.parent), out)
+    assert len(catalog) == 2
+    set_aside = pd.read_csv(out / SET_ASIDE)
+    assert sorted(zip(set_aside["file"], set_aside["reason"])) == [
+        ("train/dog.1.jpg", "link_or_special_file"),
+        ("train/more", "link_or_special_file"),
+    ]
+
+
+def test_a_missing_class_is_an_error(tmp_path, replica_photos):
+    cats = {name: data for name, data in replica_photos.items() if "/cat." in name}
+    with pytest.raises(DataError, match="holds no images of class dog"):
+        fetch(archive_params(write_zip(tmp_path / "train.zip", cats)), tmp_path / "data" / "raw")
+
+
+def test_fetch_stage_command_line(tmp_path, replica_photos, capsys):
+    """The stage entry point: a summary line, no progress bar in a non-terminal, exit 0."""
+    import yaml
+
+    from conftest import default_params
+    from convnets.fetch import main
+
+    params = default_params()
+    params["fetch"] = {"source": "archive", "archive": str(write_zip(tmp_path / "train.zip", replica_photos))}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main([str(tmp_path / "data" / "raw"), "--params", str(tmp_path / "params.yaml")]) == 0
+    captured = capsys.readouterr()
+    assert f"fetch: {2 * PER_CLASS} images in 2 classes" in captured.out
+    assert "%|" not in captured.err  # tqdm stays quiet when stderr is not a terminal
+
+
+def test_split_params_refuse_nonsense_ranges():
+    from convnets.params import SplitParams
+
+    with pytest.raises(ValueError, match="overlap"):
+        SplitParams(method="index_ranges", train_range=[0, 1000], val_range=[999, 1500])
+    with pytest.raises(ValueError, match="start must be below stop"):
+        SplitParams(method="index_ranges", test_range=[2500, 1500])
+
+
+def test_params_file_errors_name_the_new_keys(tmp_path):
+    from conftest import write_params
+    from convnets.params import load_params
+
+    path = write_params(tmp_path / "params.yaml", {"fetch": {"source": "archive"}})
+    with pytest.raises(ParamsError, match="fetch: Value error, fetch.archive must name"):
+        load_params(path)
+    path = write_params(tmp_path / "params.yaml", {"preprocess": {"max_bad_fraction": 1.5}})
+    with pytest.raises(ParamsError, match="preprocess.max_bad_fraction: Input should be less than or equal to 1"):
+        load_params(path)
