@@ -87,28 +87,82 @@ class PreprocessParams(_Section):
     max_bad_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
 
 
+class AugmentationParams(_Section):
+    # The book's data augmentation: random layers at the front of the model, active only in
+    # training (so evaluation and predict see the photos as they are). 0 / "none" = off.
+    flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "none"
+    rotation: float = Field(default=0.0, ge=0.0, le=1.0)  # RandomRotation: +- this fraction of a full turn
+    zoom: float = Field(default=0.0, ge=0.0, lt=1.0)      # RandomZoom: +- this fraction of the size
+
+    @property
+    def enabled(self) -> bool:
+        return self.flip != "none" or self.rotation > 0 or self.zoom > 0
+
+
 class ModelParams(_Section):
+    augmentation: AugmentationParams = Field(default_factory=AugmentationParams)
+    # Convolutional base. none: our own blocks from the keys below. vgg16: the
+    # ImageNet-pretrained VGG16 base, frozen, with VGG16's own preprocess_input.
+    base: Literal["none", "vgg16"] = "none"
+    # vgg16 only. imagenet: Keras downloads the weights on first use (~58 MB);
+    # none: random weights (tests); any other value: path of a local weights .h5 file.
+    weights: str = "imagenet"
+    # vgg16 only: the last N layers of the base are trained too (the book's fine-tuning:
+    # 4), from the start or, when train.fine_tune_epochs > 0, in that second phase.
+    trainable_layers: int = Field(default=0, ge=0)
+    # vgg16 only: run the frozen base once over the photos and train just the classifier
+    # on its outputs (the book's fast feature extraction; no augmentation possible).
+    cached_features: bool = False
+    # Own blocks (base: none). plain: Conv2D + ReLU (chapter 8). residual: the book's
+    # chapter 9 mini-Xception blocks (BatchNorm, ReLU, 2 x SeparableConv2D, shortcut).
+    block: Literal["plain", "residual"] = "plain"
+    # residual: a 5x5 Conv2D with stem_filters filters first (0 = none); stem_strides 2
+    # halves the image there, as Xception's own stem does (4x less work in the blocks).
+    stem_filters: int = Field(default=0, ge=0)
+    stem_strides: Literal[1, 2] = 1
     conv_filters: list[PositiveInt] = Field(default_factory=lambda: [32, 64, 128], min_length=1)
     kernel_size: PositiveInt = 3
-    # MaxPooling2D follows each of the first `pooled_blocks` convolutions.
+    # MaxPooling2D follows each of the first `pooled_blocks` blocks.
     pooled_blocks: int = Field(default=2, ge=0)
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # Classifier: flatten (the book's chapter 8) or global_average (chapter 9),
+    # then the hidden Dense(relu) layers of dense_units, Dropout, and the output layer.
+    pooling: Literal["flatten", "global_average"] = "flatten"
+    dense_units: list[PositiveInt] = Field(default_factory=list)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # before the output layer; 0 = no Dropout layer
 
     @model_validator(mode="after")
-    def _pooling_fits(self) -> "ModelParams":
+    def _consistent(self) -> "ModelParams":
         if self.pooled_blocks > len(self.conv_filters):
             raise ValueError(
                 f"pooled_blocks ({self.pooled_blocks}) cannot exceed the number of "
                 f"conv_filters ({len(self.conv_filters)})"
             )
+        if self.cached_features and self.base == "none":
+            raise ValueError("cached_features needs a pretrained base (base: vgg16)")
+        if self.cached_features and self.augmentation.enabled:
+            raise ValueError(
+                "cached_features computes the base's outputs once, so augmentation cannot apply: "
+                "set augmentation off or cached_features: false"
+            )
+        if self.base == "none" and self.trainable_layers:
+            raise ValueError("trainable_layers applies to a pretrained base (base: vgg16)")
         return self
 
 
 class TrainParams(_Section):
     epochs: PositiveInt = 10
-    batch_size: PositiveInt = 64
+    batch_size: PositiveInt = 64  # global batch: split across GPUs when there are several
     optimizer: Literal["rmsprop", "adam", "sgd"] = "rmsprop"
     learning_rate: float = Field(default=0.001, gt=0.0)
+    # Fine-tuning phase after `epochs`: the base's last model.trainable_layers layers
+    # are unfrozen and training goes on at fine_tune_learning_rate. 0 = no such phase.
+    fine_tune_epochs: int = Field(default=0, ge=0)
+    fine_tune_learning_rate: float = Field(default=1e-5, gt=0.0)
+    # mixed_float16 compute on a GPU (ignored on a CPU, where it is slower).
+    mixed_precision: bool = True
+    # Deterministic TensorFlow ops: same params + data + machine -> same weights. Some
+    # GPU kernels have no deterministic version (TensorFlow then says which); set false there.
+    deterministic: bool = True
 
 
 class EvaluateParams(_Section):

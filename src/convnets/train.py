@@ -1,83 +1,295 @@
 """Stage `train`: fit the convnet on the train split, keep the best model by validation loss.
 
-Outputs: data/model/model.keras (the best epoch, as the book's ModelCheckpoint
-keeps it) and data/train/ (dvclive: per-epoch metrics and the final summary).
+Outputs: data/model/ (model.keras: the best epoch, as the book's
+ModelCheckpoint(save_best_only=True) keeps it, always saved in float32; and
+classes.json, so that predict knows the labels) and data/train/ (dvclive:
+per-epoch metrics, the summary with the best epoch and the devices used;
+devices.json says which ones by name).
+
+Training runs in phases: one, or two for fine-tuning (the frozen-base phase,
+then the base's last layers unfrozen at a low learning rate). With
+model.cached_features the frozen base runs once over the photos and the first
+phase trains only the classifier on its outputs.
+
+A killed run resumes from its last finished epoch when rerun (see
+convnets/resume.py); the state is kept in data/train-resume (next to the
+metrics folder) until the run succeeds.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 from dvclive import Live
-from dvclive.keras import DVCLiveCallback
+from dvclive.utils import standardize_metric_name
 
 from convnets.cli import stage_main
-from convnets.datasets import load_classes, load_subset
-from convnets.models import build_model, loss_for
-from convnets.outputs import staged_dir
-from convnets.params import Params, TrainParams
+from convnets.datasets import load_classes, load_subset, ordered_batches, training_batches
+from convnets.devices import DevicePlan, describe, dtype_policy, make_strategy, plan_devices
+from convnets.errors import ParamsError
+from convnets.models import Convnet, build_convnet, loss_for
+from convnets.outputs import replace_dir, staged_dir, write_json
+from convnets.params import ModelParams, Params, TrainParams
+from convnets.pretrained import VGG16Preprocess, set_trainable_layers
+from convnets.preprocess import CLASSES
+from convnets.resume import BEST, EpochBackup, Progress, ResumeDir, fingerprint, restore_training_state
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.keras"
+DEVICES_FILE = "devices.json"
 
 
-def seed_everything(seed: int) -> None:
+@dataclass(frozen=True)
+class Phase:
+    """Epochs [start, end) trained with one learning rate and one set of trainable layers."""
+
+    name: str
+    start: int
+    end: int
+    learning_rate: float
+    trainable_layers: int  # of the pretrained base; 0 = frozen
+    features: bool  # train the classifier alone on cached base outputs
+
+
+def plan_phases(model: ModelParams, train: TrainParams) -> list[Phase]:
+    first = Phase("train", 0, train.epochs, train.learning_rate, model.trainable_layers, model.cached_features)
+    if not train.fine_tune_epochs:
+        if model.cached_features and model.trainable_layers:
+            raise ParamsError(
+                "model.cached_features: the base's outputs can be cached only while it is frozen; "
+                "set model.trainable_layers: 0, or train.fine_tune_epochs > 0 to unfreeze it afterwards"
+            )
+        return [first]
+    if model.base == "none" or not model.trainable_layers:
+        raise ParamsError(
+            "train.fine_tune_epochs: a fine-tuning phase unfreezes the last model.trainable_layers layers "
+            "of a pretrained base; set model.base: vgg16 and model.trainable_layers > 0 (the book: 4)"
+        )
+    end = train.epochs + train.fine_tune_epochs
+    return [
+        Phase("train", 0, train.epochs, train.learning_rate, 0, model.cached_features),
+        Phase("fine_tune", train.epochs, end, train.fine_tune_learning_rate, model.trainable_layers, False),
+    ]
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
     """Same params + same data + same machine -> same weights and metrics."""
     keras.utils.set_random_seed(seed)  # Python, NumPy and TensorFlow generators
-    tf.config.experimental.enable_op_determinism()
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
 
 
-def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, shuffle: bool) -> tf.data.Dataset:
-    ds = tf.data.Dataset.from_tensor_slices((np.asarray(images), labels))
-    if shuffle:
-        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-def make_optimizer(params: TrainParams) -> keras.optimizers.Optimizer:
+def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
     classes = {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
-    return classes[params.optimizer](learning_rate=params.learning_rate)
+    return classes[name](learning_rate=learning_rate)
 
 
-def train(params: Params, prepared_dir: str | Path, model_dir: str | Path, live_dir: str | Path) -> dict:
-    """Train, write the best model and the dvclive logs; return the best epoch's figures."""
-    seed_everything(params.seed)
+def default_resume_dir(live_dir: str | Path) -> Path:
+    live_dir = Path(live_dir)
+    return live_dir.with_name(f"{live_dir.name}-resume")
+
+
+def train(params: Params, prepared_dir, model_dir, live_dir, resume_dir=None) -> dict:
+    """Train (or resume), write the best model and the dvclive logs; return the best epoch's figures."""
+    phases = plan_phases(params.model, params.train)
     x_train, y_train = load_subset(prepared_dir, "train")
     x_val, y_val = load_subset(prepared_dir, "val")
-    num_classes = len(load_classes(prepared_dir))
-    model = build_model(params.model, x_train.shape[1:], num_classes)
-    model.compile(optimizer=make_optimizer(params.train), loss=loss_for(num_classes), metrics=["accuracy"])
-    model.summary(print_fn=lambda line, **_: print(line))
+    classes = load_classes(prepared_dir)
+    input_shape = tuple(x_train.shape[1:])
 
-    batch = params.train.batch_size
-    with staged_dir(model_dir) as tmp_model, staged_dir(live_dir) as tmp_live:
-        # dvcyaml=None: dvc.yaml is ours, dvclive must not rewrite it every epoch.
-        live = Live(dir=str(tmp_live), dvcyaml=None, save_dvc_exp=False, report=None)
-        checkpoint = keras.callbacks.ModelCheckpoint(
-            tmp_model / MODEL_FILE, monitor="val_loss", save_best_only=True
-        )
-        history = model.fit(
-            make_dataset(x_train, y_train, batch, params.seed, shuffle=True),
-            validation_data=make_dataset(x_val, y_val, batch, params.seed, shuffle=False),
-            epochs=params.train.epochs,
-            shuffle=False,  # the dataset reshuffles itself each epoch
-            callbacks=[checkpoint, DVCLiveCallback(live=live)],
-            verbose=1 if sys.stdout.isatty() else 2,
-        )
-        best = best_epoch(history.history)
-        live.summary["best"] = best
-        live.make_summary()
+    seed_everything(params.seed, params.train.deterministic)
+    plan = plan_devices(params.train)
+    strategy = make_strategy(plan)
+    devices = describe(plan, strategy, params.train.deterministic)
+    print(f"train: {devices['replicas']} replica(s) on {', '.join(plan.gpus) or 'the CPU'} ({plan.dtype_policy})")
+
+    resume = ResumeDir(resume_dir or default_resume_dir(live_dir), run_fingerprint(params, prepared_dir))
+    progress = resume.open()
+    with dtype_policy(plan.dtype_policy), strategy.scope():
+        net = build_convnet(params.model, input_shape, len(classes))
+    net.model.summary(print_fn=lambda line, **_: print(line))
+
+    data = TrainingData(params, resume, {"train": (x_train, y_train), "val": (x_val, y_val)}, net, strategy)
+    run = Run(params, net, len(classes), strategy, data, progress, replay_live(resume.live_dir, progress))
+    for phase in phases:
+        run_phase(run, phase)
+
+    best = best_summary(progress)
+    write_model(params.model, input_shape, classes, progress, phases, model_dir)
+    finish_live(run.live, best, progress, devices, plan)
+    write_json(resume.live_dir / DEVICES_FILE, devices)
+    replace_dir(resume.live_dir, Path(live_dir))
+    resume.remove()
     return best
 
 
-def best_epoch(history: dict[str, list[float]]) -> dict:
-    """The epoch ModelCheckpoint kept (lowest val_loss), 0-based like dvclive's step."""
-    epoch = int(np.argmin(history["val_loss"]))
-    return {"epoch": epoch, **{name: float(values[epoch]) for name, values in history.items()}}
+def run_fingerprint(params: Params, prepared_dir) -> str:
+    shaping = {"seed": params.seed, "model": params.model.model_dump(), "train": params.train.model_dump()}
+    prepared_dir = Path(prepared_dir)
+    files = [prepared_dir / CLASSES] + [prepared_dir / f"{s}_{k}.npy" for s in ("train", "val") for k in ("images", "labels")]
+    return fingerprint(json.dumps(shaping, sort_keys=True), files)
+
+
+class TrainingData:
+    """The batches each phase trains on: images, or the frozen base's outputs computed once."""
+
+    def __init__(self, params: Params, resume: ResumeDir, images: dict, net: Convnet, strategy):
+        self.params, self.resume, self.images, self.net, self.strategy = params, resume, images, net, strategy
+        self._features: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+
+    def arrays(self, phase: Phase) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        if not phase.features:
+            return self.images
+        if self._features is None:
+            self._features = {subset: (self.base_outputs(subset), labels) for subset, (_, labels) in self.images.items()}
+        return self._features
+
+    def base_outputs(self, subset: str) -> np.ndarray:
+        """The frozen base's outputs for a subset, kept in the resume folder for a rerun."""
+        path = self.resume.features_dir / f"{subset}.npy"
+        if path.exists():
+            return np.load(path, mmap_mode="r")
+        images, _ = self.images[subset]
+        with self.strategy.scope():
+            inputs = keras.Input(shape=images.shape[1:])
+            extractor = keras.Model(inputs, self.net.base(VGG16Preprocess()(inputs), training=False))
+        print(f"train: computing the frozen base's outputs for {len(images)} {subset} images (once)")
+        batch = self.params.train.batch_size
+        features = extractor.predict(ordered_batches(images, batch_size=batch), verbose=keras_verbosity())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.partial.npy")
+        np.save(tmp, features.astype(np.float32))
+        os.replace(tmp, path)
+        return np.load(path, mmap_mode="r")
+
+
+@dataclass
+class Run:
+    """Everything the phases of one training run share."""
+
+    params: Params
+    net: Convnet
+    num_classes: int
+    strategy: tf.distribute.Strategy
+    data: TrainingData
+    progress: Progress
+    live: Live
+
+
+def run_phase(run: Run, phase: Phase) -> None:
+    """Train one phase, or what an interrupted run left of it."""
+    done = run.progress.epochs_done
+    if done > phase.end:
+        return  # a later phase's state holds everything this one did
+    trained = run.net.classifier if phase.features else run.net.model
+    with run.strategy.scope():
+        if run.net.base is not None:
+            set_trainable_layers(run.net.base, phase.trainable_layers)
+        trained.compile(
+            optimizer=make_optimizer(run.params.train.optimizer, phase.learning_rate),
+            loss=loss_for(run.num_classes),
+            metrics=["accuracy"],
+        )
+        if done > phase.start:  # the checkpoint was written in this phase
+            restore_training_state(trained, run.progress.folder)
+    first = max(phase.start, done)
+    if first >= phase.end:
+        return
+    if first > phase.start:
+        print(f"train: resuming {phase.name} at epoch {first + 1} of {phase.end}")
+    arrays = run.data.arrays(phase)
+    batch = run.params.train.batch_size
+    train_ds, steps = training_batches(*arrays["train"], batch, run.params.seed, first, phase.end)
+    trained.fit(
+        train_ds,
+        steps_per_epoch=steps,
+        validation_data=ordered_batches(*arrays["val"], batch_size=batch, cache=True),
+        initial_epoch=first,
+        epochs=phase.end,
+        shuffle=False,  # the dataset shuffles itself, per epoch
+        callbacks=[EpochBackup(run.data.resume, run.progress, phase.name), LiveEpochs(run.live)],
+        verbose=keras_verbosity(),
+    )
+
+
+def keras_verbosity() -> int:
+    return 1 if sys.stdout.isatty() else 2  # a progress bar on a terminal, one line per epoch in logs
+
+
+class LiveEpochs(keras.callbacks.Callback):
+    """dvclive's Keras callback without its live.end() at the end of each fit (we fit once per phase)."""
+
+    def __init__(self, live: Live):
+        super().__init__()
+        self.live = live
+
+    def on_epoch_end(self, epoch, logs=None):
+        log_epoch(self.live, logs or {})
+
+
+def log_epoch(live: Live, logs: dict) -> None:
+    for name, value in logs.items():
+        live.log_metric(standardize_metric_name(name, "dvclive.keras"), float(value))
+    live.next_step()
+
+
+def replay_live(live_dir: Path, progress: Progress) -> Live:
+    """A dvclive logger whose step goes on after the finished epochs.
+
+    The logs of an interrupted run are rewritten from the committed history
+    rather than resumed as they are (Live(resume=True)): a kill can land after
+    dvclive wrote an epoch the backup did not commit, which would then appear twice.
+    """
+    # dvcyaml=None: dvc.yaml is ours, dvclive must not rewrite it every epoch.
+    live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+    for record in progress.history:
+        log_epoch(live, record["logs"])
+    return live
+
+
+def best_summary(progress: Progress) -> dict:
+    """The epoch whose weights are kept (lowest val_loss), 0-based like dvclive's step."""
+    record = progress.best_record()
+    return {"epoch": record["epoch"], **record["logs"]}
+
+
+def write_model(model_params: ModelParams, input_shape, classes: list[str], progress: Progress, phases: list[Phase], model_dir) -> None:
+    """Save the best epoch's weights in a float32 model outside any distribution strategy.
+
+    A model trained in mixed precision or on several GPUs then loads and
+    predicts anywhere, CPU included.
+    """
+    best_phase = next(p for p in phases if p.name == progress.best_record()["phase"])
+    with dtype_policy("float32"):
+        final = build_convnet(model_params, input_shape, len(classes))
+    target = final.classifier if best_phase.features else final.model
+    target.load_weights(progress.folder / BEST)
+    with staged_dir(model_dir) as tmp:
+        final.model.save(tmp / MODEL_FILE)
+        (tmp / CLASSES).write_text(json.dumps(classes) + "\n")
+
+
+def finish_live(live: Live, best: dict, progress: Progress, devices: dict, plan: DevicePlan) -> None:
+    live.summary["best"] = best
+    # Strings cannot be DVC metrics: the device names go to devices.json, counts here.
+    live.summary["devices"] = {
+        "gpu_count": devices["gpu_count"],
+        "replicas": devices["replicas"],
+        "mixed_precision": int(plan.mixed_precision),
+    }
+    seconds = [record["seconds"] for record in progress.history]
+    live.summary["seconds_per_epoch"] = round(float(np.mean(seconds)), 3)
+    live.end()
 
 
 def _run(params: Params, args: argparse.Namespace) -> None:
@@ -91,7 +303,7 @@ def main(argv=None) -> int:
         [
             ("prepared_dir", "preprocessed arrays (data/prepared)"),
             ("model_dir", "output folder for model.keras (data/model)"),
-            ("live_dir", "output folder for training metrics (data/train)"),
+            ("live_dir", "output folder for training metrics (data/train); the resume state goes to <live_dir>-resume"),
         ],
         _run,
         argv,
