@@ -269,3 +269,28 @@ def test_preprocess_stage_command_line(messy_archive, capsys):
     out = capsys.readouterr().out
     assert "set aside 10 (" in out and "too_many_pixels 2" in out and "see rejected.csv" in out
     assert len(read_manifest(split_dir)) == 40
+
+
+@pytest.mark.parametrize("header_grows", [False, True])
+def test_npy_appender_writes_what_np_load_reads(tmp_path, monkeypatch, header_grows):
+    """Rows stream to disk; the header is corrected to the rows kept, in place or (rarely) by a copy."""
+    import convnets.preprocess as prep
+
+    if header_grows:  # make the capacity's header longer than the final one, as a numpy change could
+        real = prep.npy_header
+
+        def padded(shape):
+            header = real(shape)
+            if shape[0] != 10:
+                return header
+            body = header[10:].rstrip(b"\n") + b" " * 64 + b"\n"
+            return header[:8] + struct.pack("<H", len(body)) + body
+
+        monkeypatch.setattr(prep, "npy_header", padded)
+    rows = [np.full((2, 3, 3), i, dtype=np.uint8) for i in range(7)]
+    with prep.NpyAppender(tmp_path / "x.npy", (2, 3, 3), capacity=10) as out:
+        for row in rows:
+            out.append(row)
+    loaded = np.load(tmp_path / "x.npy")
+    assert loaded.shape == (7, 2, 3, 3) and np.array_equal(loaded, np.stack(rows))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.npy"]
