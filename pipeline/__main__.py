@@ -1,0 +1,70 @@
+"""`python -m pipeline` / `convnets-pipeline`: run the DVC pipeline as a Prefect flow.
+
+With no PREFECT_API_URL set, Prefect starts its ephemeral API for the run: nothing to
+install or start beforehand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+# Like `analytics = false` in .dvc/config; it also spares the ephemeral server's SQLite a
+# telemetry write that races its first migrations ("database is locked" in the log).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="Run the DVC pipeline one stage at a time as a Prefect flow (see docs/orchestration.md).",
+    )
+    parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="OVERRIDE",
+                        help="override as for `dvc exp run -S`, e.g. train.epochs=3 or dataset=dogs_vs_cats (repeatable)")
+    parser.add_argument("--stage", dest="stages", action="append", default=[], metavar="STAGE",
+                        help="run this stage and its upstream stages (repeatable; default: all)")
+    parser.add_argument("--single-item", action="store_true", help="run only the --stage stages, not their upstream")
+    exp = parser.add_mutually_exclusive_group()
+    exp.add_argument("--experiment", dest="experiment", action="store_const", const=True, default=None,
+                     help="save the run as a DVC experiment (the default when -S is given)")
+    exp.add_argument("--no-experiment", dest="experiment", action="store_const", const=False,
+                     help="do not save a DVC experiment, even with -S")
+    parser.add_argument("-n", "--name", help="name of the DVC experiment")
+    parser.add_argument("--local", action="store_true", help="run every stage here, even with a gpu work pool")
+    parser.add_argument("--project", help="the DVC project (default: the one containing the working directory)")
+    parser.add_argument("--list", action="store_true", help="print the stages in run order and exit")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        from pipeline.dag import read_stage_graph
+        from pipeline.flows import project_root
+
+        graph = read_stage_graph(project_root(args.project))
+        print("\n".join(graph.plan(args.stages, args.single_item)))
+        return 0
+
+    from pipeline.flows import dvc_pipeline
+
+    try:
+        result = dvc_pipeline(
+            overrides=args.overrides, stages=args.stages, single_item=args.single_item,
+            experiment=args.experiment, experiment_name=args.name, local_only=args.local,
+            project_dir=args.project,
+        )
+    except Exception as exc:  # the flow run's log has the details; the user gets the cause
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for stage, outcome in result["stages"].items():
+        print(f"{stage}: {outcome}")
+    if result["experiment"]:
+        print(f"experiment: {result['experiment']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

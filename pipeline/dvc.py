@@ -1,0 +1,188 @@
+"""The `dvc` command line as the flows see it: run it, stream its output, read its verdict.
+
+DVC stays a black box: the flows only call its command line (its stable interface) and
+read what it prints. Everything that depends on DVC's wording lives in this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+# `python -m dvc` of this interpreter, so the flow, DVC and the stages share one venv.
+DVC_COMMAND: tuple[str, ...] = (sys.executable, "-m", "dvc")
+
+# A stage that fails prints "error: ..." (convnets.cli.stage_main); DVC then adds "ERROR: ...".
+STAGE_ERROR = "error:"
+DVC_ERROR = "ERROR:"
+BAD_PARAMS = "error: invalid parameters"
+
+# Failures worth another try: DVC's lock held by another DVC process, and the network
+# errors the fetch stage reports once its own retries are spent (convnets.downloads).
+TRANSIENT_PATTERNS = (
+    re.compile(r"Unable to acquire lock"),
+    re.compile(r"could not download .+ after \d+ tries"),
+    re.compile(r"could not download .+: HTTP (408|425|429|5\d\d)\b"),
+)
+
+TAIL_LINES = 200        # output kept for error messages
+FALLBACK_LINES = 15     # shown when the stage printed no "error:" line (e.g. a traceback)
+
+
+class DvcError(Exception):
+    """A `dvc` command other than a stage run failed; the message holds its output."""
+
+
+class StageFailed(Exception):
+    """A stage failed for a reason another try will not fix (bad params, bad data, a bug)."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(f"stage '{stage}' failed: {message}")
+        self.stage = stage
+
+
+class TransientStageError(StageFailed):
+    """A stage failed for a reason that may pass (a held lock, the network): retry it."""
+
+
+class StageRanLocally(Exception):
+    """DVC started to run a stage the flow expected to restore from a worker's result."""
+
+
+@dataclass(frozen=True)
+class DvcRun:
+    args: tuple[str, ...]
+    returncode: int
+    tail: tuple[str, ...]   # last TAIL_LINES lines of stdout + stderr
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+def dvc_env() -> dict[str, str]:
+    """The environment for `dvc`: this venv's bin first, since stage commands call `python`."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        "PYTHONUNBUFFERED": "1",     # stage output reaches the log as it is printed
+    }
+
+
+def run_dvc(
+    project: Path,
+    args: Sequence[str],
+    on_line: Callable[[str], None] = lambda line: None,
+    stop_on: Callable[[str], bool] | None = None,
+    keep: int | None = TAIL_LINES,
+) -> DvcRun:
+    """Run `dvc <args>` in `project`, handing each output line to `on_line` as it comes.
+
+    If `stop_on(line)` is true for a line, DVC (and the stage it started) is stopped and
+    StageRanLocally is raised. `keep` lines of output are kept (None: all). The process
+    runs in its own group so that stopping it, or cancelling the flow, never leaves a
+    stage running behind.
+    """
+    tail: deque[str] = deque(maxlen=keep)
+    proc = subprocess.Popen(
+        [*DVC_COMMAND, *args], cwd=project, env=dvc_env(), text=True, errors="replace",
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1, start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip("\n")
+            tail.append(line)
+            on_line(line)
+            if stop_on is not None and stop_on(line):
+                raise StageRanLocally(line)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            stop_group(proc)
+    return DvcRun(tuple(args), proc.returncode, tuple(tail))
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group, then SIGKILL what is left after a grace period."""
+    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def check_dvc(
+    project: Path, args: Sequence[str], on_line: Callable[[str], None] = lambda line: None,
+    keep: int | None = TAIL_LINES,
+) -> DvcRun:
+    """Run `dvc <args>`; DvcError with its output if it fails."""
+    run = run_dvc(project, args, on_line, keep=keep)
+    if not run.ok:
+        output = "\n".join(run.tail[-FALLBACK_LINES:])
+        raise DvcError(f"`dvc {' '.join(args)}` exited with {run.returncode}:\n{output}")
+    return run
+
+
+def dvc_json(project: Path, args: Sequence[str]) -> object:
+    """Run a `dvc ... --json` command and parse its stdout (its warnings go to stderr)."""
+    proc = subprocess.run(
+        [*DVC_COMMAND, *args, "--json"], cwd=project, env=dvc_env(), text=True, capture_output=True,
+    )
+    if proc.returncode != 0:
+        raise DvcError(f"`dvc {' '.join(args)} --json` exited with {proc.returncode}:\n{proc.stderr.strip()}")
+    return json.loads(proc.stdout or "null")
+
+
+# --- reading a stage's run -------------------------------------------------------------
+
+def stage_outcome(stage: str, lines: Sequence[str]) -> str:
+    """'ran', 'restored' (from DVC's run cache or the remote) or 'skipped' (up to date)."""
+    text = "\n".join(lines)
+    if f"Running stage '{stage}'" in text:
+        return "ran"
+    if f"Stage '{stage}' is cached" in text or "Pulling data for" in text:
+        return "restored"
+    return "skipped"
+
+
+def starts_running(stage: str) -> Callable[[str], bool]:
+    """A stop_on predicate: true on the line where DVC starts the stage's command."""
+    marker = f"Running stage '{stage}'"
+    return lambda line: line.startswith(marker)
+
+
+def stage_failure(stage: str, run: DvcRun) -> StageFailed:
+    """The exception for a failed stage run: transient (retry) or not, with the stage's message."""
+    message = failure_message(run.tail)
+    text = "\n".join(run.tail)
+    if BAD_PARAMS not in text and any(p.search(text) for p in TRANSIENT_PATTERNS):
+        return TransientStageError(stage, message)
+    return StageFailed(stage, message)
+
+
+def failure_message(lines: Sequence[str]) -> str:
+    """The stage's own "error: ..." lines plus DVC's verdict, or the output's last lines."""
+    dvc_errors = [line for line in lines if line.startswith(DVC_ERROR)]
+    starts = [i for i, line in enumerate(lines) if line.startswith(STAGE_ERROR)]
+    if starts:
+        first = starts[0]
+        end = next((i for i in range(first, len(lines)) if lines[i].startswith(DVC_ERROR)), len(lines))
+        message = list(lines[first:end])
+    else:
+        message = [line for line in lines[-FALLBACK_LINES:] if line not in dvc_errors]
+    return "\n".join([*message, *dvc_errors]).strip()

@@ -1,0 +1,171 @@
+"""Prefect tasks: each one a `dvc` command (or a few), its output streamed to the run log.
+
+No task uses Prefect's cache (cache_policy=NO_CACHE): DVC alone decides whether a stage is
+up to date, so a stage DVC would rerun is never skipped by Prefect.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import run_deployment
+from prefect.tasks import exponential_backoff
+
+from pipeline import artifacts, remote
+from pipeline.dvc import (
+    StageRanLocally,
+    TransientStageError,
+    check_dvc,
+    dvc_json,
+    run_dvc,
+    stage_failure,
+    stage_outcome,
+    starts_running,
+)
+from pipeline.overrides import apply_overrides
+
+STAGE_RETRIES = 3
+STAGE_BACKOFF_S = 5       # waits of about 5, 10, 20 s between tries
+POLL_S = 2                # how often the parent checks on the worker's flow run
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Retry a stage only for a held lock or a network error, never for bad params or data."""
+    return isinstance(state.data, TransientStageError)
+
+
+@task(name="apply-overrides", cache_policy=NO_CACHE)
+def write_params(project: Path, overrides: list[str]) -> list[str]:
+    logger = get_run_logger()
+    written = apply_overrides(project, overrides)
+    logger.info("params written as `dvc exp run %s` would: %s",
+                " ".join(f"-S {o}" for o in overrides), ", ".join(written) or "none")
+    return written
+
+
+@task(
+    name="stage", task_run_name="{stage}", cache_policy=NO_CACHE,
+    retries=STAGE_RETRIES, retry_delay_seconds=exponential_backoff(STAGE_BACKOFF_S),
+    retry_jitter_factor=0.2, retry_condition_fn=retry_if_transient,
+)
+def reproduce_stage(project: Path, stage: str, pull: bool = False, restore_only: bool = False) -> str:
+    """`dvc repro <stage> --single-item`: 'ran', 'restored' or 'skipped', as DVC decided.
+
+    restore_only: the stage ran on a worker; DVC must restore it from the run cache
+    (with `--pull`), and starting its command here is an error, not a fallback.
+    """
+    logger = get_run_logger()
+    args = ["repro", stage, "--single-item", *(["--pull"] if pull or restore_only else [])]
+    try:
+        run = run_dvc(project, args, on_line=logger.info,
+                      stop_on=starts_running(stage) if restore_only else None)
+    except StageRanLocally:
+        raise remote.RemoteStageError(
+            f"DVC found no result of '{stage}' from the worker in the remote's run cache and "
+            "started to run it here (stopped): check that both checkouts use the same DVC "
+            "remote (`dvc remote list`) and the same code"
+        ) from None
+    if not run.ok:
+        failure = stage_failure(stage, run)
+        logger.error("%s", failure)
+        raise failure
+    outcome = stage_outcome(stage, run.tail)
+    logger.info("stage '%s': %s", stage, outcome)
+    return outcome
+
+
+@task(name="stage-changed", task_run_name="status-{stage}", cache_policy=NO_CACHE)
+def stage_changed(project: Path, stage: str) -> bool:
+    """Whether `dvc status <stage>` reports anything (only then is it worth sending away)."""
+    return bool(dvc_json(project, ["status", stage]))
+
+
+@task(name="run-on-worker", task_run_name="{stage}-on-{target.pool}", cache_policy=NO_CACHE)
+def run_on_worker(project: Path, stage: str, upstream: list[str], target: remote.RemoteTarget) -> str:
+    """Push the stage's inputs, run it on the target's work pool and wait for it."""
+    logger = get_run_logger()
+    commit = remote.check_can_send(project)
+    if upstream:
+        logger.info("pushing the outputs '%s' reads: %s", stage, ", ".join(upstream))
+        check_dvc(project, ["push", *upstream], on_line=logger.info)
+    if not target.pool_ready:
+        logger.warning("no worker has polled pool '%s' lately; the run waits until one does", target.pool)
+    logger.info("running '%s' on pool '%s' (deployment %s) at commit %s",
+                stage, target.pool, target.deployment, commit[:7])
+    flow_run: FlowRun = run_deployment(
+        target.deployment,
+        parameters={"stage": stage, "commit": commit, "files": remote.shipped_files(project)},
+        poll_interval=POLL_S,
+    )
+    state = flow_run.state
+    if state is None or not state.is_completed():
+        name = state.name if state else "unknown"
+        raise remote.RemoteStageError(
+            f"'{stage}' on pool '{target.pool}' ended {name} (flow run {flow_run.name}): "
+            f"{state.message if state else ''}".rstrip(": ")
+        )
+    return flow_run.name
+
+
+@task(name="pull-inputs", cache_policy=NO_CACHE)
+def pull_inputs(project: Path, upstream: list[str]) -> None:
+    """Worker side: the outputs of the upstream stages, as the parent's dvc.lock names them."""
+    logger = get_run_logger()
+    # --force: this checkout mirrors the parent; local edits to data/ are not kept.
+    check_dvc(project, ["pull", "--force", *upstream], on_line=logger.info)
+
+
+@task(name="push-outputs", cache_policy=NO_CACHE)
+def push_outputs(project: Path, stage: str) -> None:
+    """Worker side: the stage's outputs and DVC's run cache, so the parent can restore the run."""
+    logger = get_run_logger()
+    check_dvc(project, ["push", "--run-cache", stage], on_line=logger.info)
+
+
+@task(name="save-experiment", cache_policy=NO_CACHE)
+def save_experiment(project: Path, name: str | None) -> str:
+    """`dvc exp save`: the workspace as a DVC experiment, shown by `dvc exp show`."""
+    logger = get_run_logger()
+    run = check_dvc(project, ["exp", "save", *(["--name", name] if name else [])], on_line=logger.info)
+    saved = re.search(r"saved as: (\S+)", "\n".join(run.tail))
+    return saved.group(1) if saved else (name or "")
+
+
+def baseline_description(project: Path) -> str:
+    """The baseline DVC compares against: the last commit on the branch."""
+    try:
+        return "HEAD " + remote.git(project, "log", "-1", "--format=%h %s").strip()
+    except remote.RemoteStageError:   # no commit yet
+        return "HEAD (no commit yet)"
+
+
+@task(name="publish-metrics", cache_policy=NO_CACHE)
+def publish_metrics(project: Path) -> int:
+    """A table artifact of every metric of this run next to the baseline (the last commit)."""
+    logger = get_run_logger()
+    diff = dvc_json(project, ["metrics", "diff", "--all"]) or {}
+    rows = artifacts.metrics_rows(diff)
+    if not rows:
+        logger.warning("no metrics to publish (dvc metrics diff found none)")
+        return 0
+    create_table_artifact(
+        key="dvc-metrics", table=rows,
+        description=f"Metrics of this run against the baseline, {baseline_description(project)} (`dvc metrics diff`)",
+    )
+    return len(rows)
+
+
+@task(name="publish-report", cache_policy=NO_CACHE)
+def publish_report(project: Path, report_dir: str) -> int:
+    """A markdown artifact: params changed against the baseline and the report's plots."""
+    params = artifacts.params_rows(dvc_json(project, ["params", "diff"]) or {})
+    folder = project / report_dir
+    markdown = artifacts.report_markdown(folder, baseline_description(project), params)
+    create_markdown_artifact(key="dvc-report", markdown=markdown,
+                             description=f"Plots of {report_dir} and params against the baseline")
+    return len(list(folder.glob("*.png")))

@@ -1,0 +1,383 @@
+"""The Prefect flows against a fake `dvc` (at the subprocess boundary) and a real tiny DVC run.
+
+One temporary Prefect API (prefect_test_harness) serves every test of this module.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+# Prefect reads PREFECT_HOME when first imported (and creates it): a throw-away folder,
+# never ~/.prefect.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="convnets-prefect-home-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from prefect.client.orchestration import get_client  # noqa: E402
+from prefect.client.schemas.filters import (  # noqa: E402
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+from prefect.logging.handlers import APILogHandler  # noqa: E402
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from pipeline import artifacts, dvc, remote, tasks  # noqa: E402
+from pipeline.dag import StageGraph, UnknownStage, parse_dot  # noqa: E402
+from pipeline.flows import dvc_pipeline  # noqa: E402
+
+STAGES = ["fetch", "split", "preprocess", "train", "evaluate", "report"]
+EDGES = [("fetch", "split"), ("fetch", "preprocess"), ("split", "preprocess"), ("preprocess", "train"),
+         ("preprocess", "evaluate"), ("train", "evaluate"), ("evaluate", "report"), ("train", "report")]
+LOCKED = ("ERROR: Unable to acquire lock. Most likely another DVC process is running or was "
+          "terminated abruptly.")
+BAD_PARAMS = ("Running stage 'split':\n> python -m convnets.split data/raw data/split\n"
+              "error: invalid parameters\nsplit.train_size: Input should be greater than 0\n"
+              "ERROR: failed to reproduce 'split': failed to run: python -m convnets.split "
+              "data/raw data/split, exited with 2")
+NETWORK = ("Running stage 'fetch':\nerror: could not download https://example.org/mnist.npz "
+           "after 4 tries: timed out\nERROR: failed to reproduce 'fetch': failed to run: "
+           "python -m convnets.fetch data/raw, exited with 1")
+
+# Answers like dvc 3 for the commands the flows use; every call is logged in the state file.
+FAKE_DVC = textwrap.dedent('''
+    import json, os, sys
+    from pathlib import Path
+    state_path = Path(os.environ["FAKE_DVC_STATE"])
+    state = json.loads(state_path.read_text())
+    args = sys.argv[1:]
+    state["calls"].append(args)
+
+    def done(code=0, out=""):
+        state_path.write_text(json.dumps(state))
+        if out:
+            print(out, flush=True)
+        sys.exit(code)
+
+    if args[:2] == ["dag", "--dot"]:
+        lines = ["strict digraph {"] + [f'"{n}";' for n in state["nodes"]]
+        lines += [f'"{a}" -> "{b}";' for a, b in state["edges"]] + ["}"]
+        done(out="\\n".join(lines))
+    if args[0] == "repro":
+        stage = args[1]
+        failures = state["failures"].get(stage, [])
+        if failures:
+            failure = failures.pop(0)
+            done(failure.get("code", 1), failure["output"])
+        if stage in state["up_to_date"]:
+            done(out=f"Stage '{stage}' didn't change, skipping\\nData and pipelines are up to date.")
+        done(out=f"Running stage '{stage}':\\n> python -m convnets.{stage}\\n{stage}: done\\nUpdating lock file 'dvc.lock'")
+    if args[0] == "status":
+        done(out="{}")
+    if args[:2] == ["metrics", "diff"]:
+        done(out=json.dumps(state["metrics"]))
+    if args[:2] == ["params", "diff"]:
+        done(out=json.dumps(state["params"]))
+    if args[:2] == ["exp", "save"]:
+        done(out="Experiment has been saved as: fake-exp")
+    print(f"fake dvc: unexpected arguments {args}", file=sys.stderr)
+    done(3)
+''')
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+class FakeDvc:
+    def __init__(self, state_path: Path):
+        self.state_path = state_path
+
+    def set(self, **changes) -> None:
+        state = json.loads(self.state_path.read_text())
+        state.update(changes)
+        self.state_path.write_text(json.dumps(state))
+
+    @property
+    def calls(self) -> list[list[str]]:
+        return json.loads(self.state_path.read_text())["calls"]
+
+    def repro_calls(self) -> list[str]:
+        return [call[1] for call in self.calls if call[0] == "repro"]
+
+
+@pytest.fixture
+def fake_dvc(tmp_path, monkeypatch) -> FakeDvc:
+    script = tmp_path / "fake_dvc.py"
+    script.write_text(FAKE_DVC)
+    state = tmp_path / "fake_dvc_state.json"
+    # nodes listed out of order: the flow must order them from the edges
+    state.write_text(json.dumps({
+        "nodes": ["report", "evaluate", "fetch", "train", "split", "preprocess"], "edges": EDGES,
+        "calls": [], "failures": {}, "up_to_date": [], "metrics": {}, "params": {},
+    }))
+    monkeypatch.setattr(dvc, "DVC_COMMAND", (sys.executable, str(script)))
+    monkeypatch.setenv("FAKE_DVC_STATE", str(state))
+    # retries without the waits
+    monkeypatch.setattr(tasks, "reproduce_stage", tasks.reproduce_stage.with_options(retry_delay_seconds=0))
+    return FakeDvc(state)
+
+
+@pytest.fixture
+def fake_project(tmp_path) -> Path:
+    project = tmp_path / "project"
+    (project / ".dvc").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(project)], check=True)
+    return project
+
+
+def flow_logs(flow_run_id) -> str:
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return "\n".join(log.message for log in logs)
+
+
+def artifact(flow_run_id, key: str):
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return found[0] if found else None
+
+
+# --- the flow, with the fake dvc ----------------------------------------------------------
+
+def test_stages_run_one_by_one_in_dag_order(fake_dvc, fake_project):
+    result = dvc_pipeline(project_dir=str(fake_project))
+    assert fake_dvc.repro_calls() == STAGES
+    assert all(call[2:] == ["--single-item"] for call in fake_dvc.calls if call[0] == "repro")
+    assert result["stages"] == {stage: "ran" for stage in STAGES}
+    assert result["experiment"] is None   # no overrides: like `dvc repro`, no experiment
+
+
+def test_stage_targets_bring_their_upstream(fake_dvc, fake_project):
+    dvc_pipeline(project_dir=str(fake_project), stages=["train"])
+    assert fake_dvc.repro_calls() == ["fetch", "split", "preprocess", "train"]
+
+
+def test_unknown_stage_is_named(fake_dvc, fake_project):
+    with pytest.raises(UnknownStage, match="'trian'.*fetch, split"):
+        dvc_pipeline(project_dir=str(fake_project), stages=["trian"])
+    assert fake_dvc.repro_calls() == []
+
+
+def test_stops_at_the_first_failing_stage_with_its_message(fake_dvc, fake_project):
+    fake_dvc.set(failures={"split": [{"output": BAD_PARAMS}]})
+    state = dvc_pipeline(project_dir=str(fake_project), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(dvc.StageFailed) as failed:
+        state.result()
+    assert not isinstance(failed.value, dvc.TransientStageError)
+    assert "split.train_size: Input should be greater than 0" in str(failed.value)
+    assert fake_dvc.repro_calls() == ["fetch", "split"]      # not retried, nothing after it
+    logs = flow_logs(state.state_details.flow_run_id)
+    assert "error: invalid parameters\nsplit.train_size: Input should be greater than 0" in logs
+
+
+def test_a_held_lock_is_retried(fake_dvc, fake_project):
+    fake_dvc.set(failures={"fetch": [{"output": LOCKED}, {"output": LOCKED}]})
+    result = dvc_pipeline(project_dir=str(fake_project))
+    assert fake_dvc.repro_calls() == ["fetch"] * 3 + STAGES[1:]
+    assert result["stages"]["fetch"] == "ran"
+
+
+def test_network_errors_are_retried_then_fail_with_the_message(fake_dvc, fake_project):
+    fake_dvc.set(failures={"fetch": [{"output": NETWORK}] * 10})
+    with pytest.raises(dvc.TransientStageError, match="could not download .* after 4 tries"):
+        dvc_pipeline(project_dir=str(fake_project))
+    assert fake_dvc.repro_calls() == ["fetch"] * (1 + tasks.STAGE_RETRIES)
+
+
+def test_bad_params_are_not_retried_even_with_a_lock_message(fake_dvc, fake_project):
+    fake_dvc.set(failures={"fetch": [{"output": BAD_PARAMS + "\n" + LOCKED}] * 5})
+    with pytest.raises(dvc.StageFailed):
+        dvc_pipeline(project_dir=str(fake_project))
+    assert fake_dvc.repro_calls() == ["fetch"]
+
+
+def test_up_to_date_stages_are_dvcs_call(fake_dvc, fake_project):
+    fake_dvc.set(up_to_date=["fetch", "split", "preprocess"])
+    result = dvc_pipeline(project_dir=str(fake_project), experiment=True)
+    # DVC was asked about every stage: Prefect's cache never skipped one
+    assert fake_dvc.repro_calls() == STAGES
+    assert [result["stages"][s] for s in STAGES] == ["skipped"] * 3 + ["ran"] * 3
+    assert result["experiment"] == "fake-exp"
+    assert ["exp", "save"] in fake_dvc.calls
+
+
+def test_a_retried_flow_asks_dvc_again_for_every_stage(fake_dvc, fake_project):
+    """Prefect's task cache (same flow run, same inputs) must not stand in for DVC."""
+    fake_dvc.set(failures={"report": [{"output": "error: disk full"}]})
+    result = dvc_pipeline.with_options(retries=1, retry_delay_seconds=0)(project_dir=str(fake_project))
+    assert fake_dvc.repro_calls() == STAGES + STAGES
+    assert result["stages"]["report"] == "ran"
+
+
+def test_no_experiment_when_nothing_ran(fake_dvc, fake_project):
+    fake_dvc.set(up_to_date=STAGES)
+    result = dvc_pipeline(project_dir=str(fake_project), experiment=True)
+    assert result["experiment"] is None
+    assert not any(call[:2] == ["exp", "save"] for call in fake_dvc.calls)
+
+
+def test_artifacts_compare_metrics_with_the_baseline_and_inline_the_plots(fake_dvc, fake_project):
+    fake_dvc.set(
+        metrics={"data/eval/metrics.json": {"test.accuracy": {"old": 0.5, "new": 0.75, "diff": 0.25}}},
+        params={"params.yaml": {"train.epochs": {"old": 10, "new": 1, "diff": -9}}},
+    )
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(64))
+    (fake_project / "data/report").mkdir(parents=True)
+    (fake_project / "data/report/loss.png").write_bytes(png)
+    state = dvc_pipeline(project_dir=str(fake_project), return_state=True)
+    run_id = state.state_details.flow_run_id
+
+    table = artifact(run_id, "dvc-metrics")
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert rows == [{"file": "data/eval/metrics.json", "metric": "test.accuracy",
+                     "baseline": "0.5", "this run": "0.75", "change": "0.25"}]
+    markdown = artifact(run_id, "dvc-report").data
+    assert "| train.epochs | 10 | 1 |" in markdown
+    inlined = markdown.split("data:image/png;base64,")[1].split(")")[0]
+    assert base64.b64decode(inlined) == png
+
+
+# --- pure parts ---------------------------------------------------------------------------
+
+def test_parse_dot_orders_by_edges_and_keeps_dvc_yaml_order_for_ties():
+    text = 'strict digraph {\n"b";\n"a";\n"c";\n"a" -> "c";\n"b" -> "c";\n}\n'
+    graph = parse_dot(text)
+    assert graph.order == ("b", "a", "c")
+    assert graph.predecessors("c") == ["b", "a"]
+    assert graph.plan(["c"], single_item=True) == ["c"]
+
+
+def test_a_cycle_is_refused():
+    with pytest.raises(ValueError, match="cycle"):
+        parse_dot('"a" -> "b";\n"b" -> "a";\n')
+
+
+def test_plan_of_several_targets():
+    graph = StageGraph(tuple(STAGES), frozenset(EDGES))
+    assert graph.plan(["split", "train"]) == ["fetch", "split", "preprocess", "train"]
+    assert graph.ancestors("evaluate") == {"fetch", "split", "preprocess", "train"}
+
+
+def test_failure_message_is_the_stages_own_then_dvcs():
+    run = dvc.DvcRun(("repro",), 1, tuple(BAD_PARAMS.splitlines()))
+    message = dvc.failure_message(run.tail)
+    assert message.splitlines()[:2] == ["error: invalid parameters", "split.train_size: Input should be greater than 0"]
+    assert message.splitlines()[-1].startswith("ERROR: failed to reproduce 'split'")
+    assert "Running stage" not in message
+
+
+def test_failure_without_an_error_line_keeps_the_last_lines():
+    lines = [f"line {i}" for i in range(40)] + ["Traceback ...", "KeyError: 'x'", "ERROR: failed to reproduce 'train'"]
+    message = dvc.failure_message(lines)
+    assert "KeyError: 'x'" in message and "line 0" not in message
+
+
+def test_transient_patterns():
+    def kind(output: str) -> type:
+        return type(dvc.stage_failure("fetch", dvc.DvcRun((), 1, tuple(output.splitlines()))))
+
+    assert kind(LOCKED) is dvc.TransientStageError
+    assert kind(NETWORK) is dvc.TransientStageError
+    assert kind("error: could not download https://x/y.zip: HTTP 503 Service Unavailable") is dvc.TransientStageError
+    assert kind("error: could not download https://x/y.zip: HTTP 404 Not Found") is dvc.StageFailed
+    assert kind("error: fetch.archive data.zip not found") is dvc.StageFailed
+
+
+def test_stage_outcome():
+    assert dvc.stage_outcome("train", ["Running stage 'train':"]) == "ran"
+    assert dvc.stage_outcome("train", ["Stage 'train' is cached - skipping run, checking out outputs"]) == "restored"
+    assert dvc.stage_outcome("train", ["Stage 'train' didn't change, skipping"]) == "skipped"
+
+
+def test_run_dvc_stops_a_stage_that_must_not_run_here(monkeypatch, tmp_path):
+    script = tmp_path / "slow.py"
+    script.write_text("import time\nprint(\"Running stage 'train':\", flush=True)\ntime.sleep(60)\n")
+    monkeypatch.setattr(dvc, "DVC_COMMAND", (sys.executable, str(script)))
+    with pytest.raises(dvc.StageRanLocally):
+        dvc.run_dvc(tmp_path, [], stop_on=dvc.starts_running("train"))
+
+
+def test_metrics_rows_show_missing_baseline_as_dash():
+    rows = artifacts.metrics_rows({"m.json": {"acc": {"old": None, "new": 0.123456}}})
+    assert rows == [{"file": "m.json", "metric": "acc", "baseline": "-", "this run": "0.1235", "change": "-"}]
+
+
+# --- the remote round trip's checks -------------------------------------------------------
+
+def commit_all(project: Path) -> None:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", "x"], cwd=project, check=True, env=env)
+
+
+def test_uncommitted_code_blocks_sending_but_params_and_lock_travel(fake_project):
+    for name in ("params.yaml", "dvc.lock", "dvc.yaml"):
+        (fake_project / name).write_text("a: 1\n")
+    (fake_project / "conf").mkdir()
+    (fake_project / "conf/config.yaml").write_text("a: 1\n")
+    commit_all(fake_project)
+    for name in ("params.yaml", "dvc.lock", "conf/config.yaml"):
+        (fake_project / name).write_text("a: 2\n")
+    assert remote.check_can_send(fake_project) == remote.head_commit(fake_project)
+    (fake_project / "dvc.yaml").write_text("a: 2\n")
+    with pytest.raises(remote.RemoteStageError, match="uncommitted changes to dvc.yaml"):
+        remote.check_can_send(fake_project)
+
+
+def test_worker_refuses_another_commit_and_takes_the_shipped_files(fake_project):
+    (fake_project / "dvc.lock").write_text("old\n")
+    commit_all(fake_project)
+    with pytest.raises(remote.RemoteStageError, match="git fetch && git checkout 0000000"):
+        remote.check_same_commit(fake_project, "0" * 40)
+    remote.check_same_commit(fake_project, remote.head_commit(fake_project))
+    remote.write_shipped_files(fake_project, {"params.yaml": "p: 1\n", "dvc.lock": None})
+    assert (fake_project / "params.yaml").read_text() == "p: 1\n"
+    assert not (fake_project / "dvc.lock").exists()
+    with pytest.raises(remote.RemoteStageError, match="refusing"):
+        remote.write_shipped_files(fake_project, {"../evil": "x"})
+
+
+def test_enter_checkout(monkeypatch, tmp_path):
+    monkeypatch.setenv(remote.CHECKOUT_ENV, str(tmp_path))
+    with pytest.raises(remote.RemoteStageError, match="no dvc.yaml"):
+        remote.enter_checkout()
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    assert remote.enter_checkout() == {"directory": str(tmp_path.resolve())}
+    monkeypatch.delenv(remote.CHECKOUT_ENV)
+    assert remote.enter_checkout()["directory"] == str(Path(__file__).resolve().parents[1])
+
+
+def test_remote_target_needs_the_deployment_and_its_pool():
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from pipeline.flows import dvc_stage
+
+    name = "dvc-stage/units-gpu"
+    assert remote.find_remote_target(name) is None
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="units-gpu", type="process"))
+        flow_id = client.create_flow(dvc_stage)
+        client.create_deployment(flow_id=flow_id, name="units-gpu", work_pool_name="units-gpu",
+                                 entrypoint="pipeline.flows.dvc_stage")
+    target = remote.find_remote_target(name)
+    assert target == remote.RemoteTarget(name, "units-gpu", pool_ready=False)
+    with get_client(sync_client=True) as client:
+        client.delete_work_pool("units-gpu")
+    assert remote.find_remote_target(name) is None
