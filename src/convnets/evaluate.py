@@ -1,9 +1,11 @@
 """Stage `evaluate`: measure the saved model on the test split.
 
 Writes data/eval/ with dvclive: metrics.json (test accuracy and loss,
-per-class precision/recall/F1, ROC AUC for two classes), plots/sklearn/*.json
-(confusion matrix; ROC and precision-recall for two classes) and
-predictions.csv (one row per test image) for the report.
+per-class precision/recall/F1; for two classes also ROC AUC and the precision
+and recall of the second class, "dog" for dogs vs. cats), plots/sklearn/*.json
+(confusion matrix; ROC and precision-recall curves, of the second class
+for two classes, micro-averaged one-vs-rest for more; dvc.yaml draws them)
+and predictions.csv (one row per test image) for the report.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from dvclive import Live
 from sklearn.metrics import accuracy_score, classification_report, log_loss, roc_auc_score
 
 from convnets.cli import stage_main
-from convnets.datasets import load_classes, load_subset
+from convnets.datasets import load_classes, load_subset, ordered_batches
 from convnets.errors import DataError
 from convnets.outputs import staged_dir
 from convnets.params import Params
+from convnets.pretrained import VGG16Preprocess  # noqa: F401  (registers the layer saved models use)
 from convnets.train import MODEL_FILE
 
 PREDICTIONS = "predictions.csv"
@@ -35,8 +38,17 @@ def load_model(model_dir: str | Path) -> keras.Model:
 
 
 def class_probabilities(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Probabilities [n, classes]; a sigmoid output becomes two columns (p(0), p(1))."""
-    probs = model.predict(images, batch_size=batch_size, verbose=0)
+    """Probabilities [n, classes]; a sigmoid output becomes two columns (p(0), p(1)).
+
+    The images stream from the (memory-mapped) array batch by batch, so the
+    test set never has to fit in memory at once.
+    """
+    probs = two_columns(model.predict(ordered_batches(images, batch_size=batch_size), verbose=0).astype(np.float64))
+    # float32 softmax rows sum to 1 only within float32's precision; sklearn checks in float64.
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+def two_columns(probs: np.ndarray) -> np.ndarray:
     if probs.shape[1] == 1:
         probs = np.hstack([1.0 - probs, probs])
     return probs
@@ -57,7 +69,10 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -
     }
     metrics["macro_f1"] = float(report["macro avg"]["f1-score"])
     if len(classes) == 2:
-        metrics["roc_auc"] = float(roc_auc_score(labels, probs[:, 1]))
+        # Top-level copies of the positive (second) class's figures, for `dvc exp show` columns.
+        metrics["roc_auc"] = float(roc_auc_score(labels, probs[:, 1])) if len(set(labels)) == 2 else float("nan")
+        metrics["precision"] = metrics["per_class"][classes[1]]["precision"]
+        metrics["recall"] = metrics["per_class"][classes[1]]["recall"]
     return metrics
 
 
@@ -65,19 +80,37 @@ def evaluate(params: Params, prepared_dir, model_dir, out_dir) -> dict:
     images, labels = load_subset(prepared_dir, "test")
     classes = load_classes(prepared_dir)
     model = load_model(model_dir)
-    probs = class_probabilities(model, np.asarray(images), params.evaluate.batch_size)
+    if model.input_shape[1:] != images.shape[1:]:
+        raise DataError(
+            f"the model takes images of shape {model.input_shape[1:]} but data/prepared holds "
+            f"{images.shape[1:]}: rerun the train stage on these data (dvc repro)"
+        )
+    probs = class_probabilities(model, images, params.evaluate.batch_size)
     metrics = compute_metrics(labels, probs, classes)
     with staged_dir(out_dir) as tmp:
         live = Live(dir=str(tmp), dvcyaml=None, save_dvc_exp=False, report=None)
         log_nested(live, "test", metrics)
         names = np.asarray(classes)
         live.log_sklearn_plot("confusion_matrix", names[labels], names[probs.argmax(axis=1)], name="confusion_matrix.json")
-        if len(classes) == 2:
-            live.log_sklearn_plot("roc", labels, probs[:, 1], name="roc.json")
-            live.log_sklearn_plot("precision_recall", labels, probs[:, 1], name="precision_recall.json")
+        truth, scores = curve_inputs(labels, probs)
+        live.log_sklearn_plot("roc", truth, scores, name="roc.json")
+        live.log_sklearn_plot("precision_recall", truth, scores, name="precision_recall.json")
         live.end()
         predictions_table(labels, probs, classes).to_csv(tmp / PREDICTIONS, index=False)
     return metrics
+
+
+def curve_inputs(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(is positive, score) pairs for the ROC and precision-recall curves.
+
+    Two classes: the second class is the positive one. More classes: every
+    (image, class) pair one-vs-rest, which gives sklearn's micro-averaged curves;
+    dvc.yaml then draws the same plots for every data set.
+    """
+    if probs.shape[1] == 2:
+        return labels, probs[:, 1]
+    onehot = np.eye(probs.shape[1], dtype=np.int64)[labels]
+    return onehot.ravel(), probs.ravel()
 
 
 def log_nested(live: Live, prefix: str, values: dict) -> None:

@@ -35,15 +35,22 @@ class VGG16Preprocess(keras.layers.Layer):
         return keras.applications.vgg16.preprocess_input(keras.ops.cast(inputs, self.compute_dtype))
 
 
+def keras_home() -> Path:
+    """Keras's folder for downloads: $KERAS_HOME, else ~/.keras (as Keras itself decides)."""
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
+
+
 def keras_models_dir() -> Path:
-    """Where keras.utils.get_file keeps downloaded weights (cache_subdir="models")."""
-    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+    return keras_home() / "models"
 
 
 def imagenet_weights_path() -> Path:
     """The VGG16 no-top weights file: from Keras's cache, downloading it there if needed."""
     try:
-        return Path(keras.utils.get_file(WEIGHTS_FILE, WEIGHTS_URL, cache_subdir="models", file_hash=WEIGHTS_MD5))
+        path = keras.utils.get_file(
+            WEIGHTS_FILE, WEIGHTS_URL, cache_dir=str(keras_home()), cache_subdir="models", file_hash=WEIGHTS_MD5
+        )
+        return Path(path)
     except Exception as exc:  # get_file raises a bare Exception for network errors
         raise DataError(
             f"could not download the VGG16 ImageNet weights ({exc}). Fetch {WEIGHTS_URL} "

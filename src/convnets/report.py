@@ -1,9 +1,11 @@
 """Stage `report`: figures a person would rather look at, and one self-contained report.html.
 
 Writes data/report/: accuracy.png and loss.png (training vs validation per
-epoch, drawn as in the book), confusion_matrix.png, misclassified.png (a grid
-of test images with true and predicted labels) and report.html with every
-image inlined, so the file can be mailed or opened anywhere.
+epoch, drawn as in the book), confusion_matrix.png, for two classes roc.png
+(the ROC curve with its AUC), misclassified.png (a grid of the test photos
+the model got wrong, most confident mistakes first, in colour for RGB data)
+and report.html with every image inlined, so the file can be mailed or opened
+anywhere.
 """
 
 from __future__ import annotations
@@ -64,6 +66,18 @@ def plot_confusion(predictions: pd.DataFrame, classes: list[str], path: Path) ->
         predictions["true"], predictions["predicted"], labels=classes, ax=ax, colorbar=False, cmap="Blues"
     )
     ax.set_title("Test confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_roc(roc_points: list[dict], auc: float, positive: str, path: Path) -> None:
+    """The ROC curve dvclive logged (evaluate), with the diagonal of guessing."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([p["fpr"] for p in roc_points], [p["tpr"] for p in roc_points], "b", label=f"model (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", label="guessing")
+    ax.set(title=f"ROC curve (test, positive class: {positive})", xlabel="False positive rate", ylabel="True positive rate")
+    ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -136,11 +150,16 @@ def report(params: Params, prepared_dir, train_dir, eval_dir, out_dir) -> Path:
             "Accuracy per epoch": tmp / "accuracy.png",
             "Loss per epoch": tmp / "loss.png",
             "Confusion matrix (test)": tmp / "confusion_matrix.png",
-            "Misclassified test images": tmp / "misclassified.png",
         }
         plot_curve(history, "accuracy", figures["Accuracy per epoch"])
         plot_curve(history, "loss", figures["Loss per epoch"])
         plot_confusion(predictions, classes, figures["Confusion matrix (test)"])
+        roc = eval_dir / "plots" / "sklearn" / "roc.json"
+        if len(classes) == 2 and roc.exists():
+            figures["ROC curve (test)"] = tmp / "roc.png"
+            points = json.loads(roc.read_text())["roc"]
+            plot_roc(points, metrics["test"]["roc_auc"], classes[1], figures["ROC curve (test)"])
+        figures["Misclassified test images"] = tmp / "misclassified.png"
         shown = plot_misclassified(images, predictions, params.report.misclassified_examples, figures["Misclassified test images"])
         (tmp / "report.html").write_text(render_html(metrics, preprocess_report, figures, shown))
     return Path(out_dir) / "report.html"
