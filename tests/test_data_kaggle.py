@@ -8,6 +8,7 @@ download and our retries, verification and messages all run for real.
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 import zipfile
@@ -72,7 +73,7 @@ def kaggle_home(tmp_path, monkeypatch):
 
     home = tmp_path / "home"
     (home / ".kaggle").mkdir(parents=True)
-    for name in [name for name in list(__import__("os").environ) if name.startswith("KAGGLE_")]:
+    for name in [name for name in os.environ if name.startswith("KAGGLE_")]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("HOME", str(home))
     # The client fixes its config path when imported; point it at the empty home too.
