@@ -386,3 +386,40 @@ def test_params_file_errors_name_the_new_keys(tmp_path):
     path = write_params(tmp_path / "params.yaml", {"preprocess": {"max_bad_fraction": 1.5}})
     with pytest.raises(ParamsError, match="preprocess.max_bad_fraction: Input should be less than or equal to 1"):
         load_params(path)
+
+
+def test_a_damaged_member_is_set_aside_and_the_rest_extracted(tmp_path, replica_photos):
+    archive = write_zip(tmp_path / "train.zip", replica_photos)
+    data = bytearray(archive.read_bytes())
+    photo = replica_photos["train/cat.3.jpg"]
+    data[data.index(photo) + 100] ^= 0xFF  # one flipped bit in a stored member: its CRC fails
+    archive.write_bytes(bytes(data))
+    out = tmp_path / "data" / "raw"
+    catalog = fetch(archive_params(archive), out)
+    assert len(catalog) == 2 * PER_CLASS - 1 and "images/cat/cat.3.jpg" not in set(catalog["file"])
+    set_aside = pd.read_csv(out / SET_ASIDE)
+    assert set_aside[["file", "label", "reason"]].values.tolist() == [["train/cat.3.jpg", "cat", "damaged_in_archive"]]
+    assert "Bad CRC-32" in set_aside["detail"][0]
+    assert not (out / "images" / "cat" / "cat.3.jpg").exists()
+
+
+def test_a_failing_write_stops_the_stage(tmp_path, replica_photos, monkeypatch):
+    """Disk full is not a damaged photo: the stage stops instead of setting every file aside."""
+    import builtins
+
+    real_open = builtins.open
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        handle = real_open(path, mode, *args, **kwargs)
+        if "w" in mode and str(path).endswith(".jpg"):
+            def write(data):
+                raise OSError(28, "No space left on device")
+            handle.write = write
+        return handle
+
+    archive = write_zip(tmp_path / "train.zip", replica_photos)
+    monkeypatch.setattr(builtins, "open", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        fetch(archive_params(archive), tmp_path / "data" / "raw")
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == []

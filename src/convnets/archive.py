@@ -117,7 +117,7 @@ def extract_labelled_images(
             rel = PurePosixPath(IMAGES, item.label, item.filename)
             try:
                 copy_member(item.member, out_dir / rel, budget)
-            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+            except Unreadable as exc:
                 set_aside.append(refusal(item.member.name, DAMAGED, f"cannot read it: {exc}", item.label))
                 continue
             rows.append((rel.as_posix(), item.label, item.index))
@@ -263,14 +263,26 @@ def folder_members(root: Path) -> list[Member]:
     return members
 
 
+class Unreadable(Exception):
+    """The source's copy of a file is damaged; other files may still be fine."""
+
+
 def copy_member(member: Member, target: Path, budget: Budget) -> None:
+    """Copy one entry; Unreadable if the source fails, while a failing write (disk full) stops the stage."""
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with member.open() as source, open(target, "wb") as out:
-            while chunk := source.read(COPY_CHUNK):
+        with reading(member.open) as source, open(target, "wb") as out:
+            while chunk := reading(lambda: source.read(COPY_CHUNK)):
                 budget.take(len(chunk))
                 out.write(chunk)
     except BaseException:
         target.unlink(missing_ok=True)  # no half-written image for preprocess to trip on
         raise
+
+
+def reading(action):
+    try:
+        return action()
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:  # bad CRC, broken deflate stream, ...
+        raise Unreadable(str(exc)) from None
 
