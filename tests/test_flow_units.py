@@ -381,3 +381,52 @@ def test_remote_target_needs_the_deployment_and_its_pool():
     with get_client(sync_client=True) as client:
         client.delete_work_pool("units-gpu")
     assert remote.find_remote_target(name) is None
+
+
+# --- the flow with the real dvc, tiny params ------------------------------------------------
+
+TINY = ["train.epochs=1", "split.train_size=300", "split.val_size=100", "split.test_size=100"]
+
+
+def real_dvc(project: Path, *args: str) -> str:
+    proc = subprocess.run([*dvc.DVC_COMMAND, *args], cwd=project, env=dvc.dvc_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def experiments(project: Path) -> dict[str, dict]:
+    """name -> params.yaml of each experiment `dvc exp show` lists."""
+    found = {}
+    for commit in json.loads(real_dvc(project, "exp", "show", "--json")):
+        for exp in commit.get("experiments") or []:
+            for rev in exp["revs"]:
+                found[rev["name"]] = rev["data"]["params"]["params.yaml"]["data"]
+    return found
+
+
+@pytest.mark.slow
+def test_real_dvc_bad_params_fail_once_then_a_run_is_an_experiment_and_a_rerun_does_nothing(project_copy, monkeypatch):
+    project = project_copy
+    monkeypatch.setenv("PYTHONPATH", str(project / "src"))   # the stages run this copy's code
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    bad = dvc_pipeline(project_dir=str(project), overrides=[*TINY, "split.train_size=0"], return_state=True)
+    with pytest.raises(dvc.StageFailed, match="(?s)invalid parameters.*train_size") as failed:
+        bad.result()
+    # every stage validates the whole params.yaml, so the first one stops the run
+    assert failed.value.stage == "fetch" and not isinstance(failed.value, dvc.TransientStageError)
+    assert flow_logs(bad.state_details.flow_run_id).count("Running stage 'fetch'") == 1   # no retry
+    assert not (project / "data/raw").exists()
+
+    first = dvc_pipeline(project_dir=str(project), overrides=TINY)
+    assert first["stages"] == {s: "ran" for s in STAGES}
+    assert experiments(project)[first["experiment"]]["train"]["epochs"] == 1
+    outputs = sorted(p for p in (project / "data").rglob("*") if p.is_file())
+    before = {p: p.stat().st_mtime_ns for p in outputs}
+
+    second = dvc_pipeline(project_dir=str(project), overrides=TINY)
+    assert second["stages"] == {s: "skipped" for s in STAGES}
+    assert second["experiment"] is None
+    assert {p: p.stat().st_mtime_ns for p in outputs} == before
+    assert list(experiments(project)) == [first["experiment"]]
+    assert json.loads(real_dvc(project, "status", "--json")) == {}
