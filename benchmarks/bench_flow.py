@@ -1,0 +1,136 @@
+"""Overhead of the Prefect flow over a bare `dvc repro` (issue 5): run by hand, prints figures.
+
+    python benchmarks/bench_flow.py [--repeat N] [--with-integration]
+
+Side by side in one run, each in its own fresh copy of the working tree (own DVC cache,
+nothing up to date), on the embedded default (params.yaml as it is, MNIST sample):
+
+    dvc repro                             the bare pipeline
+    python -m pipeline --no-experiment    the flow on Prefect's ephemeral API, first use of
+                                          a PREFECT_HOME (the server creates its database)
+    the same, again with that PREFECT_HOME  the usual case (database already there)
+
+and, from the flow's log, how much of the overhead is the ephemeral server's start.
+Target: the flow adds under 15 s. --with-integration also times the two-clone GPU-pool
+test (tests/test_flow_gpu_pool.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET_S = 15.0
+STAMP = re.compile(r"^(\d\d:\d\d:\d\d\.\d{3}) \| ")
+
+
+def copy_working_tree(dest: Path) -> Path:
+    """The repo as a clone would see it (uncommitted edits included), committed in a fresh git repo."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
+                            check=True, capture_output=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        if (REPO / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@b"}
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "bench"]):
+        subprocess.run(["git", *args], cwd=dest, check=True, env=env)
+    return dest
+
+
+def environment(project: Path, prefect_home: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+        "PYTHONPATH": os.pathsep.join([str(project), str(project / "src")]),   # the copy's code
+        "PREFECT_HOME": str(prefect_home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+
+
+def timed(args: list[str], project: Path, env: dict[str, str], log: Path) -> float:
+    start = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.run(args, cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(args)} failed in {project}; see {log}")
+    return seconds
+
+
+def server_start_s(log: Path) -> float | None:
+    """From "Starting temporary server" to the flow run's first line, in the flow's log."""
+    start = begin = None
+    for line in log.read_text(errors="replace").splitlines():
+        stamp = STAMP.match(line)
+        if not stamp:
+            continue
+        moment = datetime.strptime(stamp.group(1), "%H:%M:%S.%f")
+        if "Starting temporary server" in line:
+            start = moment
+        elif start and "Beginning flow run" in line:
+            begin = moment
+            break
+    return (begin - start).total_seconds() if start and begin else None
+
+
+def one_round(work: Path) -> dict[str, float]:
+    home = work / "prefect-home"
+    figures = {}
+    runs = [
+        ("dvc repro", ["dvc", "repro"]),
+        ("flow, new PREFECT_HOME", [sys.executable, "-m", "pipeline", "--no-experiment"]),
+        ("flow, warm PREFECT_HOME", [sys.executable, "-m", "pipeline", "--no-experiment"]),
+    ]
+    for name, args in runs:
+        project = copy_working_tree(work / name.replace(" ", "-").replace(",", ""))
+        log = work / f"{project.name}.log"
+        figures[name] = timed(args, project, environment(project, home), log)
+        if args[0] != "dvc":
+            figures[f"{name}: server start"] = server_start_s(log) or float("nan")
+        print(f"  {name:<28} {figures[name]:6.1f} s", flush=True)
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=1, help="rounds (default: %(default)s)")
+    parser.add_argument("--with-integration", action="store_true", help="also time tests/test_flow_gpu_pool.py")
+    args = parser.parse_args()
+
+    rounds = []
+    for index in range(args.repeat):
+        print(f"round {index + 1} of {args.repeat}", flush=True)
+        with tempfile.TemporaryDirectory(prefix="bench-flow-") as work:
+            rounds.append(one_round(Path(work)))
+
+    print("\nbest of the rounds (s):")
+    best = {name: min(r[name] for r in rounds) for name in rounds[0]}
+    bare = best["dvc repro"]
+    print(f"  dvc repro                     {bare:6.1f}")
+    for case in ("flow, new PREFECT_HOME", "flow, warm PREFECT_HOME"):
+        extra = best[case] - bare
+        verdict = "ok" if extra < TARGET_S else f"over the {TARGET_S:.0f} s target"
+        print(f"  {case:<29} {best[case]:6.1f}  (+{extra:.1f} s, of which the ephemeral server's "
+              f"start {best[case + ': server start']:.1f} s; {verdict})")
+
+    if args.with_integration:
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_flow_gpu_pool.py"], cwd=REPO)
+        print(f"\ntwo-clone GPU-pool integration test: {time.perf_counter() - start:.0f} s wall"
+              f" ({'passed' if proc.returncode == 0 else 'FAILED'})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
