@@ -65,9 +65,12 @@ def dvc_pipeline(
         else:
             outcomes[stage] = tasks.reproduce_stage(project, stage)
 
-    tasks.publish_metrics(project)
+    # two independent `dvc ... diff` calls: side by side
+    published = [tasks.publish_metrics.submit(project)]
     if (project / report_dir).is_dir():
-        tasks.publish_report(project, report_dir)
+        published.append(tasks.publish_report.submit(project, report_dir))
+    for future in published:
+        future.result()
     saved = None
     if record and any(outcome != "skipped" for outcome in outcomes.values()):
         saved = tasks.save_experiment(project, experiment_name)
