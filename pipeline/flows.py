@@ -65,12 +65,9 @@ def dvc_pipeline(
         else:
             outcomes[stage] = tasks.reproduce_stage(project, stage)
 
-    # two independent `dvc ... diff` calls: side by side
-    published = [tasks.publish_metrics.submit(project)]
+    tasks.publish_metrics(project)
     if (project / report_dir).is_dir():
-        published.append(tasks.publish_report.submit(project, report_dir))
-    for future in published:
-        future.result()
+        tasks.publish_report(project, report_dir)
     saved = None
     if record and any(outcome != "skipped" for outcome in outcomes.values()):
         saved = tasks.save_experiment(project, experiment_name)
