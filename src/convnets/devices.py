@@ -1,6 +1,7 @@
 """Where training runs: the same code and params on a CPU, one GPU or several.
 
-- no GPU: TensorFlow's default strategy on the CPU, float32;
+- no GPU: TensorFlow's default strategy on the CPU, float32, or mixed_bfloat16
+  if train.cpu_bfloat16 and the CPU has bfloat16 units (AMX / AVX512-BF16);
 - one GPU: the default strategy on it, mixed_float16 if train.mixed_precision;
 - several GPUs: tf.distribute.MirroredStrategy over all of them (the batch of
   params is the global batch, split between them), mixed precision likewise.
@@ -11,29 +12,35 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 import tensorflow as tf
 
 from convnets.params import TrainParams
 
-MIXED = "mixed_float16"
+log = logging.getLogger(__name__)
+GPU_MIXED = "mixed_float16"
+CPU_MIXED = "mixed_bfloat16"
+# /proc/cpuinfo flags of CPUs that compute in bfloat16 natively (oneDNN uses them).
+BF16_FLAGS = {"amx_bf16", "avx512_bf16"}
 
 
 @dataclass(frozen=True)
 class DevicePlan:
     gpus: tuple[str, ...]
-    mixed_precision: bool
+    dtype_policy: str  # float32, mixed_float16 (GPUs) or mixed_bfloat16 (CPUs with bfloat16 units)
 
     @property
     def strategy_name(self) -> str:
         return "MirroredStrategy" if len(self.gpus) > 1 else "default"
 
     @property
-    def dtype_policy(self) -> str:
-        return MIXED if self.mixed_precision else "float32"
+    def mixed_precision(self) -> bool:
+        return self.dtype_policy != "float32"
 
 
 def visible_gpus() -> list[str]:
@@ -45,16 +52,33 @@ def visible_gpus() -> list[str]:
     return [gpu.name for gpu in gpus]
 
 
-def plan_devices(params: TrainParams, gpus: list[str] | None = None) -> DevicePlan:
-    """Decide devices and precision; `gpus` defaults to what TensorFlow sees."""
+def cpu_has_bfloat16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether the CPU computes in bfloat16 natively (elsewhere bfloat16 is emulated: slower)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:  # not Linux: assume not
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return bool(BF16_FLAGS & set(flags))
+
+
+def plan_devices(params: TrainParams, gpus: list[str] | None = None, cpu_bfloat16: bool | None = None) -> DevicePlan:
+    """Decide devices and precision; `gpus` and `cpu_bfloat16` default to what this machine has."""
     gpus = visible_gpus() if gpus is None else gpus
-    # Mixed precision only pays on GPUs (tensor cores); on a CPU it is slower.
-    return DevicePlan(gpus=tuple(gpus), mixed_precision=params.mixed_precision and bool(gpus))
+    if gpus:
+        # float16 pays on GPUs (tensor cores); bfloat16 is the CPU's fast format.
+        return DevicePlan(tuple(gpus), GPU_MIXED if params.mixed_precision else "float32")
+    if params.cpu_bfloat16:
+        native = cpu_has_bfloat16() if cpu_bfloat16 is None else cpu_bfloat16
+        if native:
+            return DevicePlan((), CPU_MIXED)
+        log.info("train.cpu_bfloat16: this CPU has no bfloat16 units (AMX / AVX512-BF16); training in float32")
+    return DevicePlan((), "float32")
 
 
 def make_strategy(plan: DevicePlan) -> tf.distribute.Strategy:
     if len(plan.gpus) > 1:
-        return tf.distribute.MirroredStrategy([name.replace("/physical_device:", "/") for name in plan.gpus])
+        return tf.distribute.MirroredStrategy()  # all visible GPUs, gradients summed with NCCL
     return tf.distribute.get_strategy()
 
 

@@ -158,8 +158,11 @@ class TrainParams(_Section):
     # are unfrozen and training goes on at fine_tune_learning_rate. 0 = no such phase.
     fine_tune_epochs: int = Field(default=0, ge=0)
     fine_tune_learning_rate: float = Field(default=1e-5, gt=0.0)
-    # mixed_float16 compute on a GPU (ignored on a CPU, where it is slower).
+    # mixed_float16 compute on a GPU (ignored on a CPU, where float16 is slower).
     mixed_precision: bool = True
+    # mixed_bfloat16 compute on a CPU with bfloat16 units (Intel AMX / AVX512-BF16):
+    # about 2x faster training there; ignored on other CPUs and when a GPU is used.
+    cpu_bfloat16: bool = False
     # Deterministic TensorFlow ops: same params + data + machine -> same weights. Some
     # GPU kernels have no deterministic version (TensorFlow then says which); set false there.
     deterministic: bool = True
