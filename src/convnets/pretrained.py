@@ -46,9 +46,12 @@ def keras_models_dir() -> Path:
 
 def imagenet_weights_path() -> Path:
     """The VGG16 no-top weights file: from Keras's cache, downloading it there if needed."""
+    home = keras_home()
+    # get_file silently falls back to /tmp/.keras when the folder does not exist yet.
+    home.mkdir(parents=True, exist_ok=True)
     try:
         path = keras.utils.get_file(
-            WEIGHTS_FILE, WEIGHTS_URL, cache_dir=str(keras_home()), cache_subdir="models", file_hash=WEIGHTS_MD5
+            WEIGHTS_FILE, WEIGHTS_URL, cache_dir=str(home), cache_subdir="models", file_hash=WEIGHTS_MD5
         )
         return Path(path)
     except Exception as exc:  # get_file raises a bare Exception for network errors

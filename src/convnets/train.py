@@ -125,7 +125,7 @@ def train(params: Params, prepared_dir, model_dir, live_dir, resume_dir=None) ->
         run_phase(run, phase)
 
     best = best_summary(progress)
-    write_model(params.model, input_shape, classes, progress, phases, model_dir)
+    write_model(net, params.model, input_shape, classes, progress, phases, model_dir)
     finish_live(run.live, best, progress, devices, plan)
     write_json(resume.live_dir / DEVICES_FILE, devices)
     replace_dir(resume.live_dir, Path(live_dir))
@@ -263,7 +263,7 @@ def best_summary(progress: Progress) -> dict:
     return {"epoch": record["epoch"], **record["logs"]}
 
 
-def write_model(model_params: ModelParams, input_shape, classes: list[str], progress: Progress, phases: list[Phase], model_dir) -> None:
+def write_model(net: Convnet, model_params: ModelParams, input_shape, classes: list[str], progress: Progress, phases: list[Phase], model_dir) -> None:
     """Save the best epoch's weights in a float32 model outside any distribution strategy.
 
     A model trained in mixed precision or on several GPUs then loads and
@@ -271,7 +271,11 @@ def write_model(model_params: ModelParams, input_shape, classes: list[str], prog
     """
     best_phase = next(p for p in phases if p.name == progress.best_record()["phase"])
     with dtype_policy("float32"):
-        final = build_convnet(model_params, input_shape, len(classes))
+        # weights="none": every weight comes from the trained model below, nothing is read twice.
+        final = build_convnet(model_params.model_copy(update={"weights": "none"}), input_shape, len(classes))
+    # The trained model's weights first: a best epoch of the cached-features phase holds
+    # the classifier's weights only, the (frozen) base's come from here.
+    final.model.set_weights(net.model.get_weights())
     target = final.classifier if best_phase.features else final.model
     target.load_weights(progress.folder / BEST)
     with staged_dir(model_dir) as tmp:

@@ -1,0 +1,150 @@
+"""The tf.data input pipeline, the device plan, and mixed precision, on tiny synthetic prepared arrays."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convnets.datasets import CHUNK_ROWS, load_subset, ordered_batches, training_batches
+
+
+def make_prepared(root: Path, sizes=(64, 32, 32), size: int = 32, seed: int = 0) -> Path:
+    """A data/prepared layout of RGB 'photos': dogs carry a bright square, cats do not.
+
+    Easy enough that two epochs learn it, so the tests can tell a working model
+    from a broken one. Shared by the test_train_* / test_experiments_* / test_predict files.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for subset, count in zip(("train", "val", "test"), sizes):
+        labels = np.arange(count) % 2
+        images = rng.integers(0, 100, (count, size, size, 3), dtype=np.uint8)
+        lo, hi = size // 4, 3 * size // 4
+        images[labels == 1, lo:hi, lo:hi, :] += 120
+        np.save(root / f"{subset}_images.npy", images)
+        np.save(root / f"{subset}_labels.npy", labels.astype(np.int64))
+    (root / "classes.json").write_text(json.dumps(["cat", "dog"]) + "\n")
+    (root / "report.json").write_text(json.dumps({"kept": dict(zip(("train", "val", "test"), sizes))}) + "\n")
+    return root
+
+
+@pytest.fixture
+def rows():
+    """50 images whose 'label' is their row number, to follow each one through the pipeline."""
+    images = np.arange(50, dtype=np.uint8).reshape(50, 1, 1, 1).repeat(2, axis=1)
+    return images, np.arange(50, dtype=np.int64)
+
+
+def test_every_image_once_per_epoch_in_a_new_order(rows):
+    images, ids = rows
+    dataset, steps = training_batches(images, ids, batch_size=16, seed=3, first_epoch=0, epochs=3)
+    assert steps == 4
+    batches = [labels.numpy() for _, labels in dataset]
+    assert [len(b) for b in batches] == [16, 16, 16, 2] * 3  # batches never straddle two epochs
+    epochs = [np.concatenate(batches[i * 4 : (i + 1) * 4]) for i in range(3)]
+    for order in epochs:
+        assert sorted(order) == list(range(50))
+    assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+    # Images stay with their labels through cache and shuffle.
+    for pixels, labels in dataset.take(2):
+        assert np.array_equal(pixels.numpy()[:, 0, 0, 0], labels.numpy())
+
+
+def test_an_epoch_has_the_same_order_when_a_run_resumes_there(rows):
+    images, ids = rows
+    full, steps = training_batches(images, ids, batch_size=16, seed=3, first_epoch=0, epochs=4)
+    resumed, _ = training_batches(images, ids, batch_size=16, seed=3, first_epoch=2, epochs=4)
+    full_ids = np.concatenate([labels.numpy() for _, labels in full])
+    resumed_ids = np.concatenate([labels.numpy() for _, labels in resumed])
+    assert np.array_equal(full_ids[2 * 50 :], resumed_ids)
+    other_seed, _ = training_batches(images, ids, batch_size=16, seed=4, first_epoch=0, epochs=1)
+    assert not np.array_equal(np.concatenate([l.numpy() for _, l in other_seed]), full_ids[:50])
+
+
+def test_ordered_batches_keep_file_order_and_stream_a_memmap(tmp_path):
+    n = CHUNK_ROWS * 2 + 7  # several generator chunks, the last one partial
+    path = tmp_path / "images.npy"
+    images = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, 3, 3, 1))
+    images[:, 0, 0, 0] = np.arange(n) % 251
+    images.flush()
+    mapped = np.load(path, mmap_mode="r")
+    dataset = ordered_batches(mapped, np.arange(n), batch_size=100, cache=True)
+    assert int(dataset.cardinality()) == 6  # known length: Keras never runs into the end of the data
+    for _ in range(2):  # the second pass reads the cache
+        labels = np.concatenate([l.numpy() for _, l in dataset])
+        pixels = np.concatenate([p.numpy()[:, 0, 0, 0] for p, _ in dataset])
+        assert np.array_equal(labels, np.arange(n)) and np.array_equal(pixels, np.arange(n) % 251)
+    only_images = ordered_batches(mapped, batch_size=64)
+    assert sum(len(b) for b in only_images) == n
+
+
+def test_load_subset_names_the_missing_stage(tmp_path):
+    from convnets.errors import DataError
+
+    with pytest.raises(DataError, match="run the preprocess stage first"):
+        load_subset(tmp_path, "train")
+
+
+# --- devices ---------------------------------------------------------------------------
+
+def test_device_plan(tmp_path):
+    from convnets.devices import cpu_has_bfloat16, plan_devices
+    from convnets.params import TrainParams
+
+    default = TrainParams()
+    assert plan_devices(default, gpus=[]).dtype_policy == "float32"
+    one = plan_devices(default, gpus=["/physical_device:GPU:0"])
+    assert one.dtype_policy == "mixed_float16" and one.strategy_name == "default"
+    two = plan_devices(default, gpus=["/physical_device:GPU:0", "/physical_device:GPU:1"])
+    assert two.strategy_name == "MirroredStrategy"
+    assert plan_devices(TrainParams(mixed_precision=False), gpus=["g"]).dtype_policy == "float32"
+    bf16 = TrainParams(cpu_bfloat16=True)
+    assert plan_devices(bf16, gpus=[], cpu_bfloat16=True).dtype_policy == "mixed_bfloat16"
+    assert plan_devices(bf16, gpus=[], cpu_bfloat16=False).dtype_policy == "float32"  # emulated would be slower
+    assert plan_devices(bf16, gpus=["g"]).dtype_policy == "mixed_float16"  # on a GPU, float16
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f amx_bf16 amx_tile\n")
+    assert cpu_has_bfloat16(info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n")
+    assert not cpu_has_bfloat16(info)
+    assert not cpu_has_bfloat16(tmp_path / "missing")
+
+
+def test_dtype_policy_is_restored():
+    import keras
+
+    from convnets.devices import dtype_policy
+
+    before = keras.config.dtype_policy().name
+    with pytest.raises(RuntimeError), dtype_policy("mixed_bfloat16"):
+        assert keras.config.dtype_policy().name == "mixed_bfloat16"
+        raise RuntimeError
+    assert keras.config.dtype_policy().name == before
+
+
+def test_mixed_precision_training_logs_devices_and_saves_a_float32_model(tmp_path, monkeypatch):
+    """CPU bfloat16 stands in for a GPU's float16: same code path (policy, float32 save)."""
+    import keras
+
+    import convnets.devices
+    from convnets.params import Params
+    from convnets.train import train
+
+    monkeypatch.setattr(convnets.devices, "cpu_has_bfloat16", lambda: True)
+    prepared = make_prepared(tmp_path / "prepared")
+    params = Params.model_validate({
+        "model": {"conv_filters": [8, 16], "pooled_blocks": 2},
+        "train": {"epochs": 2, "batch_size": 16, "cpu_bfloat16": True},
+    })
+    train(params, prepared, tmp_path / "model", tmp_path / "train")
+    devices = json.loads((tmp_path / "train" / "devices.json").read_text())
+    assert devices["dtype_policy"] == "mixed_bfloat16" and devices["gpu_count"] == 0 and devices["replicas"] == 1
+    summary = json.loads((tmp_path / "train" / "metrics.json").read_text())
+    assert summary["devices"] == {"gpu_count": 0, "replicas": 1, "mixed_precision": 1}
+    model = keras.models.load_model(tmp_path / "model" / "model.keras")
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+    assert model.predict(np.load(prepared / "test_images.npy")[:4], verbose=0).dtype == np.float32
+    assert json.loads((tmp_path / "model" / "classes.json").read_text()) == ["cat", "dog"]

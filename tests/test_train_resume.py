@@ -1,0 +1,158 @@
+"""A killed or interrupted training run resumes from its last finished epoch when rerun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import convnets.resume
+from conftest import write_params
+from convnets.params import Params
+from convnets.train import train
+from test_train_pipeline import make_prepared
+
+# No random layers: a resumed run must then end with exactly the uninterrupted run's weights.
+PLAIN = {"model": {"conv_filters": [8, 16], "pooled_blocks": 2}, "train": {"epochs": 4, "batch_size": 16}}
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture
+def interrupt_after(monkeypatch):
+    """Make the next training run stop right after epoch `n` (1-based) has been committed."""
+
+    def arm(n: int):
+        original = convnets.resume.EpochBackup.on_epoch_end
+        state = {"armed": True}
+
+        def on_epoch_end(self, epoch, logs=None):
+            original(self, epoch, logs)
+            if state["armed"] and epoch + 1 == n:
+                state["armed"] = False
+                raise Interrupt
+
+        monkeypatch.setattr(convnets.resume.EpochBackup, "on_epoch_end", on_epoch_end)
+
+    return arm
+
+
+def history(live_dir, split="eval", metric="loss") -> pd.DataFrame:
+    return pd.read_csv(live_dir / "plots" / "metrics" / split / f"{metric}.tsv", sep="\t")
+
+
+def test_interrupted_run_ends_exactly_like_an_uninterrupted_one(tmp_path, interrupt_after, capsys):
+    prepared = make_prepared(tmp_path / "prepared")
+    params = Params.model_validate(PLAIN)
+    straight = train(params, prepared, tmp_path / "a" / "model", tmp_path / "a" / "train")
+
+    interrupt_after(2)
+    with pytest.raises(Interrupt):
+        train(params, prepared, tmp_path / "b" / "model", tmp_path / "b" / "train")
+    resume_dir = tmp_path / "b" / "train-resume"
+    assert sorted(p.name for p in resume_dir.iterdir()) == [".gitignore", "epoch-0002", "fingerprint.txt", "live"]
+    assert not (tmp_path / "b" / "model").exists()  # no half output
+    capsys.readouterr()
+
+    resumed = train(params, prepared, tmp_path / "b" / "model", tmp_path / "b" / "train")
+    assert "resuming train at epoch 3 of 4" in capsys.readouterr().out
+    assert resumed == straight
+    for split in ("train", "eval"):
+        pd.testing.assert_frame_equal(history(tmp_path / "a" / "train", split), history(tmp_path / "b" / "train", split))
+    assert json.loads((tmp_path / "b" / "train" / "metrics.json").read_text())["step"] == 3
+    assert not resume_dir.exists()  # removed after success
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["model", "train"]
+
+
+def test_other_params_start_over(tmp_path, interrupt_after, capsys):
+    prepared = make_prepared(tmp_path / "prepared")
+    interrupt_after(1)
+    with pytest.raises(Interrupt):
+        train(Params.model_validate(PLAIN), prepared, tmp_path / "model", tmp_path / "train")
+    capsys.readouterr()
+    changed = Params.model_validate({**PLAIN, "train": {**PLAIN["train"], "epochs": 2, "learning_rate": 0.01}})
+    train(changed, prepared, tmp_path / "model", tmp_path / "train")
+    out = capsys.readouterr().out
+    assert "resuming" not in out and "Epoch 1/2" in out
+    assert list(history(tmp_path / "train")["step"]) == [0, 1]
+
+
+def test_fine_tuning_resumes_without_recomputing_the_base_outputs(tmp_path, interrupt_after, capsys):
+    """Two phases (cached VGG16 features, then the last 4 layers unfrozen), interrupted in the first."""
+    prepared = make_prepared(tmp_path / "prepared")
+    params = Params.model_validate({
+        "model": {"base": "vgg16", "weights": "none", "cached_features": True, "trainable_layers": 4,
+                  "dense_units": [8], "dropout": 0.5},
+        "train": {"epochs": 2, "fine_tune_epochs": 2, "batch_size": 16},
+    })
+    interrupt_after(1)
+    with pytest.raises(Interrupt):
+        train(params, prepared, tmp_path / "model", tmp_path / "train")
+    assert "computing the frozen base's outputs for 64 train images" in capsys.readouterr().out
+    assert (tmp_path / "train-resume" / "features" / "train.npy").is_file()
+
+    best = train(params, prepared, tmp_path / "model", tmp_path / "train")
+    out = capsys.readouterr().out
+    assert "computing the frozen base's outputs" not in out
+    assert "resuming train at epoch 2 of 2" in out and "Epoch 4/4" in out
+    assert list(history(tmp_path / "train")["step"]) == [0, 1, 2, 3]
+    assert best["val_loss"] == pytest.approx(history(tmp_path / "train")["loss"].min(), rel=1e-6)
+
+
+def test_killed_process_resumes_from_its_last_finished_epoch(tmp_path):
+    """SIGKILL in the middle of epoch 2, as a crash or an evicted worker would; rerun the stage."""
+    prepared = make_prepared(tmp_path / "prepared", sizes=(640, 64, 16), size=64)
+    params_file = write_params(tmp_path / "params.yaml", {
+        "model": {"conv_filters": [16, 32], "pooled_blocks": 2},
+        "train": {"epochs": 4, "batch_size": 16},
+    })
+    command = [sys.executable, "-m", "convnets.train", str(prepared), str(tmp_path / "model"),
+               str(tmp_path / "train"), "--params", str(params_file)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    resume_dir = tmp_path / "train-resume"
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 300
+    while not (resume_dir / "epoch-0001").is_dir():
+        assert first.poll() is None, first.stdout.read().decode()
+        assert time.monotonic() < deadline, "no epoch finished within 5 minutes"
+        time.sleep(0.01)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert first.returncode == -signal.SIGKILL
+    committed = sorted(p.name for p in resume_dir.glob("epoch-*"))
+    assert committed == ["epoch-0001"], committed  # killed during epoch 2
+    assert not (tmp_path / "model").exists() and not (tmp_path / "train").exists()
+
+    second = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "resuming train at epoch 2 of 4" in second.stdout
+    assert "Epoch 1/4" not in second.stdout
+    for split in ("train", "eval"):
+        assert list(history(tmp_path / "train", split)["step"]) == [0, 1, 2, 3]
+    summary = json.loads((tmp_path / "train" / "metrics.json").read_text())
+    assert summary["step"] == 3 and 0 <= summary["best"]["epoch"] <= 3
+    assert (tmp_path / "model" / "model.keras").is_file() and not resume_dir.exists()
+
+
+def test_resume_folder_keeps_itself_out_of_git(tmp_path):
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    state = convnets.resume.ResumeDir(tmp_path / "data" / "train-resume", "abc")
+    state.open()
+    (state.root / "epoch-0001").mkdir()
+    (state.root / "epoch-0001" / "state.weights.h5").write_bytes(b"x")
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=tmp_path,
+                            capture_output=True, text=True, check=True)
+    assert status.stdout == ""
+    # Another fingerprint (params or data changed): the old state is dropped.
+    assert convnets.resume.ResumeDir(state.root, "other").open().epochs_done == 0
+    assert not (state.root / "epoch-0001").exists()
+    np.testing.assert_equal((state.root / "fingerprint.txt").read_text().strip(), "other")
