@@ -50,9 +50,11 @@ def history(live_dir, split="eval", metric="loss") -> pd.DataFrame:
     return pd.read_csv(live_dir / "plots" / "metrics" / split / f"{metric}.tsv", sep="\t")
 
 
-def test_interrupted_run_ends_exactly_like_an_uninterrupted_one(tmp_path, interrupt_after, capsys):
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_interrupted_run_ends_exactly_like_an_uninterrupted_one(tmp_path, interrupt_after, capsys, schedule):
+    """Weights, optimizer state (with the schedule's step count) and data order all resume."""
     prepared = make_prepared(tmp_path / "prepared")
-    params = Params.model_validate(PLAIN)
+    params = Params.model_validate({**PLAIN, "train": {**PLAIN["train"], "lr_schedule": schedule}})
     straight = train(params, prepared, tmp_path / "a" / "model", tmp_path / "a" / "train")
 
     interrupt_after(2)

@@ -154,6 +154,9 @@ class TrainParams(_Section):
     batch_size: PositiveInt = 64  # global batch: split across GPUs when there are several
     optimizer: Literal["rmsprop", "adam", "sgd"] = "rmsprop"
     learning_rate: float = Field(default=0.001, gt=0.0)
+    # constant: the book's fixed rate. cosine: decays from learning_rate to 0 over
+    # each phase (steadier late epochs, so the best validation loss comes later and lower).
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     # Fine-tuning phase after `epochs`: the base's last model.trainable_layers layers
     # are unfrozen and training goes on at fine_tune_learning_rate. 0 = no such phase.
     fine_tune_epochs: int = Field(default=0, ge=0)

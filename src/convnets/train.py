@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -89,8 +90,15 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
+def make_optimizer(name: str, learning_rate: float, schedule: str = "constant", steps: int = 0) -> keras.optimizers.Optimizer:
+    """The optimizer of params; with schedule "cosine" the rate decays to 0 over `steps` steps.
+
+    The schedule reads the optimizer's step counter, which a resumed run restores
+    with the rest of its state, so resuming does not restart the decay.
+    """
     classes = {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
+    if schedule == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(steps, 1))
     return classes[name](learning_rate=learning_rate)
 
 
@@ -192,11 +200,16 @@ def run_phase(run: Run, phase: Phase) -> None:
     if done > phase.end:
         return  # a later phase's state holds everything this one did
     trained = run.net.classifier if phase.features else run.net.model
+    train_params = run.params.train
+    steps_per_epoch = math.ceil(len(run.data.images["train"][1]) / train_params.batch_size)
     with run.strategy.scope():
         if run.net.base is not None:
             set_trainable_layers(run.net.base, phase.trainable_layers)
+        optimizer = make_optimizer(
+            train_params.optimizer, phase.learning_rate, train_params.lr_schedule, steps_per_epoch * (phase.end - phase.start)
+        )
         trained.compile(
-            optimizer=make_optimizer(run.params.train.optimizer, phase.learning_rate),
+            optimizer=optimizer,
             loss=loss_for(run.num_classes),
             metrics=["accuracy"],
         )
