@@ -302,6 +302,9 @@ def accuracy(args: argparse.Namespace) -> None:
             for revision in exp.get("revs") or []:
                 if revision.get("name") not in names:
                     continue
+                if revision.get("rev") == "workspace":  # still running: its metrics are the workspace's
+                    print(f"{revision['name']:16s} (running)")
+                    continue
                 files = revision["data"]["metrics"]
                 test = files["data/eval/metrics.json"]["data"]["test"]
                 trained = files["data/train/metrics.json"]["data"]
