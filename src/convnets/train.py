@@ -311,7 +311,8 @@ def finish_live(live: Live, best: dict, progress: Progress, devices: dict, plan:
 
 def _run(params: Params, args: argparse.Namespace) -> None:
     best = train(params, args.prepared_dir, args.model_dir, args.live_dir)
-    print(f"train: best epoch {best['epoch']} val_loss={best['val_loss']:.4f} -> {args.model_dir}/{MODEL_FILE}")
+    # Counted from 1 here, as Keras's progress bar counts; best.epoch in the metrics is dvclive's 0-based step.
+    print(f"train: best epoch {best['epoch'] + 1} (step {best['epoch']}) val_loss={best['val_loss']:.4f} -> {args.model_dir}/{MODEL_FILE}")
 
 
 def main(argv=None) -> int:
