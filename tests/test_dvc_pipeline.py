@@ -95,3 +95,17 @@ def test_exp_run_with_overrides_is_an_experiment(reproduced):
     assert params["model"] == default_params()["model"]  # the rest comes from conf/
     shown = json.loads(dvc(project, "exp", "show", "--json").stdout)
     assert "one-epoch" in json.dumps(shown)
+
+
+def test_stages_run_the_code_of_the_checkout_they_run_in(tmp_path):
+    """Not the editable install's: a clone or `dvc exp run --temp` copy runs the code its deps hash."""
+    from conftest import copy_working_tree
+
+    project = copy_working_tree(tmp_path / "clone")
+    write_params(project / "params.yaml", TINY_OVERRIDES)
+    stage = project / "src" / "convnets" / "split.py"
+    code = stage.read_text()
+    assert 'if __name__ == "__main__":' in code
+    stage.write_text(code.replace('if __name__ == "__main__":', 'print("split.py of this clone")\nif __name__ == "__main__":'))
+    log = dvc(project, "repro", "split").stdout
+    assert "split.py of this clone" in log
