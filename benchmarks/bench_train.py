@@ -59,8 +59,7 @@ def extract_book_subset(work: Path, source_size: tuple[int, int] | None = None) 
     source_size (width, height): the photos enlarged to that size first, so that
     decoding costs what the real archive's photos cost (up to 500 px a side).
     """
-    suffix = "" if source_size is None else f"_{source_size[0]}x{source_size[1]}"
-    root = work / f"cats_vs_dogs_small{suffix}"
+    root = work / f"cats_vs_dogs_small{size_suffix(source_size)}"
     if (root / "validation" / "dog").is_dir():
         return root
     with zipfile.ZipFile(ARCHIVE) as outer, zipfile.ZipFile(io.BytesIO(outer.read("train.zip"))) as inner:
@@ -75,6 +74,22 @@ def extract_book_subset(work: Path, source_size: tuple[int, int] | None = None) 
     return root
 
 
+def size_suffix(source_size: tuple[int, int] | None) -> str:
+    """Folder suffix that keeps the photos and arrays of each source size apart."""
+    return "" if source_size is None else f"_{source_size[0]}x{source_size[1]}"
+
+
+def photo_size(text: str) -> tuple[int, int]:
+    """argparse type for WxH, e.g. 500x375."""
+    try:
+        width, height = (int(side) for side in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, e.g. 500x375, got {text!r}") from None
+    if width < 1 or height < 1:
+        raise argparse.ArgumentTypeError(f"sides must be positive, got {text!r}")
+    return width, height
+
+
 def enlarged_jpeg(data: bytes, size: tuple[int, int]) -> bytes:
     from PIL import Image
 
@@ -83,12 +98,11 @@ def enlarged_jpeg(data: bytes, size: tuple[int, int]) -> bytes:
     return out.getvalue()
 
 
-def prepare_arrays(book_root: Path, work: Path) -> Path:
+def prepare_arrays(book_root: Path, out: Path) -> Path:
     """Our prepared arrays of exactly the same photos, made by the project's preprocess."""
     from convnets.params import PreprocessParams
     from convnets.preprocess import preprocess
 
-    out = work / f"prepared{book_root.name.removeprefix('cats_vs_dogs_small')}"
     if (out / "classes.json").exists():
         return out
     rows = [
@@ -241,10 +255,9 @@ def throughput(args: argparse.Namespace) -> None:
         sys.exit(f"{ARCHIVE} not found: the shared replica must sit next to the repository")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    source_size = tuple(int(side) for side in args.source_size.split("x")) if args.source_size else None
-    book_root = extract_book_subset(work, source_size)
-    prepared = prepare_arrays(book_root, work)
-    source = f"JPEGs of {args.source_size} px" if source_size else f"the replica's {SIZE} px JPEGs"
+    book_root = extract_book_subset(work, args.source_size)
+    prepared = prepare_arrays(book_root, work / f"prepared{size_suffix(args.source_size)}")
+    source = f"JPEGs of {size_suffix(args.source_size)[1:]} px" if args.source_size else f"the replica's {SIZE} px JPEGs"
     print(f"data: 2,000 train + 1,000 validation photos, {source}, trained at {SIZE} px ({book_root}, {prepared})")
     print(f"cores: {os.cpu_count()}; load average before: {os.getloadavg()[0]:.2f}")
 
@@ -344,7 +357,7 @@ def main() -> None:
     run = sub.add_parser("throughput", help="ours vs the book's input pipeline, arithmetic limit, peak memory")
     run.add_argument("--epochs", type=int, default=8, help="epochs of each pipeline, in turn (default: %(default)s)")
     run.add_argument("--memory-epochs", type=int, default=2, help="epochs of the peak-memory run (default: %(default)s)")
-    run.add_argument("--source-size", metavar="WxH", help="enlarge the photos to this size first, "
+    run.add_argument("--source-size", metavar="WxH", type=photo_size, help="enlarge the photos to this size first, "
                      "to weigh decoding as the real archive's photos do (e.g. 500x375)")
     run.add_argument("--work", default="/tmp/bench-train", help="scratch folder (default: %(default)s)")
     run.set_defaults(func=throughput)
