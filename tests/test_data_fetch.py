@@ -16,7 +16,8 @@ from PIL import Image
 
 from conftest import SHARED_DIR
 from convnets.errors import DataError, ParamsError
-from convnets.fetch import SET_ASIDE, fetch
+from convnets.fetch import fetch
+from convnets.layout import SET_ASIDE, downloads_dir
 from convnets.params import FetchParams
 
 REPLICA = SHARED_DIR / "data" / "dogs-vs-cats-128" / "dogs-vs-cats.zip"
@@ -194,7 +195,7 @@ def test_url_with_a_transient_error_is_retried_then_reused(tmp_path, replica_pho
     fetch(params, out)
     check_catalog(out, replica_photos)
     assert server.requests == 3
-    assert (tmp_path / "data" / "downloads" / "train.zip").read_bytes() == payload
+    assert (downloads_dir() / "train.zip").read_bytes() == payload
     assert "retry 2 of 3" in caplog.text and "HTTP 503" in caplog.text
     assert "SIGNED" not in caplog.text and "pw@" not in caplog.text  # no secrets of the URL in logs
     # A second fetch uses the verified download: no request at all.
@@ -220,7 +221,7 @@ def test_url_download_cut_short_is_not_kept(tmp_path, replica_photos, serve):
     with pytest.raises(DataError, match="after 2 tries"):
         fetch(archive_params(server.url(), download_retries=1), tmp_path / "data" / "raw")
     assert server.requests == 2
-    assert [p.name for p in (tmp_path / "data" / "downloads").iterdir()] == [".gitignore"]
+    assert list(downloads_dir().iterdir()) == []
 
 
 def test_url_that_is_not_found_fails_at_once(tmp_path):

@@ -20,6 +20,7 @@ import requests
 
 from convnets.errors import DataError
 from convnets.fetch import fetch
+from convnets.layout import downloads_dir
 from convnets.params import FetchParams
 
 SECRET_KEY = "k3y-that-must-never-be-printed-0123456789"
@@ -104,7 +105,7 @@ def run_fetch(tmp_path, **changes) -> pd.DataFrame:
 def assert_no_secret(tmp_path, capsys, caplog, *texts):
     captured = capsys.readouterr()
     everything = [captured.out, captured.err, caplog.text, *texts]
-    for path in (tmp_path / "data").rglob("*"):
+    for path in [*(tmp_path / "data").rglob("*"), *downloads_dir().rglob("*")]:
         if path.is_file():
             everything.append(path.read_bytes().decode("latin-1"))
     assert not any(SECRET_KEY in text for text in everything)
@@ -120,7 +121,7 @@ def test_download_with_environment_credentials(tmp_path, credentials, monkeypatc
     assert api_call.url.endswith("/competitions.CompetitionApiService/DownloadDataFiles")
     assert b'"dogs-vs-cats"' in api_call.body
     assert api_call.headers["Authorization"].startswith("Basic ")  # the key travels only in the header
-    downloads = tmp_path / "data" / "downloads"
+    downloads = downloads_dir()
     assert (downloads / "dogs-vs-cats.zip").read_bytes() == fake.payload
     assert_no_secret(tmp_path, capsys, caplog)
 
@@ -137,14 +138,14 @@ def test_a_verified_download_is_not_repeated(tmp_path, credentials, monkeypatch)
     fake = network(monkeypatch)
     run_fetch(tmp_path)
     fake = network(monkeypatch, replies=[ConnectionError("the network is down")])
-    assert len(run_fetch(tmp_path)) == 6  # straight from data/downloads, offline
+    assert len(run_fetch(tmp_path)) == 6  # straight from the download cache, offline
     assert fake.requests == []
 
 
 def test_a_damaged_download_is_fetched_again(tmp_path, credentials, monkeypatch):
     network(monkeypatch)
     run_fetch(tmp_path)
-    cached = tmp_path / "data" / "downloads" / "dogs-vs-cats.zip"
+    cached = downloads_dir() / "dogs-vs-cats.zip"
     cached.write_bytes(cached.read_bytes()[:-40])  # e.g. disk trouble since
     fake = network(monkeypatch)
     assert len(run_fetch(tmp_path)) == 6

@@ -53,6 +53,6 @@ def test_dvc_exp_run_switches_the_data_stages(tmp_path):
     assert np.bincount(np.load(prepared / "train_labels.npy")).tolist() == [100, 100]
     manifest = (project / "data" / "split" / "manifest.csv").read_text().splitlines()
     assert manifest[1] == "images/cat/cat.0.jpg,cat,0,train" and manifest[-1] == "images/dog/dog.249.jpg,dog,249,test"
-    # Downloads never enter git: data/downloads ignores itself, and DVC's outputs are ignored.
+    # Downloads never enter git: they live in the user cache, and DVC's outputs are ignored.
     status = subprocess.run(["git", "status", "--porcelain", "data"], cwd=project, capture_output=True, text=True)
     assert status.stdout == ""

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convnets.datasets import CHUNK_ROWS, load_subset, ordered_batches, training_batches
+from convnets.datasets import CHUNK_ROWS, ordered_batches, training_batches
+from convnets.prepared import load_subset
 
 
 def make_prepared(root: Path, sizes=(64, 32, 32), size: int = 32, seed: int = 0) -> Path:

@@ -36,9 +36,8 @@ import pandas as pd
 
 from convnets.errors import DataError
 from convnets.images import EXTENSION_FORMATS
+from convnets.layout import IMAGES_DIR, SET_ASIDE_COLUMNS
 from convnets.progress import progress
-
-IMAGES = "images"
 LABELLED_NAME = re.compile(r"^(?P<label>[A-Za-z][A-Za-z0-9_-]*)\.(?P<index>\d{1,9})\.(?P<ext>[A-Za-z0-9]+)$")
 # Files that operating systems drop into photo folders.
 SYSTEM_FILES = {"thumbs.db", "ehthumbs.db", "desktop.ini", ".ds_store"}
@@ -52,8 +51,6 @@ UNLABELLED = "unlabelled_name"
 UNKNOWN_CLASS = "unknown_class"
 DUPLICATE = "duplicate_index"
 DAMAGED = "damaged_in_archive"
-
-SET_ASIDE_COLUMNS = ["file", "label", "reason", "detail"]
 
 
 @dataclass(frozen=True)
@@ -114,7 +111,7 @@ def extract_labelled_images(
         budget.check_declared(sum(item.member.size for item in labelled))
         rows = []
         for item in progress(labelled, f"fetch: extracting {source.name}", total=len(labelled)):
-            rel = PurePosixPath(IMAGES, item.label, item.filename)
+            rel = PurePosixPath(IMAGES_DIR, item.label, item.filename)
             try:
                 copy_member(item.member, out_dir / rel, budget)
             except Unreadable as exc:

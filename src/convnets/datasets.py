@@ -1,4 +1,4 @@
-"""Read the arrays that `preprocess` wrote, and feed them to Keras through tf.data.
+"""Feed the arrays that `preprocess` wrote to Keras through tf.data.
 
 The prepared images are memory-mapped uint8 .npy files. The input pipeline
 streams them in chunks into a tf.data cache (RAM) on the first pass, so later
@@ -10,41 +10,14 @@ killed after epoch 6 and resumed.
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from convnets.errors import DataError
-from convnets.preprocess import CLASSES
-
 # Rows copied from the memmap per step of the generator: big enough to keep the
 # Python overhead negligible, small enough to bound the memory of the copy.
 CHUNK_ROWS = 256
-
-
-def load_subset(prepared_dir: str | Path, subset: str) -> tuple[np.ndarray, np.ndarray]:
-    """Return (images memory-mapped uint8 [n, h, w, c], labels int64 [n])."""
-    prepared_dir = Path(prepared_dir)
-    images_path = prepared_dir / f"{subset}_images.npy"
-    if not images_path.exists():
-        raise DataError(f"{images_path} not found: run the preprocess stage first (dvc repro preprocess)")
-    images = np.load(images_path, mmap_mode="r")
-    labels = np.load(prepared_dir / f"{subset}_labels.npy")
-    if len(images) == 0:
-        raise DataError(f"{images_path} holds no images: every file of the {subset} split was set aside")
-    if len(images) != len(labels):
-        raise DataError(f"{images_path}: {len(images)} images but {len(labels)} labels: rerun preprocess")
-    return images, labels
-
-
-def load_classes(prepared_dir: str | Path) -> list[str]:
-    path = Path(prepared_dir) / CLASSES
-    if not path.exists():
-        raise DataError(f"{path} not found: run the preprocess stage first (dvc repro preprocess)")
-    return json.loads(path.read_text())
 
 
 def stream(images: np.ndarray, labels: np.ndarray | None = None) -> tf.data.Dataset:

@@ -1,4 +1,4 @@
-"""Downloads kept in the data folder: retried on transient errors, verified once, never repeated.
+"""Downloads kept in the user cache folder: retried on transient errors, verified once, never repeated.
 
 A finished download is checked (its SHA-256 when one is expected, and the CRC
 of every member of a zip) and then gets a `<name>.verified` note with its size
@@ -145,11 +145,7 @@ def forget(path: Path) -> None:
 
 
 def prepare_downloads_dir(downloads_dir: Path) -> Path:
-    """Create the folder; it ignores itself in git, as it is a cache rather than a DVC output."""
     downloads_dir.mkdir(parents=True, exist_ok=True)
-    ignore = downloads_dir / ".gitignore"
-    if not ignore.exists():
-        ignore.write_text("# downloads cached by the fetch stage (see docs/data.md)\n*\n")
     return downloads_dir
 
 

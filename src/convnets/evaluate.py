@@ -11,7 +11,6 @@ and predictions.csv (one row per test image) for the report.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -20,21 +19,13 @@ from dvclive import Live
 from sklearn.metrics import accuracy_score, classification_report, log_loss, roc_auc_score
 
 from convnets.cli import stage_main
-from convnets.datasets import load_classes, load_subset, ordered_batches
+from convnets.datasets import ordered_batches
 from convnets.errors import DataError
+from convnets.layout import PREDICTIONS
 from convnets.outputs import staged_dir
 from convnets.params import Params
-from convnets.pretrained import VGG16Preprocess  # noqa: F401  (registers the layer saved models use)
-from convnets.train import MODEL_FILE
-
-PREDICTIONS = "predictions.csv"
-
-
-def load_model(model_dir: str | Path) -> keras.Model:
-    path = Path(model_dir) / MODEL_FILE
-    if not path.exists():
-        raise DataError(f"{path} not found: run the train stage first (dvc repro train)")
-    return keras.models.load_model(path)
+from convnets.prepared import load_classes, load_subset
+from convnets.trained import class_columns, load_trained
 
 
 def class_probabilities(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -43,15 +34,9 @@ def class_probabilities(model: keras.Model, images: np.ndarray, batch_size: int)
     The images stream from the (memory-mapped) array batch by batch, so the
     test set never has to fit in memory at once.
     """
-    probs = two_columns(model.predict(ordered_batches(images, batch_size=batch_size), verbose=0).astype(np.float64))
+    probs = class_columns(model.predict(ordered_batches(images, batch_size=batch_size), verbose=0))
     # float32 softmax rows sum to 1 only within float32's precision; sklearn checks in float64.
     return probs / probs.sum(axis=1, keepdims=True)
-
-
-def two_columns(probs: np.ndarray) -> np.ndarray:
-    if probs.shape[1] == 1:
-        probs = np.hstack([1.0 - probs, probs])
-    return probs
 
 
 def compute_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
@@ -79,7 +64,7 @@ def compute_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -
 def evaluate(params: Params, prepared_dir, model_dir, out_dir) -> dict:
     images, labels = load_subset(prepared_dir, "test")
     classes = load_classes(prepared_dir)
-    model = load_model(model_dir)
+    model, _ = load_trained(model_dir)
     if model.input_shape[1:] != images.shape[1:]:
         raise DataError(
             f"the model takes images of shape {model.input_shape[1:]} but data/prepared holds "

@@ -8,8 +8,10 @@ Output layout (the same for every source, so later stages need not care):
     data/raw/set_aside.csv        file,label,reason,detail  entries of the source that were
                                   refused (unsafe paths, Thumbs.db, ...); preprocess reports them
 
-Downloads (Kaggle, URLs) are kept in data/downloads/, outside the DVC output, so
-that a repro does not fetch them again; see docs/data.md.
+Downloads (Kaggle, URLs) are kept in the user's cache folder
+(~/.cache/convnets/downloads, or $XDG_CACHE_HOME/convnets/downloads), outside
+the repository and the DVC outputs, so that a repro does not fetch them again;
+see docs/data.md.
 """
 
 from __future__ import annotations
@@ -22,27 +24,25 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from convnets.archive import SET_ASIDE_COLUMNS, extract_labelled_images
+from convnets.archive import extract_labelled_images
 from convnets.cli import stage_main
 from convnets.downloads import download_url, is_url, sha256_of
 from convnets.errors import DataError
+from convnets.layout import CATALOG, IMAGES_DIR, SET_ASIDE, SET_ASIDE_COLUMNS, downloads_dir as default_downloads_dir
 from convnets.outputs import staged_dir
 from convnets.params import FetchParams, Params
 from convnets.progress import progress
 
 log = logging.getLogger(__name__)
 
-CATALOG = "catalog.csv"
-SET_ASIDE = "set_aside.csv"
-
 
 def fetch(params: FetchParams, out_dir: str | Path, downloads_dir: str | Path | None = None) -> pd.DataFrame:
     """Fetch the configured source into `out_dir`; return its catalog.
 
-    `downloads_dir` (default: `downloads` next to out_dir) keeps Kaggle and URL downloads.
+    `downloads_dir` (default: the user cache's, see convnets.layout) keeps Kaggle and URL downloads.
     """
     out_dir = Path(out_dir)
-    downloads_dir = Path(downloads_dir) if downloads_dir is not None else out_dir.parent / "downloads"
+    downloads_dir = Path(downloads_dir) if downloads_dir is not None else default_downloads_dir()
     if params.source in ("kaggle", "archive"):
         archive = locate_archive(params, downloads_dir)
         with staged_dir(out_dir) as tmp:
@@ -134,7 +134,7 @@ def write_images(images: np.ndarray, labels: np.ndarray, out_dir: Path) -> pd.Da
         name = str(int(label))
         index = counts.get(name, 0)
         counts[name] = index + 1
-        rel = Path("images") / name / f"{index:05d}.png"
+        rel = Path(IMAGES_DIR) / name / f"{index:05d}.png"
         (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(out_dir / rel, optimize=False)
         rows.append((rel.as_posix(), name, index))

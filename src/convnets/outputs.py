@@ -43,10 +43,30 @@ def replace_dir(src: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_json(path: str | Path, data: object) -> None:
-    """Write JSON atomically (temp file + rename)."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write; it replaces `path` when the block succeeds.
+
+    The temporary name keeps the suffix (`.x.partial.npy`), so writers that add
+    one when it is missing (numpy.save) write where they are told.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically (temp file + rename)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, data: object) -> None:
+    """Write JSON atomically, keys sorted, so equal data give equal bytes."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

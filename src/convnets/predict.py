@@ -21,8 +21,6 @@ gets 0.5 (a guess), so the file stays complete; the command says how many.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,10 +31,10 @@ import pandas as pd
 
 from convnets.errors import DataError, PipelineError
 from convnets.images import BadImage, decode_image
-from convnets.preprocess import CLASSES
+from convnets.outputs import atomic_file
 from convnets.progress import progress
+from convnets.trained import class_columns, load_trained
 
-MODEL_FILE = "model.keras"  # as convnets.train writes it (not imported: TensorFlow loads lazily)
 KAGGLE_POSITIVE = "dog"
 
 
@@ -62,23 +60,6 @@ def list_inputs(source: Path) -> tuple[Path, list[Path]]:
     return source, files
 
 
-def load_model_and_classes(model_dir: Path):
-    import keras
-
-    from convnets.pretrained import VGG16Preprocess  # noqa: F401  (registers the layer a VGG16 model uses)
-
-    model_path, classes_path = model_dir / MODEL_FILE, model_dir / CLASSES
-    for path in (model_path, classes_path):
-        if not path.is_file():
-            raise DataError(f"{path} not found: give the folder the train stage wrote (data/model)")
-    model = keras.models.load_model(model_path)
-    classes = json.loads(classes_path.read_text())
-    outputs = model.output_shape[-1]
-    if (outputs == 1 and len(classes) != 2) or (outputs > 1 and outputs != len(classes)):
-        raise DataError(f"{model_dir}: the model has {outputs} output(s) but classes.json names {len(classes)} classes")
-    return model, classes
-
-
 def decoded_batches(files: list[Path], size: tuple[int, int], channels: int, batch_size: int) -> Iterator[tuple[list[Path], np.ndarray, list[tuple[Path, BadImage]]]]:
     """Decode files batch by batch: (good files, their pixels, bad files with why)."""
     for start in range(0, len(files), batch_size):
@@ -94,7 +75,7 @@ def decoded_batches(files: list[Path], size: tuple[int, int], channels: int, bat
 
 
 def predict(model_dir: str | Path, source: str | Path, batch_size: int = 64) -> Predictions:
-    model, classes = load_model_and_classes(Path(model_dir))
+    model, classes = load_trained(model_dir)
     _, height, width, channels = model.input_shape
     root, files = list_inputs(Path(source))
     rows, rejected = [], []
@@ -103,9 +84,7 @@ def predict(model_dir: str | Path, source: str | Path, batch_size: int = 64) -> 
         rejected += [{"file": relative(path, root), "reason": exc.reason, "detail": exc.detail} for path, exc in bad]
         if not good:
             continue
-        probs = np.asarray(model.predict_on_batch(pixels), dtype=np.float64)
-        if probs.shape[1] == 1:
-            probs = np.hstack([1.0 - probs, probs])
+        probs = class_columns(model.predict_on_batch(pixels))
         chosen = probs.argmax(axis=1)
         for path, row, label in zip(good, probs, chosen):
             rows.append({
@@ -152,10 +131,8 @@ def kaggle_id(file: str) -> float:
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        frame.to_csv(tmp, index=False)
 
 
 def rejected_path(out: Path) -> Path:

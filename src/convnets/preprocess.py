@@ -28,16 +28,12 @@ import pandas as pd
 
 from convnets.cli import stage_main
 from convnets.errors import DataError
-from convnets.fetch import SET_ASIDE
 from convnets.images import BadImage, load_image
-from convnets.outputs import staged_dir, write_json
+from convnets.layout import CLASSES, MANIFEST, REJECTED, REPORT, SET_ASIDE, SUBSETS, images_file, labels_file
+from convnets.outputs import atomic_file, staged_dir, write_json
 from convnets.params import Params, PreprocessParams
 from convnets.progress import progress
-from convnets.split import MANIFEST, SUBSETS
 
-CLASSES = "classes.json"
-REPORT = "report.json"
-REJECTED = "rejected.csv"
 REJECTED_COLUMNS = ["file", "label", "split", "stage", "reason", "detail"]
 
 
@@ -121,7 +117,7 @@ def write_subset(rows, raw_dir, params, class_ids, out_dir, subset, bad: BadFile
     height, width = params.image_size
     labels = np.empty(len(rows), dtype=np.int64)
     kept = 0
-    with NpyAppender(out_dir / f"{subset}_images.npy", (height, width, params.channels), len(rows)) as images:
+    with NpyAppender(out_dir / images_file(subset), (height, width, params.channels), len(rows)) as images:
         for row in progress(rows.itertuples(index=False), f"preprocess: {subset}", total=len(rows)):
             try:
                 loaded = load_image(raw_dir / row.file, params.image_size, params.channels, params.max_pixels)
@@ -132,7 +128,7 @@ def write_subset(rows, raw_dir, params, class_ids, out_dir, subset, bad: BadFile
             conversions.update(loaded.notes)
             labels[kept] = class_ids[row.label]
             kept += 1
-    np.save(out_dir / f"{subset}_labels.npy", labels[:kept])
+    np.save(out_dir / labels_file(subset), labels[:kept])
     return kept
 
 
@@ -171,8 +167,7 @@ class NpyAppender:
             self.file.close()
             return
         self.file.close()  # the padded header changed length: copy the rows behind a new one
-        moved = self.path.with_name(f".{self.path.name}.partial")
-        with open(self.path, "rb") as source, open(moved, "wb") as target:
+        with atomic_file(self.path) as moved, open(self.path, "rb") as source, open(moved, "wb") as target:
             target.write(header)
             source.seek(len(self.header))
             remaining = self.rows * self.row_bytes
@@ -180,7 +175,6 @@ class NpyAppender:
                 chunk = source.read(min(remaining, 1 << 24))
                 target.write(chunk)
                 remaining -= len(chunk)
-        moved.replace(self.path)
 
 
 def npy_header(shape: tuple[int, ...]) -> bytes:

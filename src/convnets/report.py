@@ -25,12 +25,12 @@ import pandas as pd
 from sklearn.metrics import ConfusionMatrixDisplay
 
 from convnets.cli import stage_main
-from convnets.datasets import load_classes, load_subset
 from convnets.errors import DataError
-from convnets.evaluate import PREDICTIONS
+from convnets.layout import PREDICTIONS
+from convnets.layout import REPORT as PREPROCESS_REPORT
 from convnets.outputs import staged_dir
 from convnets.params import Params
-from convnets.preprocess import REPORT as PREPROCESS_REPORT
+from convnets.prepared import load_classes, load_subset
 
 
 def read_history(train_dir: str | Path) -> pd.DataFrame:

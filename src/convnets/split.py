@@ -24,14 +24,11 @@ from sklearn.model_selection import train_test_split
 
 from convnets.cli import stage_main
 from convnets.errors import DataError, ParamsError
-from convnets.fetch import CATALOG
+from convnets.layout import CATALOG, MANIFEST, SUBSETS
 from convnets.outputs import staged_dir
 from convnets.params import Params, SplitParams
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.csv"
-SUBSETS = ("train", "val", "test")
 
 
 def split(catalog: pd.DataFrame, params: SplitParams, seed: int) -> pd.DataFrame:

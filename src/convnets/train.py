@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,20 +32,16 @@ from dvclive import Live
 from dvclive.utils import standardize_metric_name
 
 from convnets.cli import stage_main
-from convnets.datasets import load_classes, load_subset, ordered_batches, training_batches
+from convnets.datasets import ordered_batches, training_batches
 from convnets.devices import DevicePlan, describe, dtype_policy, make_strategy, plan_devices
 from convnets.errors import ParamsError
 from convnets.models import Convnet, build_convnet, loss_for
-from convnets.outputs import replace_dir, staged_dir, write_json
+from convnets.layout import CLASSES, DEVICES_FILE, MODEL_FILE, images_file, labels_file
+from convnets.outputs import atomic_file, replace_dir, staged_dir, write_json
 from convnets.params import ModelParams, Params, TrainParams
+from convnets.prepared import load_classes, load_subset
 from convnets.pretrained import VGG16Preprocess, set_trainable_layers
-from convnets.preprocess import CLASSES
 from convnets.resume import BEST, EpochBackup, Progress, ResumeDir, fingerprint, restore_training_state
-
-log = logging.getLogger(__name__)
-
-MODEL_FILE = "model.keras"
-DEVICES_FILE = "devices.json"
 
 
 @dataclass(frozen=True)
@@ -144,7 +138,7 @@ def train(params: Params, prepared_dir, model_dir, live_dir, resume_dir=None) ->
 def run_fingerprint(params: Params, prepared_dir) -> str:
     shaping = {"seed": params.seed, "model": params.model.model_dump(), "train": params.train.model_dump()}
     prepared_dir = Path(prepared_dir)
-    files = [prepared_dir / CLASSES] + [prepared_dir / f"{s}_{k}.npy" for s in ("train", "val") for k in ("images", "labels")]
+    files = [prepared_dir / CLASSES] + [prepared_dir / name(s) for s in ("train", "val") for name in (images_file, labels_file)]
     return fingerprint(json.dumps(shaping, sort_keys=True), files)
 
 
@@ -174,10 +168,8 @@ class TrainingData:
         print(f"train: computing the frozen base's outputs for {len(images)} {subset} images (once)")
         batch = self.params.train.batch_size
         features = extractor.predict(ordered_batches(images, batch_size=batch), verbose=keras_verbosity())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.partial.npy")
-        np.save(tmp, features.astype(np.float32))
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            np.save(tmp, features.astype(np.float32))
         return np.load(path, mmap_mode="r")
 
 
