@@ -347,8 +347,10 @@ def accuracy(args: argparse.Namespace) -> None:
                 files = revision["data"]["metrics"]
                 test = files["data/eval/metrics.json"]["data"]["test"]
                 trained = files["data/train/metrics.json"]["data"]
+                timings = files.get("timings/train.json", {}).get("data", {})  # wall clock: outside the outputs
                 print(f"{revision['name']:16s} {test['accuracy']:8.4f} {test['loss']:9.4f} {test['roc_auc']:8.4f} "
-                      f"{trained['step'] + 1:6d} {trained['best']['epoch'] + 1:10d} {trained['seconds_per_epoch']:8.1f}")
+                      f"{trained['step'] + 1:6d} {trained['best']['epoch'] + 1:10d} "
+                      f"{timings.get('seconds_per_epoch', float('nan')):8.1f}")
 
 
 def main() -> None:

@@ -48,6 +48,9 @@ def test_two_experiments_side_by_side(tmp_path):
         assert 0 <= test["accuracy"] <= 1 and "roc_auc" in test, name
         trained = data["metrics"]["data/train/metrics.json"]["data"]
         assert trained["step"] == 0 and trained["devices"]["replicas"] == 1
+        # Wall-clock figures reach the experiment from outside the hashed outputs.
+        assert "seconds_per_epoch" not in trained
+        assert data["metrics"]["timings/train.json"]["data"]["seconds_per_epoch"] > 0
     params = {name: data["params"]["params.yaml"]["data"] for name, data in runs.items()}
     assert params["scratch"]["model"]["dropout"] == 0.0 and params["augmented"]["model"]["dropout"] == 0.5
     assert params["augmented"]["model"]["augmentation"]["flip"] == "horizontal"

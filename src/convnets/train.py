@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +37,13 @@ from convnets.datasets import ordered_batches, training_batches
 from convnets.devices import DevicePlan, describe, dtype_policy, make_strategy, plan_devices
 from convnets.errors import ParamsError
 from convnets.models import Convnet, build_convnet, loss_for
-from convnets.layout import CLASSES, DEVICES_FILE, MODEL_FILE, images_file, labels_file
+from convnets.layout import CLASSES, DEVICES_FILE, MODEL_FILE, TIMINGS, images_file, labels_file
 from convnets.outputs import atomic_file, replace_dir, staged_dir, write_json
 from convnets.params import ModelParams, Params, TrainParams
 from convnets.prepared import load_classes, load_subset
 from convnets.pretrained import VGG16Preprocess, set_trainable_layers
 from convnets.resume import BEST, EpochBackup, Progress, ResumeDir, fingerprint, restore_training_state
+from convnets.trained import save_model
 
 
 @dataclass(frozen=True)
@@ -101,8 +103,12 @@ def default_resume_dir(live_dir: str | Path) -> Path:
     return live_dir.with_name(f"{live_dir.name}-resume")
 
 
-def train(params: Params, prepared_dir, model_dir, live_dir, resume_dir=None) -> dict:
-    """Train (or resume), write the best model and the dvclive logs; return the best epoch's figures."""
+def train(params: Params, prepared_dir, model_dir, live_dir, resume_dir=None, timings_file=None) -> dict:
+    """Train (or resume), write the best model and the dvclive logs; return the best epoch's figures.
+
+    Wall-clock figures vary from run to run, so they stay out of the outputs: they are
+    printed, and written to `timings_file` when one is given (see README, Reproducibility).
+    """
     phases = plan_phases(params.model, params.train)
     x_train, y_train = load_subset(prepared_dir, "train")
     x_val, y_val = load_subset(prepared_dir, "val")
@@ -128,7 +134,8 @@ def train(params: Params, prepared_dir, model_dir, live_dir, resume_dir=None) ->
 
     best = best_summary(progress)
     write_model(net, params.model, input_shape, classes, progress, phases, model_dir)
-    finish_live(run.live, best, progress, devices, plan)
+    finish_live(run.live, best, devices, plan)
+    report_timings(progress, timings_file)
     write_json(resume.live_dir / DEVICES_FILE, devices)
     replace_dir(resume.live_dir, Path(live_dir))
     resume.remove()
@@ -284,11 +291,11 @@ def write_model(net: Convnet, model_params: ModelParams, input_shape, classes: l
     target = final.classifier if best_phase.features else final.model
     target.load_weights(progress.folder / BEST)
     with staged_dir(model_dir) as tmp:
-        final.model.save(tmp / MODEL_FILE)
+        save_model(final.model, tmp / MODEL_FILE)
         (tmp / CLASSES).write_text(json.dumps(classes) + "\n")
 
 
-def finish_live(live: Live, best: dict, progress: Progress, devices: dict, plan: DevicePlan) -> None:
+def finish_live(live: Live, best: dict, devices: dict, plan: DevicePlan) -> None:
     live.summary["best"] = best
     # Strings cannot be DVC metrics: the device names go to devices.json, counts here.
     live.summary["devices"] = {
@@ -296,13 +303,22 @@ def finish_live(live: Live, best: dict, progress: Progress, devices: dict, plan:
         "replicas": devices["replicas"],
         "mixed_precision": int(plan.mixed_precision),
     }
-    seconds = [record["seconds"] for record in progress.history]
-    live.summary["seconds_per_epoch"] = round(float(np.mean(seconds)), 3)
     live.end()
 
 
+def report_timings(progress: Progress, timings_file=None) -> dict:
+    seconds = [record["seconds"] for record in progress.history]
+    timings = {"seconds_per_epoch": round(float(np.mean(seconds)), 3), "seconds": round(float(np.sum(seconds)), 1)}
+    print(f"train: {timings['seconds_per_epoch']} s per epoch, {timings['seconds']} s in all")
+    if timings_file is not None:
+        write_json(timings_file, timings)
+    return timings
+
+
 def _run(params: Params, args: argparse.Namespace) -> None:
-    best = train(params, args.prepared_dir, args.model_dir, args.live_dir)
+    # `dvc exp run` (which sets DVC_EXP_BASELINE_REV) commits the timings file with the experiment.
+    timings_file = TIMINGS if os.environ.get("DVC_EXP_BASELINE_REV") else None
+    best = train(params, args.prepared_dir, args.model_dir, args.live_dir, timings_file=timings_file)
     # Counted from 1 here, as Keras's progress bar counts; best.epoch in the metrics is dvclive's 0-based step.
     print(f"train: best epoch {best['epoch'] + 1} (step {best['epoch']}) val_loss={best['val_loss']:.4f} -> {args.model_dir}/{MODEL_FILE}")
 

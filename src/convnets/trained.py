@@ -1,4 +1,4 @@
-"""The model `train` saves: load it with its class names, and read its outputs as one column per class.
+"""The model `train` saves: write it byte-reproducibly, load it with its class names, read its outputs.
 
 Keras (and TensorFlow behind it) loads only when a model does, so a command
 that fails on its arguments first answers at once.
@@ -7,6 +7,7 @@ that fails on its arguments first answers at once.
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,9 +15,35 @@ import numpy as np
 
 from convnets.errors import DataError
 from convnets.layout import CLASSES, MODEL_FILE
+from convnets.outputs import atomic_file
 
 if TYPE_CHECKING:
     import keras
+
+# What zip entries are dated with: the earliest date a zip can hold (as reproducible builds use).
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def save_model(model: keras.Model, path: str | Path) -> None:
+    """model.save, with bytes that depend only on the architecture and the weights.
+
+    A .keras file is a zip of config.json, model.weights.h5 and metadata.json;
+    Keras dates the weights entry with the clock and writes the save time into
+    metadata.json. Both are rewritten here: entries dated ZIP_EPOCH, no save time.
+    """
+    path = Path(path)
+    model.save(path)
+    with zipfile.ZipFile(path) as saved:
+        entries = [(info, saved.read(info)) for info in saved.infolist()]
+    with atomic_file(path) as tmp, zipfile.ZipFile(tmp, "w") as out:
+        for info, data in entries:
+            if info.filename == "metadata.json":
+                metadata = json.loads(data)
+                metadata.pop("date_saved", None)
+                data = json.dumps(metadata).encode()
+            fixed = zipfile.ZipInfo(info.filename, date_time=ZIP_EPOCH)
+            fixed.compress_type, fixed.external_attr = info.compress_type, info.external_attr
+            out.writestr(fixed, data)
 
 
 def load_trained(model_dir: str | Path) -> tuple[keras.Model, list[str]]:
