@@ -130,7 +130,8 @@ def test_fine_tuning_unfreezes_the_last_four_layers_of_the_base():
     from convnets.train import plan_phases
 
     params = Params.model_validate({"model": {**preset("fine_tuning")["model"], "weights": "none"},
-                                    "train": preset("fine_tuning")["train"]})
+                                    "train": preset("fine_tuning")["train"],
+                                    "preprocess": {"channels": 3, "image_size": [180, 180]}})
     first, second = plan_phases(params.model, params.train)
     assert (first.start, first.end, first.trainable_layers, first.learning_rate) == (0, 50, 0, 0.001)
     assert (second.start, second.end, second.trainable_layers, second.learning_rate) == (50, 80, 4, 1e-5)
@@ -159,20 +160,25 @@ def test_inconsistent_model_params_name_the_key(tmp_path, model, train, message)
     assert "model:" in str(info.value)
 
 
+RGB = {"channels": 3, "image_size": [180, 180]}
+
+
 @pytest.mark.parametrize(
-    ("model", "train", "message"),
+    ("changes", "keys"),
     [
-        ({}, {"fine_tune_epochs": 5}, "train.fine_tune_epochs"),
-        ({"base": "vgg16", "weights": "none"}, {"fine_tune_epochs": 5}, "trainable_layers > 0"),
-        ({"base": "vgg16", "weights": "none", "cached_features": True, "trainable_layers": 4}, {}, "model.cached_features"),
+        ({"train": {"fine_tune_epochs": 5}}, "train.fine_tune_epochs, model.base, model.trainable_layers"),
+        ({"model": {"base": "vgg16"}, "preprocess": RGB, "train": {"fine_tune_epochs": 5}},
+         "train.fine_tune_epochs, model.base, model.trainable_layers"),
+        ({"model": {"base": "vgg16", "cached_features": True, "trainable_layers": 4}, "preprocess": RGB},
+         "model.cached_features, model.trainable_layers, train.fine_tune_epochs"),
     ],
 )
-def test_impossible_training_plans_are_refused(model, train, message):
-    from convnets.train import plan_phases
+def test_impossible_training_plans_are_refused_with_the_params(tmp_path, changes, keys):
+    """Refused when params.yaml is read, so by the first stage, not by train after the data stages ran."""
+    from conftest import write_params
 
-    params = Params.model_validate({"model": model, "train": train})
-    with pytest.raises(ParamsError, match=message):
-        plan_phases(params.model, params.train)
+    with pytest.raises(ParamsError, match=keys):
+        load_params(write_params(tmp_path / "params.yaml", changes))
 
 
 # --- pretrained weights ------------------------------------------------------------------

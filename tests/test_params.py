@@ -51,6 +51,35 @@ def test_bad_params_name_the_key(tmp_path, changes, key, expected):
     assert expected in message
 
 
+@pytest.mark.parametrize(
+    ("changes", "keys"),
+    [
+        ({"train": {"fine_tune_epochs": 3}}, ["train.fine_tune_epochs", "model.base", "model.trainable_layers"]),
+        ({"model": {"base": "vgg16"}}, ["model.base", "preprocess.channels"]),
+        ({"model": {"base": "vgg16"}, "preprocess": {"channels": 3}}, ["model.base", "preprocess.image_size"]),
+        ({"train": {"batch_size": 4000}}, ["train.batch_size", "split.train_size"]),
+        (
+            {"split": {"method": "index_ranges", "train_range": [0, 10]}, "fetch": {"classes": ["cat", "dog"]}},
+            ["train.batch_size", "split.train_range"],
+        ),
+    ],
+)
+def test_rules_across_sections_name_every_key(tmp_path, changes, keys):
+    path = write_params(tmp_path / "params.yaml", changes)
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    assert str(info.value).startswith(f"{path}: {', '.join(keys)}: ")
+
+
+def test_the_first_stage_refuses_a_plan_that_train_could_not_run(tmp_path, capsys):
+    from convnets.fetch import main
+
+    params = write_params(tmp_path / "params.yaml", {"train": {"fine_tune_epochs": 3}})
+    assert main([str(tmp_path / "raw"), "--params", str(params)]) == 2
+    assert "train.fine_tune_epochs, model.base" in capsys.readouterr().err
+    assert not (tmp_path / "raw").exists()
+
+
 def test_not_a_mapping(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("- just\n- a list\n")

@@ -12,6 +12,10 @@ from convnets.datasets import CHUNK_ROWS, ordered_batches, training_batches
 from convnets.prepared import load_subset
 
 
+# The preprocess params that describe make_prepared's arrays (VGG16 checks them).
+PREPARED_PREPROCESS = {"channels": 3, "image_size": [32, 32]}
+
+
 def make_prepared(root: Path, sizes=(64, 32, 32), size: int = 32, seed: int = 0) -> Path:
     """A data/prepared layout of RGB 'photos': dogs carry a bright square, cats do not.
 

@@ -94,6 +94,7 @@ def test_fine_tuning_resumes_without_recomputing_the_base_outputs(tmp_path, inte
     params = Params.model_validate({
         "model": {"base": "vgg16", "weights": "none", "cached_features": True, "trainable_layers": 4,
                   "dense_units": [8], "dropout": 0.5},
+        "preprocess": {"channels": 3, "image_size": [32, 32]},
         "train": {"epochs": 2, "fine_tune_epochs": 2, "batch_size": 16},
     })
     interrupt_after(1)

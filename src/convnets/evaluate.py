@@ -21,6 +21,7 @@ from sklearn.metrics import accuracy_score, classification_report, log_loss, roc
 from convnets.cli import stage_main
 from convnets.datasets import ordered_batches
 from convnets.errors import DataError
+from convnets.gradcam import HEATMAPS, write_mistake_heatmaps
 from convnets.layout import PREDICTIONS
 from convnets.outputs import staged_dir
 from convnets.params import Params
@@ -81,7 +82,10 @@ def evaluate(params: Params, prepared_dir, model_dir, out_dir) -> dict:
         live.log_sklearn_plot("roc", truth, scores, name="roc.json")
         live.log_sklearn_plot("precision_recall", truth, scores, name="precision_recall.json")
         live.end()
-        predictions_table(labels, probs, classes).to_csv(tmp / PREDICTIONS, index=False)
+        predictions = predictions_table(labels, probs, classes)
+        predictions.to_csv(tmp / PREDICTIONS, index=False)
+        # Where the model looked in the mistakes the report shows (the report itself runs without TensorFlow).
+        write_mistake_heatmaps(model, images, predictions, classes, params.evaluate.heatmaps, tmp / HEATMAPS)
     return metrics
 
 

@@ -173,6 +173,8 @@ class TrainParams(_Section):
 
 class EvaluateParams(_Section):
     batch_size: PositiveInt = 256
+    # Grad-CAM heatmaps of the N most confident test mistakes (the photos the report shows); 0 = none
+    heatmaps: int = Field(default=25, ge=0, le=400)
 
 
 class ReportParams(_Section):

@@ -35,7 +35,6 @@ from dvclive.utils import standardize_metric_name
 from convnets.cli import stage_main
 from convnets.datasets import ordered_batches, training_batches
 from convnets.devices import DevicePlan, describe, dtype_policy, make_strategy, plan_devices
-from convnets.errors import ParamsError
 from convnets.models import Convnet, build_convnet, loss_for
 from convnets.layout import CLASSES, DEVICES_FILE, MODEL_FILE, TIMINGS, images_file, labels_file
 from convnets.outputs import atomic_file, replace_dir, staged_dir, write_json
@@ -59,19 +58,9 @@ class Phase:
 
 
 def plan_phases(model: ModelParams, train: TrainParams) -> list[Phase]:
-    first = Phase("train", 0, train.epochs, train.learning_rate, model.trainable_layers, model.cached_features)
+    """The phases of params that Params accepted (it refuses the plans that cannot work)."""
     if not train.fine_tune_epochs:
-        if model.cached_features and model.trainable_layers:
-            raise ParamsError(
-                "model.cached_features: the base's outputs can be cached only while it is frozen; "
-                "set model.trainable_layers: 0, or train.fine_tune_epochs > 0 to unfreeze it afterwards"
-            )
-        return [first]
-    if model.base == "none" or not model.trainable_layers:
-        raise ParamsError(
-            "train.fine_tune_epochs: a fine-tuning phase unfreezes the last model.trainable_layers layers "
-            "of a pretrained base; set model.base: vgg16 and model.trainable_layers > 0 (the book: 4)"
-        )
+        return [Phase("train", 0, train.epochs, train.learning_rate, model.trainable_layers, model.cached_features)]
     end = train.epochs + train.fine_tune_epochs
     return [
         Phase("train", 0, train.epochs, train.learning_rate, 0, model.cached_features),
