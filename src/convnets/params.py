@@ -191,6 +191,54 @@ class Params(_Section):
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     report: ReportParams = Field(default_factory=ReportParams)
 
+    @model_validator(mode="after")
+    def _sections_agree(self) -> "Params":
+        """Rules across sections: the first stage refuses them, not the one that would trip on them."""
+        problems = cross_section_problems(self)
+        if problems:
+            raise ValueError("\n".join(f"{', '.join(keys)}: {message}" for keys, message in problems))
+        return self
+
+
+def cross_section_problems(params: Params) -> list[tuple[tuple[str, ...], str]]:
+    """(the keys involved, what is wrong) for each rule the sections break together."""
+    model, train, split, preprocess = params.model, params.train, params.split, params.preprocess
+    problems = []
+    if train.fine_tune_epochs and (model.base == "none" or not model.trainable_layers):
+        problems.append((
+            ("train.fine_tune_epochs", "model.base", "model.trainable_layers"),
+            "a fine-tuning phase unfreezes the last model.trainable_layers layers of a pretrained base; "
+            "set model.base: vgg16 and model.trainable_layers > 0 (the book: 4), or train.fine_tune_epochs: 0",
+        ))
+    if model.cached_features and model.trainable_layers and not train.fine_tune_epochs:
+        problems.append((
+            ("model.cached_features", "model.trainable_layers", "train.fine_tune_epochs"),
+            "the base's outputs can be cached only while it is frozen; set model.trainable_layers: 0, "
+            "or train.fine_tune_epochs > 0 to unfreeze it afterwards",
+        ))
+    if model.base == "vgg16" and preprocess.channels != 3:
+        problems.append((("model.base", "preprocess.channels"), "VGG16 needs RGB images: set preprocess.channels: 3"))
+    if model.base == "vgg16" and min(preprocess.image_size) < 32:
+        problems.append((
+            ("model.base", "preprocess.image_size"),
+            f"VGG16 needs images of at least 32 x 32 pixels, not {preprocess.image_size}",
+        ))
+    train_images = training_images(split, params.fetch)
+    if train_images is not None and train.batch_size > train_images:
+        keys = ("train.batch_size", "split.train_size" if split.method == "stratified" else "split.train_range")
+        problems.append((keys, f"a batch of {train.batch_size} is larger than the {train_images} training images"))
+    return problems
+
+
+def training_images(split: SplitParams, fetch: FetchParams) -> int | None:
+    """The most images the training split can hold, when params alone say (None: the data decide)."""
+    if split.method == "stratified":
+        return split.train_size
+    if fetch.classes:
+        start, stop = split.train_range
+        return (stop - start) * len(fetch.classes)
+    return None
+
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml; raise ParamsError naming the bad key."""
@@ -212,6 +260,10 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 def _describe(path: Path, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
+        if not err["loc"] and err["type"] == "value_error":  # cross-section rules: the message names the keys
+            message = err["msg"].removeprefix("Value error, ")
+            lines.extend(f"{path}: {line}" for line in message.splitlines())
+            continue
         key = ".".join(str(part) for part in err["loc"]) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
