@@ -17,18 +17,32 @@ def small_model(seed: int):
     import keras
 
     keras.utils.set_random_seed(seed)
-    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")])
+    # Layers that share one dtype policy object: Keras numbers it by its address in memory.
+    policy = keras.DTypePolicy("float32")
+    inputs = keras.Input((4,), name="x")  # names fixed: Keras numbers default names per process
+    hidden = keras.layers.Dense(3, dtype=policy, name="hidden")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid", dtype=policy, name="p")(hidden), name="m")
+
+
+def test_shared_objects_are_numbered_in_order():
+    from convnets.trained import renumber_shared_objects
+
+    config = {"a": {"shared_object_id": 140502763078800}, "b": [{"shared_object_id": 99}, {"shared_object_id": 140502763078800}]}
+    assert renumber_shared_objects(config, {}) == {
+        "a": {"shared_object_id": 1}, "b": [{"shared_object_id": 2}, {"shared_object_id": 1}]
+    }
 
 
 def test_same_weights_give_the_same_bytes(tmp_path):
-    model = small_model(0)
-    save_model(model, tmp_path / "a.keras")
+    first, second = small_model(0), small_model(0)  # equal weights, shared objects at other addresses
+    save_model(first, tmp_path / "a.keras")
     time.sleep(1.1)  # Keras writes the save time to the second
-    save_model(model, tmp_path / "b.keras")
+    save_model(second, tmp_path / "b.keras")
     assert (tmp_path / "a.keras").read_bytes() == (tmp_path / "b.keras").read_bytes()
     with zipfile.ZipFile(tmp_path / "a.keras") as saved:
         assert {info.date_time for info in saved.infolist()} == {ZIP_EPOCH}
         assert "date_saved" not in json.loads(saved.read("metadata.json"))
+        assert '"shared_object_id": 1' in saved.read("config.json").decode()
     save_model(small_model(1), tmp_path / "c.keras")
     assert (tmp_path / "c.keras").read_bytes() != (tmp_path / "a.keras").read_bytes()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -27,9 +27,11 @@ ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 def save_model(model: keras.Model, path: str | Path) -> None:
     """model.save, with bytes that depend only on the architecture and the weights.
 
-    A .keras file is a zip of config.json, model.weights.h5 and metadata.json;
-    Keras dates the weights entry with the clock and writes the save time into
-    metadata.json. Both are rewritten here: entries dated ZIP_EPOCH, no save time.
+    A .keras file is a zip of config.json, model.weights.h5 and metadata.json.
+    Keras dates the weights entry with the clock, writes the save time into
+    metadata.json, and numbers objects that layers share (their dtype policy) in
+    config.json by their address in memory. All three are rewritten here: entries
+    dated ZIP_EPOCH, no save time, shared objects numbered 1, 2, ... in order.
     """
     path = Path(path)
     model.save(path)
@@ -41,9 +43,23 @@ def save_model(model: keras.Model, path: str | Path) -> None:
                 metadata = json.loads(data)
                 metadata.pop("date_saved", None)
                 data = json.dumps(metadata).encode()
+            elif info.filename == "config.json":
+                data = json.dumps(renumber_shared_objects(json.loads(data), {})).encode()
             fixed = zipfile.ZipInfo(info.filename, date_time=ZIP_EPOCH)
             fixed.compress_type, fixed.external_attr = info.compress_type, info.external_attr
             out.writestr(fixed, data)
+
+
+def renumber_shared_objects(node, numbers: dict[int, int]):
+    """The config with each `shared_object_id` (an id() in the saving process) replaced by 1, 2, ..."""
+    if isinstance(node, dict):
+        renumbered = {key: renumber_shared_objects(value, numbers) for key, value in node.items()}
+        if "shared_object_id" in node:
+            renumbered["shared_object_id"] = numbers.setdefault(node["shared_object_id"], len(numbers) + 1)
+        return renumbered
+    if isinstance(node, list):
+        return [renumber_shared_objects(item, numbers) for item in node]
+    return node
 
 
 def load_trained(model_dir: str | Path) -> tuple[keras.Model, list[str]]:
