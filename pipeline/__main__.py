@@ -38,7 +38,53 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def parse_sweep_args(argv: Sequence[str]) -> argparse.Namespace:
+    from pipeline.sweep import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline sweep",
+        description="Run every point of a -S grid as its own DVC experiment of HEAD on a Prefect work pool, "
+                    "then pull the experiments into this project's `dvc exp show` (see docs/orchestration.md).",
+    )
+    parser.add_argument("-S", "--set-param", dest="set_params", action="append", default=[], metavar="OVERRIDE",
+                        help="as for `dvc exp run -S`; comma-separated values make a grid, e.g. seed=1,2,3 "
+                             "or +experiment=scratch,augmented (repeatable)")
+    parser.add_argument("--pool", default="gpu", help="work pool whose workers run the experiments (default: %(default)s)")
+    parser.add_argument("--name-prefix", default="sweep", help="experiment names start with this (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                        help="give up when no worker polls the pool for this long (default: %(default)s)")
+    parser.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
+                        help="resubmissions of an experiment whose worker died (default: %(default)s)")
+    parser.add_argument("--git-remote", default="origin", help="git remote the workers clone from (default: %(default)s)")
+    parser.add_argument("--project", help="the DVC project (default: the one containing the working directory)")
+    return parser.parse_args(argv)
+
+
+def sweep_main(argv: Sequence[str]) -> int:
+    args = parse_sweep_args(argv)
+    from pipeline.flows import dvc_sweep
+    from pipeline.sweep import ExperimentsFailed, text_table
+
+    state = dvc_sweep(set_params=args.set_params, pool=args.pool, name_prefix=args.name_prefix,
+                      timeout=args.timeout, retries=args.retries, project_dir=args.project,
+                      git_remote=args.git_remote, return_state=True)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, ExperimentsFailed):
+        print(text_table(result.rows))
+        print(f"error: {result}", file=sys.stderr)
+        return 1
+    if isinstance(result, BaseException):
+        print(f"error: {result}", file=sys.stderr)
+        return 2
+    print(text_table(result))
+    print("the experiments are in `dvc exp show`; `dvc exp apply NAME && dvc pull` brings one's outputs here")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sweep"]:
+        return sweep_main(argv[1:])
     args = parse_args(argv)
     if args.list:
         from pipeline.dag import read_stage_graph

@@ -84,17 +84,19 @@ def run_dvc(
     on_line: Callable[[str], None] = lambda line: None,
     stop_on: Callable[[str], bool] | None = None,
     keep: int | None = TAIL_LINES,
+    env: dict[str, str] | None = None,
 ) -> DvcRun:
     """Run `dvc <args>` in `project`, handing each output line to `on_line` as it comes.
 
     If `stop_on(line)` is true for a line, DVC (and the stage it started) is stopped and
-    StageRanLocally is raised. `keep` lines of output are kept (None: all). The process
+    StageRanLocally is raised. `keep` lines of output are kept (None: all); `env` adds
+    variables to DVC's environment. The process
     runs in its own group so that stopping it, or cancelling the flow, never leaves a
     stage running behind.
     """
     tail: deque[str] = deque(maxlen=keep)
     proc = subprocess.Popen(
-        [*DVC_COMMAND, *args], cwd=project, env=dvc_env(), text=True, errors="replace",
+        [*DVC_COMMAND, *args], cwd=project, env={**dvc_env(), **(env or {})}, text=True, errors="replace",
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1, start_new_session=True,
     )
     try:

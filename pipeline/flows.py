@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pipeline import remote, tasks
+from pipeline import experiment, grid, nightly, remote, sweep, tasks, workspace
 from pipeline.dag import read_stage_graph
 
 REPORT_DIR = "data/report"
@@ -89,20 +90,132 @@ def remote_target(stage: str, remote_stages: dict[str, str]) -> remote.RemoteTar
 
 
 @flow(name="dvc-stage")
-def dvc_stage(stage: str, commit: str, files: dict[str, str | None]) -> dict:
-    """Run one stage in this machine's checkout for a parent `dvc-pipeline` run (see pipeline.remote).
+def dvc_stage(
+    stage: str, commit: str, files: dict[str, str | None], repository: str, dvc_remote: str | None = None,
+) -> dict:
+    """Run one stage for a parent `dvc-pipeline` run, in a clean clone of `repository` at `commit`.
 
-    commit: the parent's HEAD, which this checkout must be at; files: the parent's
-    params.yaml and dvc.lock.
+    files: the parent's params.yaml and dvc.lock; dvc_remote: the DVC remote both sides use.
     """
     logger = get_run_logger()
-    project = project_root(None)
-    remote.check_same_commit(project, commit)
-    remote.write_shipped_files(project, files)
-    upstream = read_stage_graph(project).predecessors(stage)
-    if upstream:
-        tasks.pull_inputs(project, upstream)
-    outcome = tasks.reproduce_stage(project, stage)
-    tasks.push_outputs(project, stage)
-    logger.info("'%s' %s in %s on %s", stage, outcome, project, socket.gethostname())
-    return {"stage": stage, "outcome": outcome, "checkout": str(project), "host": socket.gethostname()}
+    with workspace.clean_checkout(repository, commit, f"stage-{stage}") as checkout:
+        workspace.check_dependencies(checkout, commit)
+        experiment.use_dvc_remote(checkout, dvc_remote)
+        remote.write_shipped_files(checkout, files)
+        upstream = read_stage_graph(checkout).predecessors(stage)
+        if upstream:
+            tasks.pull_inputs(checkout, upstream)
+        outcome = tasks.reproduce_stage(checkout, stage, env=workspace.run_environment(dvc_remote))
+        tasks.push_outputs(checkout, stage)
+        logger.info("'%s' %s at %s in a clean clone on %s", stage, outcome, commit[:7], workspace.host())
+    return {"stage": stage, "outcome": outcome, "commit": commit, "host": workspace.host()}
+
+
+@flow(name="dvc-experiment", flow_run_name="{name}")
+def dvc_experiment(
+    repository: str, commit: str, overrides: list[str], name: str, dvc_remote: str | None = None,
+    data_stages: list[str] | None = None,
+) -> dict:
+    """One DVC experiment of `commit`, in a clean clone, pushed home (see pipeline.experiment).
+
+    With data_stages, only those stages run (and go to DVC's run cache), for the sweep's
+    other experiments with the same data params to restore instead of rerunning.
+    """
+    logger = get_run_logger()
+    started = time.monotonic()
+    with workspace.clean_checkout(repository, commit, name) as checkout:
+        workspace.check_dependencies(checkout, commit)
+        experiment.use_dvc_remote(checkout, dvc_remote)
+        env = workspace.run_environment(dvc_remote)
+        logger.info("%s at %s on %s: %s", name, commit[:7], workspace.host(), " ".join(overrides) or "defaults")
+        if data_stages:
+            experiment.prepare_data(checkout, data_stages, overrides, env, logger.info)
+            return {"name": name, "data_stages": data_stages, "worker": workspace.host()}
+        experiment.run_experiment(checkout, name, overrides, env, logger.info)
+        figures = experiment.read_figures(checkout)
+        experiment.push_home(checkout, name, repository, logger.info)
+    summary = {"experiment": name, "commit": commit, "overrides": " ".join(overrides), **figures,
+               "worker": workspace.host(), "seconds": round(time.monotonic() - started, 1)}
+    create_table_artifact(key=sweep.artifact_key(commit, name), table=[summary],
+                          description=f"DVC experiment {name} of {commit[:7]} (`dvc exp pull origin {name}`)")
+    logger.info("%s pushed home: test accuracy %s", name, figures.get("test_accuracy"))
+    return summary
+
+
+@flow(name="dvc-sweep")
+def dvc_sweep(
+    set_params: list[str], pool: str = "gpu", name_prefix: str = "sweep", timeout: float = sweep.DEFAULT_TIMEOUT_S,
+    retries: int = sweep.DEFAULT_RETRIES, project_dir: str | None = None, git_remote: str = "origin",
+) -> list[dict]:
+    """Every point of the `-S` grid as one experiment on the pool; results pulled into this project."""
+    logger = get_run_logger()
+    project = project_root(project_dir)
+    points = grid.make_points(set_params, name_prefix)
+    params = {p.name: grid.check_point(project, p) for p in points}
+    target = sweep_target(project, pool, git_remote)
+    data_stages = data_stages_of(project)
+    keys = grid.data_params(project, data_stages)
+    groups: dict[str, list[grid.Point]] = {}
+    for point in points:
+        groups.setdefault(grid.data_key(params[point.name], keys), []).append(point)
+    logger.info("%d experiment(s) of %s on pool %r: %s", len(points), target.commit[:7], pool,
+                ", ".join(p.name for p in points))
+    outcomes = sweep.run_points(points, target, list(groups.values()), data_stages, timeout, retries, logger.info)
+    home = [o.point.name for o in outcomes if o.ok]
+    if home:
+        tasks.pull_experiments(project, git_remote, home)
+    rows = sweep.leaderboard(outcomes)
+    create_table_artifact(key="dvc-sweep", table=rows,
+                          description=f"Sweep of {target.commit[:7]} on pool {pool} (`dvc exp show` has them)")
+    if not all(o.ok for o in outcomes):
+        raise sweep.ExperimentsFailed(outcomes, rows)
+    return rows
+
+
+def sweep_target(project: Path, pool: str, git_remote: str) -> sweep.Target:
+    """The commit to run (HEAD, pushed and clean), its repository and the shared DVC remote."""
+    dirty = remote.uncommitted_changes(project)
+    commit = remote.head_commit(project)
+    if dirty:
+        raise grid.SweepError(f"uncommitted changes to {', '.join(dirty)}: a sweep runs commit {commit[:7]} "
+                              "on the workers, so commit and push them first")
+    remote.check_pushed(project, commit, git_remote)
+    return sweep.Target(remote.git_remote_url(project, git_remote), commit, remote.dvc_remote_url(project), pool)
+
+
+def data_stages_of(project: Path, training_stage: str = "train") -> list[str]:
+    """The stages upstream of training: the ones experiments on the same data share."""
+    graph = read_stage_graph(project)
+    upstream = graph.ancestors(training_stage) if training_stage in graph.order else set()
+    return [stage for stage in graph.order if stage in upstream]
+
+
+@flow(name="dvc-nightly")
+def dvc_nightly(
+    branch: str = "main", pool: str = "gpu", repository: str | None = None, dvc_remote: str | None = None,
+    overrides: list[str] | None = None, timeout: float = sweep.DEFAULT_TIMEOUT_S,
+) -> dict:
+    """The head of `branch` as one experiment on the pool, compared with the previous scheduled run's.
+
+    repository and dvc_remote default to those of the checkout the worker's venv was installed
+    from; overrides (`-S` syntax) apply to every nightly run, e.g. dataset=dogs_vs_cats.
+    """
+    logger = get_run_logger()
+    repository = repository or remote.git_remote_url(remote.installed_checkout())
+    dvc_remote = dvc_remote or remote.dvc_remote_url(remote.installed_checkout())
+    commit = remote.branch_head(repository, branch)
+    previous = nightly.previous_run(branch)
+    if previous and previous.get("commit") == commit and previous.get("status") in ("done", "already done"):
+        message = f"nothing changed on {branch} since the last scheduled run (commit {commit[:7]}): nothing trained"
+        logger.info(message)
+        create_markdown_artifact(key=nightly.artifact_key(branch, "note"), markdown=message)
+        return {"commit": commit, "status": "unchanged"}
+    point = grid.Point(tuple(overrides or ()), f"nightly-{commit[:7]}")
+    target = sweep.Target(repository, commit, dvc_remote, pool)
+    (outcome,) = sweep.run_points([point], target, [], [], timeout, 0, logger.info)
+    rows = nightly.comparison_rows(outcome, commit, previous)
+    create_table_artifact(key=nightly.artifact_key(branch), table=rows,
+                          description=f"Nightly run of {branch} at {commit[:7]} against the previous one")
+    if not outcome.ok:
+        raise sweep.ExperimentsFailed([outcome])
+    return {"commit": commit, "status": outcome.status, "experiment": point.name}

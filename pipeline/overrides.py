@@ -48,6 +48,30 @@ def apply_overrides(project: Path, overrides: Sequence[str]) -> list[str]:
     return list(path_overrides)
 
 
+def compose_params(project: Path, overrides: Sequence[str], target: Path) -> None:
+    """Write to `target` the params.yaml that `overrides` would give, leaving the project as it is."""
+    import shutil
+
+    project = project.resolve()
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+    from dvc.utils.hydra import apply_overrides as update_params_file
+    from dvc.utils.hydra import compose_and_dump
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    with Repo(os.fspath(project)) as repo:
+        hydra = dict(repo.config.get("hydra", {}))
+    try:
+        if hydra.get("enabled"):
+            compose_and_dump(os.fspath(target), *hydra_sources(project, hydra), list(overrides))
+        else:
+            shutil.copyfile(project / DEFAULT_PARAMS_FILE, target)
+            update_params_file(os.fspath(target), list(overrides))
+    except (HydraException, DvcException, OmegaConfBaseException) as exc:
+        raise OverridesError(f"cannot apply {list(overrides)}: {one_line(exc)}") from None
+
+
 def hydra_sources(project: Path, hydra: dict) -> tuple[str | None, str | None, str, str]:
     """config_dir, config_module, config_name, plugins_path as `dvc exp run` reads them."""
     module = hydra.get("config_module")

@@ -2,9 +2,10 @@
 
 The round trip, all through DVC's remote (no shared disk, no result storage):
 1. the parent pushes the outputs the stage reads (`dvc push <upstream stages>`);
-2. the worker, in its own checkout at the same commit, takes the parent's params.yaml and
-   dvc.lock, pulls those outputs, runs the stage and pushes its outputs and DVC's run
-   cache (`dvc push --run-cache <stage>`);
+2. the worker clones the parent's commit from the git remote into a folder of its own
+   (pipeline.workspace), takes the parent's params.yaml and dvc.lock, pulls those
+   outputs, runs the stage, pushes its outputs and DVC's run cache (`dvc push
+   --run-cache <stage>`) and removes the clone;
 3. the parent runs `dvc repro <stage> --pull`: DVC finds the worker's run in the run
    cache, pulls its outputs and writes the stage's dvc.lock entry itself, so the parent's
    `dvc status` is clean without copying lock entries around.
@@ -13,13 +14,11 @@ The round trip, all through DVC's remote (no shared disk, no result storage):
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_DEPLOYMENT = "dvc-stage/train-gpu"
-CHECKOUT_ENV = "CONVNETS_CHECKOUT"
 # Files the parent may have changed that travel with the request; any other uncommitted
 # change to a tracked file would make the worker run different code than the parent has.
 SHIPPED_FILES = ("params.yaml", "dvc.lock")
@@ -70,15 +69,18 @@ def head_commit(project: Path) -> str:
     return git(project, "rev-parse", "HEAD").strip()
 
 
+def changed_files(project: Path) -> list[str]:
+    """Tracked files changed since HEAD."""
+    lines = git(project, "status", "--porcelain", "--untracked-files=no").splitlines()
+    return [line[3:].split(" -> ")[-1].strip('"') for line in lines]
+
+
 def uncommitted_code(project: Path) -> list[str]:
     """Tracked files changed since HEAD, other than the ones shipped with the request."""
-    changed = []
-    for line in git(project, "status", "--porcelain", "--untracked-files=no").splitlines():
-        path = line[3:].split(" -> ")[-1].strip('"')
-        if path in SHIPPED_FILES or path.startswith(IGNORED_CHANGES) or Path(path).name == ".gitignore":
-            continue
-        changed.append(path)
-    return changed
+    return [
+        path for path in changed_files(project)
+        if path not in SHIPPED_FILES and not path.startswith(IGNORED_CHANGES) and Path(path).name != ".gitignore"
+    ]
 
 
 def shipped_files(project: Path) -> dict[str, str | None]:
@@ -98,19 +100,11 @@ def check_can_send(project: Path) -> str:
             f"uncommitted changes to {', '.join(dirty)}: the worker runs commit {commit[:7]}, "
             "so commit (and push) them first, or run the stage here with --local"
         )
+    check_pushed(project, commit)
     return commit
 
 
 # --- the worker's side --------------------------------------------------------------------
-
-def check_same_commit(project: Path, commit: str) -> None:
-    head = head_commit(project)
-    if head != commit:
-        raise RemoteStageError(
-            f"the worker's checkout {project} on {socket.gethostname()} is at {head[:7]}, "
-            f"the parent flow at {commit[:7]}: run `git fetch && git checkout {commit[:7]}` there"
-        )
-
 
 def write_shipped_files(project: Path, files: dict[str, str | None]) -> None:
     """Take the parent's params.yaml and dvc.lock (atomically, one file at a time)."""
@@ -126,22 +120,58 @@ def write_shipped_files(project: Path, files: dict[str, str | None]) -> None:
         temp.replace(target)
 
 
-def package_checkout() -> Path:
-    """The checkout this `pipeline` package was imported from (an editable install)."""
+# --- what a worker needs to find the submitter's commit and data ----------------------------
+
+def git_remote_url(project: Path, remote: str = "origin") -> str:
+    try:
+        return git(project, "remote", "get-url", remote).strip()
+    except RemoteStageError:
+        raise RemoteStageError(
+            f"no git remote {remote!r} in {project}: workers clone the commit from it, so add one "
+            f"(`git remote add {remote} URL`) and push, or run here with --local"
+        ) from None
+
+
+def check_pushed(project: Path, commit: str, remote: str = "origin") -> None:
+    """The commit must be on the git remote, or no worker can check it out."""
+    branches = git(project, "branch", "-r", "--contains", commit).split()
+    if not any(b.startswith(f"{remote}/") for b in branches):
+        raise RemoteStageError(
+            f"commit {commit[:7]} is not on {remote!r}: workers check out the commit from there, "
+            "so push it first (`git push`)"
+        )
+
+
+def dvc_remote_url(project: Path) -> str | None:
+    """The URL of the project's default DVC remote, as this machine resolves it (None: no remote)."""
+    from dvc.repo import Repo
+
+    with Repo(os.fspath(project)) as repo:
+        name = repo.config["core"].get("remote")
+        if not name:
+            return None
+        return repo.config["remote"][name]["url"]
+
+
+def uncommitted_changes(project: Path) -> list[str]:
+    """Tracked files changed since HEAD, dvc.lock aside (a sweep runs the commit, not the workspace)."""
+    return [path for path in changed_files(project) if path != "dvc.lock"]
+
+
+def installed_checkout() -> Path:
+    """The checkout this `pipeline` package was installed from (`pip install -e .` / `make install`)."""
     return Path(__file__).resolve().parents[1]
 
 
-def enter_checkout(directory: str | None = None) -> dict[str, str]:
-    """Prefect pull step: run the flow in this machine's checkout of the project.
+def branch_head(repository: str, branch: str) -> str:
+    """The commit at the head of `branch` in the git remote, asked of the remote itself."""
+    from pipeline.workspace import redact
 
-    The checkout is `directory`, else $CONVNETS_CHECKOUT, else the checkout the installed
-    `pipeline` package comes from (`pip install -e .` in that checkout). It is resolved
-    when the flow run starts, on the worker's machine, never at `prefect deploy` time.
-    """
-    root = Path(directory or os.environ.get(CHECKOUT_ENV) or package_checkout()).expanduser().resolve()
-    if not (root / "dvc.yaml").is_file():
-        raise RemoteStageError(
-            f"{root} is not a checkout of the project (no dvc.yaml): set {CHECKOUT_ENV} "
-            "to the worker's clone before `prefect worker start`"
-        )
-    return {"directory": str(root)}
+    proc = subprocess.run(["git", "ls-remote", "--heads", repository, branch], capture_output=True, text=True,
+                          env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+    heads = [line.split("\t") for line in proc.stdout.splitlines()]
+    found = [sha for sha, ref in heads if ref == f"refs/heads/{branch}"]
+    if proc.returncode != 0 or not found:
+        detail = redact(proc.stderr.strip()) or "no such branch"
+        raise RemoteStageError(f"cannot find branch {branch!r} in {redact(repository)}: {detail}")
+    return found[0]

@@ -53,17 +53,18 @@ def write_params(project: Path, overrides: list[str]) -> list[str]:
     retries=STAGE_RETRIES, retry_delay_seconds=exponential_backoff(STAGE_BACKOFF_S),
     retry_jitter_factor=0.2, retry_condition_fn=retry_if_transient,
 )
-def reproduce_stage(project: Path, stage: str, pull: bool = False, restore_only: bool = False) -> str:
+def reproduce_stage(project: Path, stage: str, restore_only: bool = False, env: dict[str, str] | None = None) -> str:
     """`dvc repro <stage> --single-item`: 'ran', 'restored' or 'skipped', as DVC decided.
 
     restore_only: the stage ran on a worker; DVC must restore it from the run cache
     (with `--pull`), and starting its command here is an error, not a fallback.
+    env: variables added to the stage's environment.
     """
     logger = get_run_logger()
-    args = ["repro", stage, "--single-item", *(["--pull"] if pull or restore_only else [])]
+    args = ["repro", stage, "--single-item", *(["--pull"] if restore_only else [])]
     try:
         run = run_dvc(project, args, on_line=logger.info,
-                      stop_on=starts_running(stage) if restore_only else None)
+                      stop_on=starts_running(stage) if restore_only else None, env=env)
     except StageRanLocally:
         raise remote.RemoteStageError(
             f"DVC found no result of '{stage}' from the worker in the remote's run cache and "
@@ -99,7 +100,8 @@ def run_on_worker(project: Path, stage: str, upstream: list[str], target: remote
                 stage, target.pool, target.deployment, commit[:7])
     flow_run: FlowRun = run_deployment(
         target.deployment,
-        parameters={"stage": stage, "commit": commit, "files": remote.shipped_files(project)},
+        parameters={"stage": stage, "commit": commit, "files": remote.shipped_files(project),
+                    "repository": remote.git_remote_url(project), "dvc_remote": remote.dvc_remote_url(project)},
         poll_interval=POLL_S,
     )
     state = flow_run.state
@@ -125,6 +127,16 @@ def push_outputs(project: Path, stage: str) -> None:
     """Worker side: the stage's outputs and DVC's run cache, so the parent can restore the run."""
     logger = get_run_logger()
     check_dvc(project, ["push", "--run-cache", stage], on_line=logger.info)
+
+
+@task(name="pull-experiments", cache_policy=NO_CACHE)
+def pull_experiments(project: Path, git_remote: str, names: list[str]) -> None:
+    """`dvc exp pull --no-cache`: the experiments' refs, so they show in `dvc exp show` here.
+
+    Their outputs stay in the DVC remote until someone asks (`dvc exp apply NAME && dvc pull`).
+    """
+    logger = get_run_logger()
+    check_dvc(project, ["exp", "pull", "--no-cache", "--force", git_remote, *names], on_line=logger.info)
 
 
 @task(name="save-experiment", cache_policy=NO_CACHE)

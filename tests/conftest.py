@@ -46,6 +46,14 @@ def write_params(path: Path, changes: dict | None = None, base: dict | None = No
     return path
 
 
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path, monkeypatch) -> Path:
+    """A private user cache folder (resume state, downloads), never the real ~/.cache."""
+    cache = tmp_path / "user-cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    return cache
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -331,26 +332,29 @@ def commit_all(project: Path) -> None:
     subprocess.run(["git", "commit", "-q", "-m", "x"], cwd=project, check=True, env=env)
 
 
-def test_uncommitted_code_blocks_sending_but_params_and_lock_travel(fake_project):
+def test_uncommitted_code_blocks_sending_but_params_and_lock_travel(fake_project, tmp_path):
     for name in ("params.yaml", "dvc.lock", "dvc.yaml"):
         (fake_project / name).write_text("a: 1\n")
     (fake_project / "conf").mkdir()
     (fake_project / "conf/config.yaml").write_text("a: 1\n")
     commit_all(fake_project)
+    with pytest.raises(remote.RemoteStageError, match="not on 'origin'.*git push"):
+        remote.check_can_send(fake_project)   # a worker could not check the commit out
+    subprocess.run(["git", "init", "-q", "--bare", str(tmp_path / "origin.git")], check=True)
+    subprocess.run(["git", "remote", "add", "origin", str(tmp_path / "origin.git")], cwd=fake_project, check=True)
+    subprocess.run(["git", "push", "-q", "origin", "HEAD:main"], cwd=fake_project, check=True)
+    subprocess.run(["git", "fetch", "-q", "origin"], cwd=fake_project, check=True)
     for name in ("params.yaml", "dvc.lock", "conf/config.yaml"):
         (fake_project / name).write_text("a: 2\n")
     assert remote.check_can_send(fake_project) == remote.head_commit(fake_project)
+    assert remote.uncommitted_changes(fake_project) == ["conf/config.yaml", "params.yaml"]   # a sweep runs conf/
     (fake_project / "dvc.yaml").write_text("a: 2\n")
     with pytest.raises(remote.RemoteStageError, match="uncommitted changes to dvc.yaml"):
         remote.check_can_send(fake_project)
 
 
-def test_worker_refuses_another_commit_and_takes_the_shipped_files(fake_project):
+def test_worker_takes_only_the_shipped_files(fake_project):
     (fake_project / "dvc.lock").write_text("old\n")
-    commit_all(fake_project)
-    with pytest.raises(remote.RemoteStageError, match="git fetch && git checkout 0000000"):
-        remote.check_same_commit(fake_project, "0" * 40)
-    remote.check_same_commit(fake_project, remote.head_commit(fake_project))
     remote.write_shipped_files(fake_project, {"params.yaml": "p: 1\n", "dvc.lock": None})
     assert (fake_project / "params.yaml").read_text() == "p: 1\n"
     assert not (fake_project / "dvc.lock").exists()
@@ -358,14 +362,15 @@ def test_worker_refuses_another_commit_and_takes_the_shipped_files(fake_project)
         remote.write_shipped_files(fake_project, {"../evil": "x"})
 
 
-def test_enter_checkout(monkeypatch, tmp_path):
-    monkeypatch.setenv(remote.CHECKOUT_ENV, str(tmp_path))
-    with pytest.raises(remote.RemoteStageError, match="no dvc.yaml"):
-        remote.enter_checkout()
-    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
-    assert remote.enter_checkout() == {"directory": str(tmp_path.resolve())}
-    monkeypatch.delenv(remote.CHECKOUT_ENV)
-    assert remote.enter_checkout()["directory"] == str(Path(__file__).resolve().parents[1])
+def test_flow_runs_start_in_the_work_folder_not_a_checkout(monkeypatch, tmp_path):
+    from pipeline import workspace
+
+    monkeypatch.setenv(workspace.WORK_DIR_ENV, str(tmp_path / "runs"))
+    assert workspace.enter_work_folder() == {"directory": str(tmp_path / "runs")}
+    assert (tmp_path / "runs").is_dir()
+    monkeypatch.delenv(workspace.WORK_DIR_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert workspace.enter_work_folder()["directory"] == str(tmp_path / "cache" / "convnets" / "runs")
 
 
 def test_remote_target_needs_the_deployment_and_its_pool():
@@ -434,3 +439,77 @@ def test_real_dvc_bad_params_fail_once_then_a_run_is_an_experiment_and_a_rerun_d
     assert {p: p.stat().st_mtime_ns for p in outputs} == before
     assert list(experiments(project)) == [first["experiment"]]
     assert json.loads(real_dvc(project, "status", "--json")) == {}
+
+
+# --- sweeps: the parts that need a Prefect API ---------------------------------------------------
+
+def bare_origin_with_a_commit(tmp_path: Path) -> tuple[Path, str]:
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
+    work = tmp_path / "work"
+    subprocess.run(["git", "clone", "-q", str(origin), str(work)], check=True, capture_output=True)
+    (work / "f").write_text("x")
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    subprocess.run(["git", "add", "f"], cwd=work, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", "x"], cwd=work, check=True, env=env)
+    subprocess.run(["git", "push", "-q", "origin", "HEAD:main"], cwd=work, check=True)
+    return origin, subprocess.run(["git", "rev-parse", "HEAD"], cwd=work, check=True, capture_output=True,
+                                  text=True).stdout.strip()
+
+
+def test_a_sweep_with_no_worker_on_its_pool_gives_up_after_the_timeout(tmp_path):
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from pipeline import sweep
+    from pipeline.grid import Point, SweepError
+
+    origin, commit = bare_origin_with_a_commit(tmp_path)
+    target = sweep.Target(str(origin), commit, None, "units-sweep")
+    with pytest.raises(SweepError, match="no work pool 'units-sweep'.*prefect work-pool create units-sweep"):
+        sweep.run_points([Point(("seed=1",), "a")], target, [], [], timeout_s=1, retries=0, log=print)
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="units-sweep", type="process"))
+    started = time.monotonic()
+    (outcome,) = sweep.run_points([Point(("seed=1",), "a")], target, [], [], timeout_s=3, retries=0, log=print)
+    assert time.monotonic() - started < 60
+    assert outcome.status == "no worker"
+    assert "no worker polled pool 'units-sweep' for 3 s: start one with `prefect worker start --pool units-sweep" \
+        in outcome.message
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(outcome.flow_run_id).state.type.value == "CANCELLED"   # not left waiting
+        deployment = client.read_deployment_by_name("dvc-experiment/units-sweep")
+        assert deployment.pull_steps == [{"pipeline.workspace.enter_work_folder": {}}]
+
+
+def test_a_sweep_with_failed_experiments_prints_the_table_and_exits_non_zero(project_copy, tmp_path, monkeypatch,
+                                                                            capsys):
+    from pipeline import sweep
+    from pipeline.__main__ import main
+    from pipeline.grid import Point
+
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
+    subprocess.run(["git", "remote", "add", "origin", str(origin)], cwd=project_copy, check=True)
+    subprocess.run(["git", "push", "-q", "-u", "origin", "main"], cwd=project_copy, check=True, capture_output=True)
+
+    def run_points(points, target, groups, data_stages, timeout_s, retries, log):
+        assert [p.name for p in points] == ["t-seed-1", "t-seed-2"] and target.commit and data_stages[-1] == "preprocess"
+        return [sweep.Outcome(points[0], status="failed", message="stage 'train' failed: error: out of memory"),
+                sweep.Outcome(points[1], status="no worker", message="no worker polled pool 'gpu' for 5 s")]
+
+    monkeypatch.setattr(sweep, "run_points", run_points)
+    assert main(["sweep", "-S", "seed=1,2", "--name-prefix", "t", "--project", str(project_copy)]) == 1
+    out, err = capsys.readouterr()
+    assert "t-seed-1" in out and "failed: stage 'train' failed: error: out of memory" in out
+    assert "error: 2 experiment(s) failed: t-seed-1 (failed); t-seed-2 (no worker)" in err
+
+
+def test_a_sweep_with_an_unknown_key_names_it_and_submits_nothing(project_copy, monkeypatch, capsys):
+    from pipeline import sweep
+    from pipeline.__main__ import main
+
+    monkeypatch.setattr(sweep, "run_points", lambda *a, **k: pytest.fail("submitted"))
+    assert main(["sweep", "-S", "train.nope=1,2", "--project", str(project_copy)]) == 2
+    err = capsys.readouterr().err
+    assert "Could not override 'train.nope'" in err and len(err.strip().splitlines()) == 1

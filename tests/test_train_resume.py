@@ -46,6 +46,12 @@ def interrupt_after(monkeypatch):
     return arm
 
 
+def resume_root(tmp_path):
+    """The one run's state folder in the test's user cache (named by the run's fingerprint)."""
+    (root,) = (tmp_path / "user-cache" / "convnets" / "train-resume").iterdir()
+    return root
+
+
 def history(live_dir, split="eval", metric="loss") -> pd.DataFrame:
     return pd.read_csv(live_dir / "plots" / "metrics" / split / f"{metric}.tsv", sep="\t")
 
@@ -60,7 +66,7 @@ def test_interrupted_run_ends_exactly_like_an_uninterrupted_one(tmp_path, interr
     interrupt_after(2)
     with pytest.raises(Interrupt):
         train(params, prepared, tmp_path / "b" / "model", tmp_path / "b" / "train")
-    resume_dir = tmp_path / "b" / "train-resume"
+    resume_dir = resume_root(tmp_path)
     assert sorted(p.name for p in resume_dir.iterdir()) == [".gitignore", "epoch-0002", "fingerprint.txt", "live"]
     assert not (tmp_path / "b" / "model").exists()  # no half output
     capsys.readouterr()
@@ -101,7 +107,7 @@ def test_fine_tuning_resumes_without_recomputing_the_base_outputs(tmp_path, inte
     with pytest.raises(Interrupt):
         train(params, prepared, tmp_path / "model", tmp_path / "train")
     assert "computing the frozen base's outputs for 64 train images" in capsys.readouterr().out
-    assert (tmp_path / "train-resume" / "features" / "train.npy").is_file()
+    assert (resume_root(tmp_path) / "features" / "train.npy").is_file()
 
     best = train(params, prepared, tmp_path / "model", tmp_path / "train")
     out = capsys.readouterr().out
@@ -121,16 +127,16 @@ def test_killed_process_resumes_from_its_last_finished_epoch(tmp_path):
     command = [sys.executable, "-m", "convnets.train", str(prepared), str(tmp_path / "model"),
                str(tmp_path / "train"), "--params", str(params_file)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    resume_dir = tmp_path / "train-resume"
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 300
-    while not (resume_dir / "epoch-0001").is_dir():
+    while not list((tmp_path / "user-cache").glob("convnets/train-resume/*/epoch-0001")):
         assert first.poll() is None, first.stdout.read().decode()
         assert time.monotonic() < deadline, "no epoch finished within 5 minutes"
         time.sleep(0.01)
     first.send_signal(signal.SIGKILL)
     first.wait()
     assert first.returncode == -signal.SIGKILL
+    resume_dir = resume_root(tmp_path)
     committed = sorted(p.name for p in resume_dir.glob("epoch-*"))
     assert committed == ["epoch-0001"], committed  # killed during epoch 2
     assert not (tmp_path / "model").exists() and not (tmp_path / "train").exists()
@@ -159,3 +165,24 @@ def test_resume_folder_keeps_itself_out_of_git(tmp_path):
     assert convnets.resume.ResumeDir(state.root, "other").open().epochs_done == 0
     assert not (state.root / "epoch-0001").exists()
     np.testing.assert_equal((state.root / "fingerprint.txt").read_text().strip(), "other")
+
+
+def test_run_resumes_on_another_machine_from_the_mirror(tmp_path, interrupt_after, capsys, monkeypatch):
+    """The epoch state mirrored to shared storage: a fresh cache (another worker) resumes from it."""
+    mirror = tmp_path / "mirror"
+    monkeypatch.setenv(convnets.resume.RESUME_URL_ENV, f"file://{mirror}")
+    prepared = make_prepared(tmp_path / "prepared")
+    params = Params.model_validate(PLAIN)
+    interrupt_after(2)
+    with pytest.raises(Interrupt):
+        train(params, prepared, tmp_path / "model", tmp_path / "train")
+    (fingerprint,) = [p.name for p in mirror.iterdir()]
+    assert sorted(p.name for p in (mirror / fingerprint).iterdir()) == ["LATEST", "epoch-0002"]
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "other-machine-cache"))   # nothing local
+    capsys.readouterr()
+    train(params, prepared, tmp_path / "model", tmp_path / "train")
+    out = capsys.readouterr().out
+    assert "took the state of 2 finished epoch(s)" in out and "resuming train at epoch 3 of 4" in out
+    assert json.loads((tmp_path / "train" / "metrics.json").read_text())["step"] == 3
+    assert not (mirror / fingerprint).exists()   # deleted once training succeeded

@@ -1,9 +1,17 @@
 """Resumable training: what a killed `train` stage needs to go on from its last finished epoch.
 
 DVC deletes a stage's declared outputs before it reruns it, and train builds
-its outputs in temporary folders, so the state lives in a separate folder
-(data/train-resume by default; it ignores itself in git) that survives a killed
-run and is removed after a successful one.
+its outputs in temporary folders, so the state lives in a separate folder that
+survives a killed run and is removed after a successful one: by default
+`<user cache>/convnets/train-resume/<fingerprint>/` (the user cache is
+$XDG_CACHE_HOME, else ~/.cache), outside the project as DVC and Keras keep
+their caches, so `data/` holds only DVC outputs and no clone shares it by
+accident.
+
+With $CONVNETS_RESUME_URL set (a local folder, `s3://...`, any fsspec URL; the
+Prefect worker flows set it beside the DVC remote), every committed epoch is
+also mirrored to `<url>/<fingerprint>/`, so a run killed on one machine
+resumes on another from its last finished epoch (ResumeMirror).
 
 After every epoch the callback writes one folder `epoch-NNNN` (NNNN = epochs
 finished) holding:
@@ -43,6 +51,9 @@ from convnets.outputs import write_json
 
 log = logging.getLogger(__name__)
 
+RESUME_URL_ENV = "CONVNETS_RESUME_URL"
+LATEST = "LATEST"   # on the mirror: the name of the last complete epoch folder, written last
+
 STATE = "state.weights.h5"
 BEST = "best.weights.h5"
 HISTORY = "history.json"
@@ -66,12 +77,73 @@ class Progress:
         return self.history[self.best_epoch]
 
 
+def user_cache_dir() -> Path:
+    """Where convnets keeps machine-local state: $XDG_CACHE_HOME/convnets, else ~/.cache/convnets."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "convnets"
+
+
+def default_resume_root(fingerprint: str) -> Path:
+    return user_cache_dir() / "train-resume" / fingerprint
+
+
+class ResumeMirror:
+    """A copy of the last committed epoch in storage every worker reaches (fsspec URL)."""
+
+    def __init__(self, url: str):
+        from fsspec.core import url_to_fs
+
+        self.url = url.rstrip("/")
+        self.fs, self.base = url_to_fs(self.url)
+
+    @classmethod
+    def from_environment(cls) -> ResumeMirror | None:
+        url = os.environ.get(RESUME_URL_ENV)
+        return cls(url) if url else None
+
+    def _path(self, fingerprint: str, *parts: str) -> str:
+        return "/".join([self.base.rstrip("/"), fingerprint, *parts])
+
+    def upload(self, fingerprint: str, folder: Path) -> None:
+        """Copy one committed epoch folder, then point LATEST at it, then drop the older ones."""
+        target = self._path(fingerprint, folder.name)
+        self.fs.makedirs(target, exist_ok=True)
+        for file in sorted(folder.iterdir()):
+            self.fs.put_file(str(file), f"{target}/{file.name}")
+        self.fs.pipe_file(self._path(fingerprint, LATEST), folder.name.encode())
+        for old in self.fs.ls(self._path(fingerprint), detail=False):
+            name = old.rstrip("/").rsplit("/", 1)[-1]
+            if _EPOCH_DIR.match(name) and name != folder.name:
+                self.fs.rm(old, recursive=True)
+
+    def download(self, fingerprint: str, root: Path) -> bool:
+        """Fetch the mirrored epoch folder into `root`; False when the mirror has none."""
+        latest = self._path(fingerprint, LATEST)
+        if not self.fs.exists(latest):
+            return False
+        name = self.fs.cat_file(latest).decode().strip()
+        if not _EPOCH_DIR.match(name):
+            return False
+        tmp = root / f".{name}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for remote in self.fs.ls(self._path(fingerprint, name), detail=False):
+            self.fs.get_file(remote, str(tmp / remote.rstrip("/").rsplit("/", 1)[-1]))
+        os.replace(tmp, root / name)
+        return True
+
+    def remove(self, fingerprint: str) -> None:
+        if self.fs.exists(self._path(fingerprint)):
+            self.fs.rm(self._path(fingerprint), recursive=True)
+
+
 class ResumeDir:
     """The backup folder of one training run (params + data), reused after an interruption."""
 
-    def __init__(self, root: str | Path, fingerprint: str):
-        self.root = Path(root)
+    def __init__(self, root: str | Path | None, fingerprint: str, mirror: ResumeMirror | None = None):
+        self.root = Path(root) if root is not None else default_resume_root(fingerprint)
         self.fingerprint = fingerprint
+        self.mirror = mirror
 
     @property
     def live_dir(self) -> Path:
@@ -93,10 +165,23 @@ class ResumeDir:
             log.info("%s holds the state of a run with other params or data: starting over", self.root)
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True)
-        # The folder is not a DVC output; keep it out of git without touching data/.gitignore.
+        # Should the folder be put inside a checkout, keep it out of git.
         (self.root / ".gitignore").write_text("# training state of an interrupted run, see convnets/resume.py\n*\n")
         write_text_atomic(stamp, self.fingerprint)
+        if self.mirror is not None and self.mirror.download(self.fingerprint, self.root):
+            progress = self._latest()
+            print(f"resume: took the state of {progress.epochs_done} finished epoch(s) from {self.mirror.url}")
+            return progress
         return Progress()
+
+    def mirror_epoch(self, folder: Path) -> None:
+        """Copy a committed epoch to the mirror; a failed copy costs a later resume, not this run."""
+        if self.mirror is None:
+            return
+        try:
+            self.mirror.upload(self.fingerprint, folder)
+        except OSError as exc:
+            log.warning("could not mirror %s to %s: %s", folder.name, self.mirror.url, exc)
 
     def _latest(self) -> Progress:
         folders = sorted(
@@ -110,6 +195,8 @@ class ResumeDir:
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+        if self.mirror is not None:
+            self.mirror.remove(self.fingerprint)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -162,6 +249,7 @@ class EpochBackup(keras.callbacks.Callback):
         progress.history, progress.best_epoch, progress.folder = history, best_epoch, final
         if previous is not None and previous != final:
             shutil.rmtree(previous, ignore_errors=True)
+        self.resume_dir.mirror_epoch(final)
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -12,8 +12,8 @@ model.cached_features the frozen base runs once over the photos and the first
 phase trains only the classifier on its outputs.
 
 A killed run resumes from its last finished epoch when rerun (see
-convnets/resume.py); the state is kept in data/train-resume (next to the
-metrics folder) until the run succeeds.
+convnets/resume.py); the state is kept in the user's cache folder, and mirrored
+to $CONVNETS_RESUME_URL when that is set, until the run succeeds.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +38,19 @@ from convnets.datasets import ordered_batches, training_batches
 from convnets.devices import DevicePlan, describe, dtype_policy, make_strategy, plan_devices
 from convnets.models import Convnet, build_convnet, loss_for
 from convnets.layout import CLASSES, DEVICES_FILE, MODEL_FILE, TIMINGS, images_file, labels_file
-from convnets.outputs import atomic_file, replace_dir, staged_dir, write_json
+from convnets.outputs import atomic_file, staged_dir, write_json
 from convnets.params import ModelParams, Params, TrainParams
 from convnets.prepared import load_classes, load_subset
 from convnets.pretrained import VGG16Preprocess, set_trainable_layers
-from convnets.resume import BEST, EpochBackup, Progress, ResumeDir, fingerprint, restore_training_state
+from convnets.resume import (
+    BEST,
+    EpochBackup,
+    Progress,
+    ResumeDir,
+    ResumeMirror,
+    fingerprint,
+    restore_training_state,
+)
 from convnets.trained import save_model
 
 
@@ -87,11 +96,6 @@ def make_optimizer(name: str, learning_rate: float, schedule: str = "constant", 
     return classes[name](learning_rate=learning_rate)
 
 
-def default_resume_dir(live_dir: str | Path) -> Path:
-    live_dir = Path(live_dir)
-    return live_dir.with_name(f"{live_dir.name}-resume")
-
-
 def train(params: Params, prepared_dir, model_dir, live_dir, resume_dir=None, timings_file=None) -> dict:
     """Train (or resume), write the best model and the dvclive logs; return the best epoch's figures.
 
@@ -110,7 +114,7 @@ def train(params: Params, prepared_dir, model_dir, live_dir, resume_dir=None, ti
     devices = describe(plan, strategy, params.train.deterministic)
     print(f"train: {devices['replicas']} replica(s) on {', '.join(plan.gpus) or 'the CPU'} ({plan.dtype_policy})")
 
-    resume = ResumeDir(resume_dir or default_resume_dir(live_dir), run_fingerprint(params, prepared_dir))
+    resume = ResumeDir(resume_dir, run_fingerprint(params, prepared_dir), ResumeMirror.from_environment())
     progress = resume.open()
     with dtype_policy(plan.dtype_policy), strategy.scope():
         net = build_convnet(params.model, input_shape, len(classes))
@@ -126,7 +130,8 @@ def train(params: Params, prepared_dir, model_dir, live_dir, resume_dir=None, ti
     finish_live(run.live, best, devices, plan)
     report_timings(progress, timings_file)
     write_json(resume.live_dir / DEVICES_FILE, devices)
-    replace_dir(resume.live_dir, Path(live_dir))
+    with staged_dir(live_dir) as staged:  # the cache may be on another file system: copy, then rename
+        shutil.copytree(resume.live_dir, staged, dirs_exist_ok=True)
     resume.remove()
     return best
 
@@ -318,7 +323,7 @@ def main(argv=None) -> int:
         [
             ("prepared_dir", "preprocessed arrays (data/prepared)"),
             ("model_dir", "output folder for model.keras (data/model)"),
-            ("live_dir", "output folder for training metrics (data/train); the resume state goes to <live_dir>-resume"),
+            ("live_dir", "output folder for training metrics (data/train); the resume state waits in the user cache folder"),
         ],
         _run,
         argv,

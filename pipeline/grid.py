@@ -1,0 +1,141 @@
+"""A sweep's points: DVC's `-S` comma syntax expanded, named, checked and grouped by their data.
+
+Pure functions over the project's files; pipeline.sweep submits the points.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+MAX_NAME = 80   # long grids still get names a person can read in `dvc exp show`
+
+
+class SweepError(ValueError):
+    """A sweep that cannot be submitted: a bad override, key, preset or name."""
+
+
+@dataclass(frozen=True)
+class Point:
+    """One experiment of a sweep: its `-S` overrides and its DVC experiment name."""
+
+    overrides: tuple[str, ...]
+    name: str
+
+    @property
+    def label(self) -> str:
+        return " ".join(self.overrides) or "(defaults)"
+
+
+def expand(set_params: Sequence[str]) -> list[tuple[str, ...]]:
+    """Every combination of the `-S` values, as `dvc exp run --queue -S 'a=1,2' -S 'b=3,4'` makes them."""
+    from dvc.exceptions import InvalidArgumentError
+    from dvc.utils.cli_parse import to_path_overrides
+    from dvc.utils.hydra import get_hydra_sweeps
+    from hydra.errors import HydraException
+
+    if not set_params:
+        return [()]
+    try:
+        sweeps = get_hydra_sweeps(to_path_overrides(list(set_params)))
+    except (InvalidArgumentError, HydraException, ValueError) as exc:
+        raise SweepError(f"cannot read the -S overrides {list(set_params)}: {' '.join(str(exc).split())}") from None
+    points = []
+    for sweep in sweeps:
+        overrides = []
+        for path, values in sweep.items():
+            prefix = "" if path == "params.yaml" else f"{path}:"
+            overrides += [prefix + value for value in values]
+        points.append(tuple(overrides))
+    return points
+
+
+def experiment_name(prefix: str, varying: Sequence[str], fixed: Sequence[str] = ()) -> str:
+    """A readable, git-ref-safe name: the prefix, the overrides that vary, a digest of the others.
+
+    e.g. sweep-seed-1-3fa2c1 for `-S seed=1,2 -S train.epochs=3`: the digest keeps the name
+    of `seed=1` with 3 epochs apart from the one with 5, so a rerun never mistakes one for the other.
+    """
+    parts = [prefix, *(re.sub(r"^[+~]+", "", o) for o in varying)]
+    if fixed:
+        parts.append(digest(fixed))
+    elif not varying:
+        parts.append("defaults")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(parts))
+    name = re.sub(r"\.{2,}", ".", name).strip("-.")
+    if len(name) > MAX_NAME:
+        name = f"{name[:MAX_NAME - 9].rstrip('-.')}-{digest([*varying, *fixed])}"
+    return name
+
+
+def digest(overrides: Sequence[str]) -> str:
+    return hashlib.sha1("\0".join(overrides).encode()).hexdigest()[:6]
+
+
+def make_points(set_params: Sequence[str], prefix: str) -> list[Point]:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", prefix):
+        raise SweepError(f"--name-prefix {prefix!r}: use letters, digits, '.', '_' and '-'")
+    grid = expand(set_params)
+    # every point has the same keys in the same order; a position varies if its values differ
+    varies = [len({point[i] for point in grid}) > 1 for i in range(len(grid[0]))]
+    points = [
+        Point(overrides, experiment_name(prefix, [o for o, v in zip(overrides, varies, strict=True) if v],
+                                         [o for o, v in zip(overrides, varies, strict=True) if not v]))
+        for overrides in grid
+    ]
+    names = [p.name for p in points]
+    if len(set(names)) != len(names):
+        raise SweepError("two points of the sweep would get the same experiment name; shorten the overrides")
+    return points
+
+
+def check_point(project: Path, point: Point) -> dict:
+    """params.yaml as `dvc exp run -S ...` would write it, validated by the model every stage uses.
+
+    SweepError names the bad override, key or preset, before anything is submitted.
+    """
+    from convnets.errors import ParamsError
+    from convnets.params import load_params
+    from pipeline.overrides import OverridesError, compose_params
+
+    with tempfile.TemporaryDirectory() as folder:
+        target = Path(folder) / "params.yaml"
+        try:
+            compose_params(project, list(point.overrides), target)
+            load_params(target)
+        except OverridesError as exc:
+            raise SweepError(f"{point.label}: {exc}") from None
+        except ParamsError as exc:
+            detail = " ".join(str(exc).replace(str(target), "params.yaml").split())
+            raise SweepError(f"{point.label}: invalid parameters: {detail}") from None
+        return yaml.safe_load(target.read_text(encoding="utf-8"))
+
+
+def data_params(project: Path, data_stages: Sequence[str]) -> list[str]:
+    """The params keys the data stages read, from dvc.yaml (`params:` of each stage)."""
+    stages = yaml.safe_load((project / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    keys: list[str] = []
+    for stage in data_stages:
+        for entry in stages[stage].get("params", []):
+            for key in (entry if isinstance(entry, dict) else {"params.yaml": [entry]}).get("params.yaml", []):
+                if key not in keys:
+                    keys.append(key)
+    return keys
+
+
+def data_key(params: dict, keys: Sequence[str]) -> str:
+    """Equal for two points whose data stages read the same params (so they share one run)."""
+    def lookup(key: str):
+        value = params
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return value
+
+    return json.dumps({key: lookup(key) for key in keys}, sort_keys=True)

@@ -1,0 +1,149 @@
+"""The worker's side of a run: a clean clone at the requested commit, made and removed per run.
+
+A worker is started once, from any folder, in a venv where the project is installed. Each
+flow run it takes clones the git remote into its own folder under the work root, checks
+out the commit it was asked for, points DVC at the shared remote and works there; the
+folder is removed afterwards. So two runs on one machine never share a DVC workspace,
+a new commit needs no one to update the worker, and nobody's own checkout is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+WORK_DIR_ENV = "CONVNETS_WORK_DIR"       # where the per-run clones go (default: the user cache)
+RESUME_URL_ENV = "CONVNETS_RESUME_URL"   # read by convnets.resume in the train stage
+DVC_REMOTE_NAME = "convnets-run"         # the remote a run's clone pushes to (config.local only)
+PACKAGE = "convnets"
+
+
+class WorkspaceError(RuntimeError):
+    """The run cannot get a workspace: unknown commit, a git remote refusing, other dependencies."""
+
+
+class KeepCheckout(WorkspaceError):
+    """The run made something that exists only in its clone (e.g. an experiment git refused)."""
+
+
+def user_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "convnets"
+
+
+def work_root() -> Path:
+    root = Path(os.environ.get(WORK_DIR_ENV) or user_cache_dir() / "runs").expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def enter_work_folder() -> dict[str, str]:
+    """Prefect pull step: start every flow run in the work root, never in somebody's checkout."""
+    return {"directory": str(work_root())}
+
+
+def redact(url: str) -> str:
+    """A URL without the user:token@ part, for messages and logs."""
+    return re.sub(r"(?<=://)[^/@\s]+@", "***@", url)
+
+
+def git(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+    if check and proc.returncode != 0:
+        command = redact(" ".join(args))
+        raise WorkspaceError(f"`git {command}` failed in {cwd}: {redact(proc.stderr.strip())}")
+    return proc
+
+
+@contextlib.contextmanager
+def clean_checkout(repository: str, commit: str, label: str) -> Iterator[Path]:
+    """A fresh clone of `repository` at `commit`, removed on exit unless KeepCheckout is raised."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{safe_name(label)}-", dir=work_root()))
+    keep = False
+    try:
+        git(folder.parent, "clone", "--quiet", "--no-checkout", repository, str(folder))
+        if git(folder, "checkout", "--quiet", "--detach", commit, check=False).returncode != 0:
+            raise WorkspaceError(
+                f"commit {commit[:7]} is not on {redact(repository)}: push it (git push) and submit again"
+            )
+        yield folder
+    except KeepCheckout:
+        keep = True
+        raise
+    finally:
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "run"
+
+
+# --- the dependencies of the commit against the worker's install ----------------------
+
+def requirement_key(text: str) -> str | None:
+    """A normalised requirement; None for one that belongs to an extra (tests, docs)."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    req = Requirement(text)
+    if req.marker is not None and "extra" in str(req.marker):
+        return None
+    extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
+    marker = f"; {req.marker}" if req.marker else ""
+    return f"{canonicalize_name(req.name)}{extras}{req.specifier}{marker}"
+
+
+def declared_dependencies(pyproject: Path) -> set[str]:
+    data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+    return {key for text in data.get("project", {}).get("dependencies", []) if (key := requirement_key(text))}
+
+
+def installed_dependencies() -> set[str]:
+    return {key for text in importlib.metadata.requires(PACKAGE) or [] if (key := requirement_key(text))}
+
+
+def check_dependencies(checkout: Path, commit: str) -> None:
+    """Fail at once if the commit declares other dependencies than this worker has installed."""
+    wanted, have = declared_dependencies(checkout / "pyproject.toml"), installed_dependencies()
+    if wanted == have:
+        return
+    changes = [f"+{d}" for d in sorted(wanted - have)] + [f"-{d}" for d in sorted(have - wanted)]
+    raise WorkspaceError(
+        f"commit {commit[:7]} declares other dependencies than the worker on {socket.gethostname()} has "
+        f"installed ({', '.join(changes)}): reinstall the project at that commit there "
+        "(`git checkout <commit> && make install`, or `pip install -e .`) and restart the worker"
+    )
+
+
+# --- where a run's data and training state go ------------------------------------------------
+
+def resume_url_beside(remote_url: str) -> str:
+    """The training-state mirror next to the DVC remote: <parent>/<name>-train-resume."""
+    base = remote_url.rstrip("/")
+    head, _, tail = base.rpartition("/")
+    if not head or head.endswith(":/") or head.endswith(":"):   # a bucket root: no parent to use
+        return f"{base}/convnets-train-resume"
+    return f"{head}/{tail}-train-resume"
+
+
+def run_environment(dvc_remote: str | None) -> dict[str, str]:
+    """Variables for `dvc` in a run's clone: the mirror for the train stage's epoch state."""
+    env: dict[str, str] = {}
+    if dvc_remote and not os.environ.get(RESUME_URL_ENV):
+        env[RESUME_URL_ENV] = resume_url_beside(dvc_remote)
+    return env
+
+
+def host() -> str:
+    return socket.gethostname()

@@ -1,0 +1,126 @@
+"""A real Prefect server, work pools and process workers on loopback, for the orchestration tests.
+
+Everything is started in its own session and stopped with all its children (flow runs
+start their own processes), so no test leaves a process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+SERVER_START_S = 180
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clone_env(tmp_path: Path, port: int, checkout: Path | None = None) -> dict[str, str]:
+    """This venv first on PATH, Prefect state under tmp_path, the clone's own code first on sys.path.
+
+    Heartbeats every 30 s (Prefect's minimum), so a killed worker's run is declared crashed
+    after 90 s (pipeline.sweep.ensure_crash_detection).
+    """
+    env = {
+        **os.environ,
+        "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_HEARTBEAT_SECONDS": "5",
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    if checkout is not None:
+        # The venv is shared: without this the editable install would serve /work/main's code.
+        env["PYTHONPATH"] = os.pathsep.join([str(checkout), str(checkout / "src")])
+    return env
+
+
+class Processes:
+    """Background processes, each in its own session; stop() ends them and all their children."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[subprocess.Popen, Path]] = []
+
+    def start(self, args: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+        handle = log.open("w")
+        proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        handle.close()
+        self.started.append((proc, log))
+        return proc
+
+    def stop(self) -> None:
+        for proc, _ in reversed(self.started):   # workers before the server they talk to
+            stop_tree(proc)
+
+
+def stop_tree(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL, the process group and every descendant (flow runs may start their own)."""
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        for member in family:
+            try:
+                member.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(family, timeout=10)
+        if not alive:
+            break
+    proc.wait(timeout=10)
+
+
+def processes_in(folder: Path) -> list[str]:
+    """Processes still working in `folder` (ours: the server, worker and flow runs)."""
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if Path(process.cwd()).is_relative_to(folder):
+                found.append(f"{process.pid}: {' '.join(process.info['cmdline'] or [])}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError):
+            continue
+    return found
+
+
+def wait_for_server(proc: subprocess.Popen, port: int, log: Path) -> None:
+    deadline = time.monotonic() + SERVER_START_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"prefect server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"prefect server not healthy after {SERVER_START_S} s:\n{log.read_text()[-3000:]}")
+
+
+def run(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> str:
+    """stdout of a command that must succeed."""
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(args)} exited with {proc.returncode}:\n{output[-5000:]}"
+    return proc.stdout

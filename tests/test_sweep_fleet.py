@@ -1,0 +1,209 @@
+"""Sweeps and nightly runs on a real fleet: a Prefect server on loopback, a bare git repository as
+`origin`, a local DVC remote, two process workers on pool `gpu` and one on pool `cpu`, each
+started in a folder that is no checkout. Tiny MNIST experiments.
+
+The tests of this module share that fleet and run in order: a sweep, the same sweep again,
+the nightly deployment after a new commit, then a worker killed mid-training.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import copy_working_tree, git
+from prefect_fleet import Processes, clone_env, free_port, processes_in, run, wait_for_server
+
+pytestmark = pytest.mark.slow
+
+TINY = ["-S", "split.train_size=300", "-S", "split.val_size=100", "-S", "split.test_size=100",
+        "-S", "train.batch_size=32"]
+GRID = ["-S", "train.learning_rate=0.001,0.002,0.003", "-S", "train.epochs=1"]
+SWEEP_TIMEOUT_S = 900
+
+
+class Fleet:
+    def __init__(self, root: Path):
+        self.root = root
+        self.origin = root / "origin.git"
+        self.submitter = root / "submitter"
+        self.dvc_remote = root / "dvc-remote"
+        self.port = free_port()
+        self.env = clone_env(root, self.port, self.submitter)
+        self.processes = Processes()
+        self.workers: dict[str, tuple[subprocess.Popen, Path]] = {}
+
+    def start(self) -> None:
+        source = copy_working_tree(self.root / "source")
+        git(self.root, "clone", "-q", "--bare", str(source), str(self.origin))
+        git(self.root, "clone", "-q", str(self.origin), str(self.submitter))
+        run(["dvc", "remote", "modify", "--local", "storage", "url", str(self.dvc_remote)], self.submitter, self.env)
+        log = self.root / "server.log"
+        server = self.processes.start(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
+                                       "--no-ui"], self.root, clone_env(self.root, self.port), log)
+        wait_for_server(server, self.port, log)
+        for pool in ("gpu", "cpu"):
+            run(["prefect", "work-pool", "create", pool, "--type", "process"], self.submitter, self.env)
+        for name, pool in (("w1", "gpu"), ("w2", "gpu"), ("nightly", "cpu")):
+            self.start_worker(name, pool)
+
+    def start_worker(self, name: str, pool: str) -> None:
+        """A worker in an empty folder of its own, with its own user cache (as on its own machine)."""
+        home = self.root / f"{name}-home"
+        home.mkdir(exist_ok=True)
+        env = {**clone_env(self.root, self.port), "XDG_CACHE_HOME": str(self.root / f"{name}-cache")}
+        log = self.root / f"{name}.log"
+        proc = self.processes.start(["prefect", "worker", "start", "--pool", pool, "--type", "process",
+                                     "--limit", "1", "--name", name], home, env, log)
+        self.workers[name] = (proc, log)
+
+    def log(self, name: str) -> str:
+        return self.workers[name][1].read_text(errors="replace")
+
+    def sweep(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pipeline", "sweep", *args], cwd=self.submitter, env=self.env,
+                              capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S)
+
+    def experiments(self) -> dict[str, dict]:
+        """name -> metrics files of each experiment in the submitter's `dvc exp show`."""
+        shown = json.loads(run(["dvc", "exp", "show", "--json", "-A"], self.submitter, self.env))
+        found = {}
+        for commit in shown:
+            for exp in commit.get("experiments") or []:
+                for rev in exp["revs"]:
+                    found[rev["name"]] = {path: entry.get("data", {}) for path, entry in
+                                          (rev["data"].get("metrics") or {}).items()}
+        return found
+
+    def flow_runs(self, flow_name: str) -> list[dict]:
+        script = f"""
+import json
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+with get_client(sync_client=True) as client:
+    runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[{flow_name!r}])))
+print(json.dumps([{{"name": r.name, "state": r.state.type.value, "start": r.start_time.timestamp() if r.start_time else None,
+                    "end": r.end_time.timestamp() if r.end_time else None}} for r in runs]))
+"""
+        return json.loads(run([sys.executable, "-c", script], self.submitter, self.env))
+
+
+def stage_runs(fleet: Fleet, stage: str) -> int:
+    return sum(fleet.log(name).count(f"Running stage '{stage}'") for name in fleet.workers)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    fleet = Fleet(tmp_path_factory.mktemp("fleet"))
+    try:
+        fleet.start()
+        yield fleet
+    finally:
+        fleet.processes.stop()
+    assert processes_in(fleet.root) == []
+
+
+def failure(fleet: Fleet, proc: subprocess.CompletedProcess) -> str:
+    logs = "\n".join(f"--- {name}:\n{fleet.log(name)[-4000:]}" for name in fleet.workers)
+    return f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}\n{logs}"
+
+
+def test_a_sweep_fans_out_over_both_workers_and_comes_home(fleet):
+    sweep = fleet.sweep(*TINY, *GRID, "--timeout", "120")
+    assert sweep.returncode == 0, failure(fleet, sweep)
+    names = [re.search(rf"^(sweep-train.learning_rate-0.00{i}-[0-9a-f]{{6}})\s.*\bdone\b", sweep.stdout, re.M)
+             for i in (1, 2, 3)]
+    assert all(names), sweep.stdout
+    names = [match.group(1) for match in names]
+    # all three in the submitter's `dvc exp show`, with their test accuracy
+    experiments = fleet.experiments()
+    for name in names:
+        assert 0 < experiments[name]["data/eval/metrics.json"]["test"]["accuracy"] <= 1
+    # both workers ran at least one, at the same time
+    for worker in ("w1", "w2"):
+        assert any(name in fleet.log(worker) for name in names), worker
+    runs = [r for r in fleet.flow_runs("dvc-experiment") if r["name"] in names]
+    assert len(runs) == 3 and all(r["state"] == "COMPLETED" for r in runs)
+    runs.sort(key=lambda r: r["start"])
+    assert any(a["end"] > b["start"] for a, b in zip(runs, runs[1:])), runs
+    # the data stages ran once, for all three
+    assert stage_runs(fleet, "preprocess") == 1 and stage_runs(fleet, "train") == 3
+    # nobody's folder was touched and no clone was left behind
+    for worker in ("w1", "w2"):
+        assert list((fleet.root / f"{worker}-home").iterdir()) == []
+        assert list((fleet.root / f"{worker}-cache" / "convnets" / "runs").iterdir()) == []
+
+
+def test_the_same_sweep_again_trains_nothing(fleet):
+    trained = stage_runs(fleet, "train")
+    sweep = fleet.sweep(*TINY, *GRID, "--timeout", "120")
+    assert sweep.returncode == 0, failure(fleet, sweep)
+    assert sweep.stdout.count("already done") == 3, sweep.stdout
+    assert stage_runs(fleet, "train") == trained
+
+
+def test_nightly_runs_the_new_head_of_main_and_brings_it_home(fleet):
+    (fleet.submitter / "NOTES.md").write_text("a change since the last sweep\n")
+    git(fleet.submitter, "add", "NOTES.md")
+    git(fleet.submitter, "commit", "-q", "-m", "a new commit on main")
+    git(fleet.submitter, "push", "-q", "origin", "HEAD:main")
+    commit = git(fleet.submitter, "rev-parse", "HEAD").strip()
+    run(["prefect", "--no-prompt", "deploy", "--name", "nightly"], fleet.submitter, fleet.env)
+    params = ["--param", f"repository={fleet.origin}", "--param", f"dvc_remote={fleet.dvc_remote}",
+              "--param", "overrides=" + json.dumps([o for o in TINY if o != "-S"] + ["train.epochs=1"])]
+    run(["prefect", "deployment", "run", "dvc-nightly/nightly", *params, "--watch"], fleet.submitter, fleet.env,
+        timeout=SWEEP_TIMEOUT_S)
+    nightly = [r for r in fleet.flow_runs("dvc-nightly") if r["state"] == "COMPLETED"]
+    assert len(nightly) == 1, nightly
+    name = f"nightly-{commit[:7]}"
+    run(["dvc", "exp", "pull", "origin", name], fleet.submitter, fleet.env)
+    assert 0 < fleet.experiments()[name]["data/eval/metrics.json"]["test"]["accuracy"] <= 1
+    # nothing new on main: the next run says so and trains nothing
+    trained = stage_runs(fleet, "train")
+    out = run(["prefect", "deployment", "run", "dvc-nightly/nightly", *params, "--watch"], fleet.submitter,
+              fleet.env, timeout=SWEEP_TIMEOUT_S)
+    assert "nothing changed on main" in fleet.log("nightly"), out
+    assert stage_runs(fleet, "train") == trained
+
+
+def test_a_worker_killed_mid_training_costs_at_most_one_epoch(fleet):
+    epochs = 20
+    sweep = subprocess.Popen([sys.executable, "-m", "pipeline", "sweep", *TINY, "-S", f"train.epochs={epochs}",
+                              "--name-prefix", "preempted", "--timeout", "120"],
+                             cwd=fleet.submitter, env=fleet.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    mirror = fleet.root / "dvc-remote-train-resume"
+    deadline = time.monotonic() + 600
+    while not any(re.fullmatch(r"epoch-000[2-9]", p.read_text().strip()) for p in mirror.glob("*/LATEST")):
+        assert sweep.poll() is None and time.monotonic() < deadline, "training did not reach epoch 2"
+        time.sleep(0.1)
+    victim = next(name for name in ("w1", "w2") if "preempted-" in fleet.log(name))
+    survivor = "w2" if victim == "w1" else "w1"
+    kill_tree(fleet.workers[victim][0])
+    out, err = sweep.communicate(timeout=SWEEP_TIMEOUT_S)
+    assert sweep.returncode == 0, f"{out}\n{err}\n--- {survivor}:\n{fleet.log(survivor)[-6000:]}"
+    assert "crashed" in err + out
+    survivor_log = fleet.log(survivor)
+    assert "took the state of" in survivor_log and re.search(r"resuming train at epoch \d+ of 20", survivor_log)
+    (name,) = [n for n in fleet.experiments() if n.startswith("preempted-")]
+    assert fleet.experiments()[name]["data/train/metrics.json"]["step"] == epochs - 1
+    assert not [p for p in mirror.iterdir()]   # the mirrored state is deleted once training succeeded
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a worker and everything it started, as a preempted machine would go."""
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for member in family:
+        try:
+            member.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
