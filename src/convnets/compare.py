@@ -197,9 +197,11 @@ def _best(exp: Experiment) -> str:
 
 
 def seed_groups(experiments: list[Experiment]) -> list[list[Experiment]]:
-    """Experiments whose params are equal except `seed`, two or more, in a stable order."""
+    """Finished experiments whose params are equal except `seed`, two or more, in a stable order."""
     groups: dict[str, list[Experiment]] = {}
     for exp in experiments:
+        if exp.failed or exp.state or exp.accuracy is None:
+            continue  # nothing to average
         key = json.dumps({k: _show(v) for k, v in exp.params.items() if k != "seed"}, sort_keys=True)
         groups.setdefault(key, []).append(exp)
     found = [g for g in groups.values() if len(g) > 1 and len({_show(e.params.get("seed")) for e in g}) > 1]

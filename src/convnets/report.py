@@ -104,8 +104,23 @@ def flatten(tree, prefix: str = "") -> dict[str, object]:
 
 def load_presets(conf_dir: Path) -> tuple[dict, dict, dict, tuple[str, str]]:
     """(data set presets, model presets, config's own keys, (default data set, default model)) from conf/."""
-    def folder(name: str) -> dict[str, dict]:
-        return {p.stem: yaml.safe_load(p.read_text()) or {} for p in sorted((conf_dir / name).glob("*.yaml"))}
+    def resolved(group: str, name: str, seen: tuple = ()) -> dict:
+        """A preset file with its own `defaults` (other presets of its group) merged in, flattened."""
+        data = yaml.safe_load((conf_dir / group / f"{name}.yaml").read_text()) or {}
+        own = flatten({k: v for k, v in data.items() if k != "defaults"})
+        merged: dict = {}
+        order = list(data.get("defaults") or [])
+        if "_self_" not in order:
+            order.append("_self_")
+        for item in order:
+            if item == "_self_":
+                merged |= own
+            elif isinstance(item, str) and item not in seen:
+                merged |= resolved(group, item, (*seen, name))
+        return merged
+
+    def folder(group: str) -> dict[str, dict]:
+        return {p.stem: resolved(group, p.stem) for p in sorted((conf_dir / group).glob("*.yaml"))}
 
     config = yaml.safe_load((conf_dir / "config.yaml").read_text()) or {}
     defaults = {k: v for item in config.get("defaults", []) if isinstance(item, dict) for k, v in item.items()}
@@ -135,7 +150,7 @@ def identify_preset(params: dict, conf_dir: Path | None = None) -> dict:
     for dataset_name in sorted(datasets, key=lambda n: (n != default_dataset, n)):
         for model_name in sorted(models, key=lambda n: (n != default_model, n)):
             # Hydra's order: the data set, the model, then config.yaml's own keys (_self_ last).
-            composed = flatten(datasets[dataset_name]) | flatten(models[model_name]) | flatten(own)
+            composed = datasets[dataset_name] | models[model_name] | flatten(own)
             changed = differences(composed)
             if best is None or len(changed) < len(best[2]):
                 best = (dataset_name, model_name, changed)
