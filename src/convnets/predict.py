@@ -74,7 +74,7 @@ def decoded_batches(files: list[Path], size: tuple[int, int], channels: int, bat
         yield good, pixels, bad
 
 
-def predict(model_dir: str | Path, source: str | Path, batch_size: int = 64) -> Predictions:
+def predict(model_dir: str | Path, source: str | Path, batch_size: int = 64, heatmaps: str | Path | None = None) -> Predictions:
     model, classes = load_trained(model_dir)
     _, height, width, channels = model.input_shape
     root, files = list_inputs(Path(source))
@@ -86,6 +86,8 @@ def predict(model_dir: str | Path, source: str | Path, batch_size: int = 64) -> 
             continue
         probs = class_columns(model.predict_on_batch(pixels))
         chosen = probs.argmax(axis=1)
+        if heatmaps is not None:
+            write_overlays(model, good, pixels, chosen, root, Path(heatmaps))
         for path, row, label in zip(good, probs, chosen):
             rows.append({
                 "file": relative(path, root),
@@ -98,6 +100,15 @@ def predict(model_dir: str | Path, source: str | Path, batch_size: int = 64) -> 
         pd.DataFrame(rejected, columns=["file", "reason", "detail"]),
         classes,
     )
+
+
+def write_overlays(model, files: list[Path], pixels: np.ndarray, chosen: np.ndarray, root: Path, out: Path) -> None:
+    """DIR/<file>.png: the photo as the model saw it and its Grad-CAM overlay (the photo alone without one)."""
+    from convnets.gradcam import heatmaps_for, save_overlay
+
+    _, maps, _ = heatmaps_for(model, pixels, chosen)
+    for path, image, heatmap in zip(files, pixels, maps):
+        save_overlay(out / f"{relative(path, root)}.png", image, heatmap)
 
 
 def relative(path: Path, root: Path) -> str:
@@ -141,7 +152,7 @@ def rejected_path(out: Path) -> Path:
 
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    predictions = predict(args.model_dir, args.input, args.batch_size)
+    predictions = predict(args.model_dir, args.input, args.batch_size, args.heatmaps)
     if predictions.rows.empty:
         raise DataError(f"{args.input}: none of the {len(predictions.rejected)} file(s) could be decoded")
     submission = None
@@ -168,6 +179,7 @@ def main(argv=None) -> int:
     parser.add_argument("out", help="CSV to write: file,label,probability")
     parser.add_argument("--kaggle-submission", metavar="CSV", help="also write the Dogs vs. Cats submission (id,label = P(dog))")
     parser.add_argument("--batch-size", type=int, default=64, help="images per prediction batch (default: %(default)s)")
+    parser.add_argument("--heatmaps", metavar="DIR", help="also write DIR/<file>.png: each photo with its Grad-CAM heatmap")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
