@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 import keras
@@ -14,10 +16,11 @@ import yaml
 from conftest import REPO_ROOT
 from convnets.errors import DataError, ParamsError
 from convnets.models import build_convnet, build_model
-from convnets.params import ModelParams, Params, TrainParams, load_params
+from convnets.params import AugmentationParams, ModelParams, Params, TrainParams, load_params
 
 EXPERIMENTS = sorted(p.stem for p in (REPO_ROOT / "conf" / "experiment").glob("*.yaml"))
-MODEL_PRESETS = sorted(p.stem for p in (REPO_ROOT / "conf" / "model").glob("*.yaml"))
+MODEL_DIR = REPO_ROOT / "conf" / "model"
+MODEL_PRESETS = sorted(p.stem for p in MODEL_DIR.glob("*.yaml") if p.stem != "base")
 BOOK_180 = (180, 180, 3)
 
 
@@ -29,8 +32,15 @@ def compose(tmp_path, *overrides) -> Path:
     return out
 
 
+@functools.cache
 def preset(name: str) -> dict:
-    return yaml.safe_load((REPO_ROOT / "conf" / "model" / f"{name}.yaml").read_text())
+    """The params a model preset composes to (over conf/model/base.yaml, as dvc exp run composes them)."""
+    from dvc.utils.hydra import compose_and_dump
+
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "params.yaml"
+        compose_and_dump(out, os.fspath(REPO_ROOT / "conf"), None, "config", "", [f"model={name}"])
+        return yaml.safe_load(out.read_text())
 
 
 def model_params(name: str, **changes) -> ModelParams:
@@ -55,13 +65,34 @@ def test_one_override_selects_the_data_and_the_model(tmp_path, name):
     assert smaller.preprocess.image_size == [128, 128] and smaller.train.epochs == 3
 
 
-@pytest.mark.parametrize("name", MODEL_PRESETS)
-def test_every_preset_lists_every_key(name):
+def test_the_base_lists_every_key():
     """So that any key can be set with -S (Hydra refuses new keys) and `dvc exp show` fills every column."""
-    data = preset(name)
+    data = yaml.safe_load((MODEL_DIR / "base.yaml").read_text())
     assert set(data["model"]) == set(ModelParams.model_fields)
-    assert set(data["model"]["augmentation"]) == {"flip", "rotation", "zoom"}
+    assert set(data["model"]["augmentation"]) == set(AugmentationParams.model_fields)
     assert set(data["train"]) == set(TrainParams.model_fields)
+
+
+def leaves(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(leaves(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+@pytest.mark.parametrize("name", MODEL_PRESETS)
+def test_every_preset_holds_only_its_differences(name):
+    """Each key a preset sets changes what it inherits (the base, or the preset it builds on)."""
+    own = yaml.safe_load((MODEL_DIR / f"{name}.yaml").read_text())
+    (parent,) = [entry for entry in own.pop("defaults") if entry != "_self_"]
+    inherited = leaves(preset(parent) if parent != "base" else yaml.safe_load((MODEL_DIR / "base.yaml").read_text()))
+    repeated = sorted(key for key, value in leaves(own).items() if inherited[key] == value)
+    assert not repeated, f"conf/model/{name}.yaml repeats what {parent} already says: {repeated}"
+    composed = leaves(preset(name))
+    assert set(composed) >= set(inherited) and all(composed[key] == value for key, value in leaves(own).items())
 
 
 def layer_kinds(model: keras.Model) -> list[str]:
