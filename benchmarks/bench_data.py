@@ -117,20 +117,26 @@ def main() -> None:
     if not args.replica.is_file():
         sys.exit(f"replica not found: {args.replica}")
     print(f"replica {args.replica}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
-    header = f"{'config':9} {'images':>6} {'fetch s':>8} {'split s':>8} {'prep s':>8} {'total s':>8} {'RSS MiB':>8} {'anon MiB':>9} {'file MiB':>9} {'npy MiB':>8}"
+    header = (
+        f"{'config':9} {'images':>6} {'fetch s':>8} {'split s':>8} {'prep s':>8} {'total s':>8} "
+        f"{'RSS MiB':>8} {'anon MiB':>9} {'file MiB':>9} {'npy MiB':>8}"
+    )
     print(header)
     for name in args.only.split(","):
         with tempfile.TemporaryDirectory(prefix=f"bench-data-{name}-") as workdir:
             result = subprocess.run(
                 [sys.executable, __file__, "--child", name, "--replica", str(args.replica), "--workdir", workdir],
-                capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONWARNINGS": "ignore"},
             )
         if result.returncode != 0:
             sys.exit(f"{name} failed:\n{result.stderr[-3000:]}")
         r = json.loads(result.stdout.strip().splitlines()[-1])
         print(
             f"{r['config']:9} {r['images']:>6} {r['fetch_s']:>8} {r['split_s']:>8} {r['preprocess_s']:>8} "
-            f"{r['total_s']:>8} {r['peak_rss_mib']:>8} {r['peak_anon_mib']:>9} {r['peak_file_mib']:>9} {r['prepared_mib']:>8}",
+            f"{r['total_s']:>8} {r['peak_rss_mib']:>8} {r['peak_anon_mib']:>9} "
+            f"{r['peak_file_mib']:>9} {r['prepared_mib']:>8}",
             flush=True,
         )
 

@@ -36,13 +36,24 @@ STAMP = re.compile(r"^(\d\d:\d\d:\d\d\.\d{3}) \| ")
 
 def copy_working_tree(dest: Path) -> Path:
     """The repo as a clone would see it (uncommitted edits included), committed in a fresh git repo."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
-                            check=True, capture_output=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True, capture_output=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, listed):
         if (REPO / rel).is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, dest / rel)
-    env = {**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@b", "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@b"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "b",
+        "GIT_AUTHOR_EMAIL": "b@b",
+        "GIT_COMMITTER_NAME": "b",
+        "GIT_COMMITTER_EMAIL": "b@b",
+    }
     for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "bench"]):
         subprocess.run(["git", *args], cwd=dest, check=True, env=env)
     return dest
@@ -52,7 +63,7 @@ def environment(project: Path, prefect_home: Path) -> dict[str, str]:
     return {
         **os.environ,
         "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
-        "PYTHONPATH": os.pathsep.join([str(project), str(project / "src")]),   # the copy's code
+        "PYTHONPATH": os.pathsep.join([str(project), str(project / "src")]),  # the copy's code
         "PREFECT_HOME": str(prefect_home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "TF_CPP_MIN_LOG_LEVEL": "2",
@@ -95,7 +106,7 @@ def phases(log: Path, launched: float, ended: float) -> dict[str, float]:
     order = next(line for _, line in lines if "stages in the order of `dvc dag`:" in line)
     stages = order.split("`dvc dag`: ")[1].split(" -> ")
     gaps, previous = 0.0, None
-    for stage in stages:   # from the task before to the stage's first output: DVC's start-up
+    for stage in stages:  # from the task before to the stage's first output: DVC's start-up
         start = first(f"Task run '{stage}' - ")
         if previous is not None:
             gaps += start - previous
@@ -156,14 +167,18 @@ def main() -> int:
         extra = best[case] - bare
         verdict = "ok" if extra < TARGET_S else f"over the {TARGET_S:.0f} s target"
         prefect = sum(best[f"{case}: {p}"] for p in PREFECT_PHASES)
-        print(f"  {case:<29} {best[case]:6.1f}  (+{extra:.1f} s, {verdict}; Prefect's imports, "
-              f"server start and stop {prefect:.1f} s)")
+        print(
+            f"  {case:<29} {best[case]:6.1f}  (+{extra:.1f} s, {verdict}; Prefect's imports, "
+            f"server start and stop {prefect:.1f} s)"
+        )
 
     if args.with_integration:
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_flow_gpu_pool.py"], cwd=REPO)
-        print(f"\ntwo-clone GPU-pool integration test: {time.perf_counter() - start:.0f} s wall"
-              f" ({'passed' if proc.returncode == 0 else 'FAILED'})")
+        print(
+            f"\ntwo-clone GPU-pool integration test: {time.perf_counter() - start:.0f} s wall"
+            f" ({'passed' if proc.returncode == 0 else 'FAILED'})"
+        )
     return 0
 
 

@@ -53,6 +53,7 @@ SUBSET_NAMES = {"train": "train", "validation": "val"}
 
 # --- data -----------------------------------------------------------------------------
 
+
 def extract_book_subset(work: Path, source_size: tuple[int, int] | None = None) -> Path:
     """cats_vs_dogs_small/{train,validation}/{cat,dog}/*.jpg, as the book's make_subset writes it.
 
@@ -126,6 +127,7 @@ def scratch_params():
 
 # --- throughput -------------------------------------------------------------------------
 
+
 def compiled_model(params, policy: str = "float32"):
     from convnets.devices import dtype_policy
     from convnets.models import build_model, loss_for
@@ -174,7 +176,15 @@ def interleaved_epochs(prepared: Path, book_root: Path, epochs: int, bfloat16: b
                 model.fit(book_train, validation_data=book_val, initial_epoch=epoch, epochs=epoch + 1, verbose=0)
             else:
                 train, steps, val = ours[name]
-                model.fit(train, steps_per_epoch=steps, validation_data=val, initial_epoch=epoch, epochs=epoch + 1, shuffle=False, verbose=0)
+                model.fit(
+                    train,
+                    steps_per_epoch=steps,
+                    validation_data=val,
+                    initial_epoch=epoch,
+                    epochs=epoch + 1,
+                    shuffle=False,
+                    verbose=0,
+                )
             seconds[name].append(time.perf_counter() - start)
             print(f"  epoch {epoch + 1} {name}: {seconds[name][-1]:.1f} s", flush=True)
     return seconds
@@ -242,7 +252,16 @@ def train_stage_peak_memory(prepared: Path, work: Path, epochs: int) -> tuple[fl
     params_file.write_text(yaml.safe_dump(params))
     out = work / "memory-run"
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "-m", "convnets.train", str(prepared), str(out / "model"), str(out / "train"), "--params", str(params_file)]
+    command = [
+        sys.executable,
+        "-m",
+        "convnets.train",
+        str(prepared),
+        str(out / "model"),
+        str(out / "train"),
+        "--params",
+        str(params_file),
+    ]
     start = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     seconds = time.perf_counter() - start
@@ -257,7 +276,9 @@ def throughput(args: argparse.Namespace) -> None:
     work.mkdir(parents=True, exist_ok=True)
     book_root = extract_book_subset(work, args.source_size)
     prepared = prepare_arrays(book_root, work / f"prepared{size_suffix(args.source_size)}")
-    source = f"JPEGs of {size_suffix(args.source_size)[1:]} px" if args.source_size else f"the replica's {SIZE} px JPEGs"
+    source = (
+        f"JPEGs of {size_suffix(args.source_size)[1:]} px" if args.source_size else f"the replica's {SIZE} px JPEGs"
+    )
     print(f"data: 2,000 train + 1,000 validation photos, {source}, trained at {SIZE} px ({book_root}, {prepared})")
     print(f"cores: {os.cpu_count()}; load average before: {os.getloadavg()[0]:.2f}")
 
@@ -283,14 +304,20 @@ def throughput(args: argparse.Namespace) -> None:
         steady = steps[1:] or steps  # epoch 1 also fills our cache / traces the model
         rates[name] = train_images / min(steady)
         medians[name] = train_images / float(np.median(steady))
-        print(f"  {labels[name]:36s} first epoch {train_images / steps[0]:6.1f}, fastest later "
-              f"{rates[name]:6.1f}, median later {medians[name]:6.1f} img/s "
-              f"(epochs: {', '.join(f'{s:.1f}' for s in steps)} s)")
-    print(f"  ratio ours / book, same float32 compute: {rates['ours'] / rates['book']:.2f}x fastest, "
-          f"{medians['ours'] / medians['book']:.2f}x median")
+        print(
+            f"  {labels[name]:36s} first epoch {train_images / steps[0]:6.1f}, fastest later "
+            f"{rates[name]:6.1f}, median later {medians[name]:6.1f} img/s "
+            f"(epochs: {', '.join(f'{s:.1f}' for s in steps)} s)"
+        )
+    print(
+        f"  ratio ours / book, same float32 compute: {rates['ours'] / rates['book']:.2f}x fastest, "
+        f"{medians['ours'] / medians['book']:.2f}x median"
+    )
     if bfloat16:
-        print(f"  ratio ours with train.cpu_bfloat16 / book: {rates['ours_bf16'] / rates['book']:.2f}x fastest, "
-              f"{medians['ours_bf16'] / medians['book']:.2f}x median (target >= 1.3)")
+        print(
+            f"  ratio ours with train.cpu_bfloat16 / book: {rates['ours_bf16'] / rates['book']:.2f}x fastest, "
+            f"{medians['ours_bf16'] / medians['book']:.2f}x median (target >= 1.3)"
+        )
     else:
         print("  (this CPU has no bfloat16 units: the cpu_bfloat16 arm was skipped)")
 
@@ -304,19 +331,27 @@ def throughput(args: argparse.Namespace) -> None:
     print("\narithmetic limit:")
     print(f"  model: {macs / 1e6:.0f} M multiply-adds per image forward ({2 * macs / 1e9:.2f} GFLOP)")
     print(f"  this CPU on a 4096 x 4096 float32 matmul: {peak / 1e9:.1f} GFLOP/s")
-    print(f"  limit: {limit:.0f} train img/s (validation included); ours (float32) reaches {rates['ours'] / limit:.0%} of it")
+    print(
+        f"  limit: {limit:.0f} train img/s (validation included); "
+        f"ours (float32) reaches {rates['ours'] / limit:.0%} of it"
+    )
     if bfloat16:
         peak16 = matmul_flops_per_second(dtype="bfloat16")
         limit16 = peak16 / flops_per_train_image
-        print(f"  the same matmul in bfloat16: {peak16 / 1e9:.1f} GFLOP/s, limit {limit16:.0f} train img/s; "
-              f"ours with cpu_bfloat16 reaches {rates['ours_bf16'] / limit16:.0%} of it")
+        print(
+            f"  the same matmul in bfloat16: {peak16 / 1e9:.1f} GFLOP/s, limit {limit16:.0f} train img/s; "
+            f"ours with cpu_bfloat16 reaches {rates['ours_bf16'] / limit16:.0%} of it"
+        )
 
     rss, run_seconds = train_stage_peak_memory(prepared, work, args.memory_epochs)
-    print(f"\npeak memory of the train stage ({args.memory_epochs} epochs, scratch, {SIZE} px): "
-          f"{rss:.0f} MiB max RSS ({run_seconds:.0f} s)")
+    print(
+        f"\npeak memory of the train stage ({args.memory_epochs} epochs, scratch, {SIZE} px): "
+        f"{rss:.0f} MiB max RSS ({run_seconds:.0f} s)"
+    )
 
 
 # --- accuracy ---------------------------------------------------------------------------
+
 
 def accuracy(args: argparse.Namespace) -> None:
     clone = Path(args.clone)
@@ -331,11 +366,30 @@ def accuracy(args: argparse.Namespace) -> None:
         for name in names:
             print(f"running experiment {name} ...", flush=True)
             subprocess.run(
-                ["dvc", "exp", "run", "-n", name, "-S", f"+experiment={name}", "-S", f"preprocess.image_size=[{SIZE},{SIZE}]"],
-                cwd=clone, check=True, env=env,
+                [
+                    "dvc",
+                    "exp",
+                    "run",
+                    "-n",
+                    name,
+                    "-S",
+                    f"+experiment={name}",
+                    "-S",
+                    f"preprocess.image_size=[{SIZE},{SIZE}]",
+                ],
+                cwd=clone,
+                check=True,
+                env=env,
             )
-    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=clone, check=True, capture_output=True, text=True, env=env).stdout)
-    print(f"\n{'experiment':16s} {'test acc':>8s} {'test loss':>9s} {'ROC AUC':>8s} {'epochs':>6s} {'best epoch':>10s} {'s/epoch':>8s}")
+    shown = json.loads(
+        subprocess.run(
+            ["dvc", "exp", "show", "--json"], cwd=clone, check=True, capture_output=True, text=True, env=env
+        ).stdout
+    )
+    print(
+        f"\n{'experiment':16s} {'test acc':>8s} {'test loss':>9s} {'ROC AUC':>8s} "
+        f"{'epochs':>6s} {'best epoch':>10s} {'s/epoch':>8s}"
+    )
     for row in shown:
         for exp in row.get("experiments") or []:
             for revision in exp.get("revs") or []:
@@ -348,9 +402,11 @@ def accuracy(args: argparse.Namespace) -> None:
                 test = files["data/eval/metrics.json"]["data"]["test"]
                 trained = files["data/train/metrics.json"]["data"]
                 timings = files.get("timings/train.json", {}).get("data", {})  # wall clock: outside the outputs
-                print(f"{revision['name']:16s} {test['accuracy']:8.4f} {test['loss']:9.4f} {test['roc_auc']:8.4f} "
-                      f"{trained['step'] + 1:6d} {trained['best']['epoch'] + 1:10d} "
-                      f"{timings.get('seconds_per_epoch', float('nan')):8.1f}")
+                print(
+                    f"{revision['name']:16s} {test['accuracy']:8.4f} {test['loss']:9.4f} {test['roc_auc']:8.4f} "
+                    f"{trained['step'] + 1:6d} {trained['best']['epoch'] + 1:10d} "
+                    f"{timings.get('seconds_per_epoch', float('nan')):8.1f}"
+                )
 
 
 def main() -> None:
@@ -358,9 +414,15 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("throughput", help="ours vs the book's input pipeline, arithmetic limit, peak memory")
     run.add_argument("--epochs", type=int, default=8, help="epochs of each pipeline, in turn (default: %(default)s)")
-    run.add_argument("--memory-epochs", type=int, default=2, help="epochs of the peak-memory run (default: %(default)s)")
-    run.add_argument("--source-size", metavar="WxH", type=photo_size, help="enlarge the photos to this size first, "
-                     "to weigh decoding as the real archive's photos do (e.g. 500x375)")
+    run.add_argument(
+        "--memory-epochs", type=int, default=2, help="epochs of the peak-memory run (default: %(default)s)"
+    )
+    run.add_argument(
+        "--source-size",
+        metavar="WxH",
+        type=photo_size,
+        help="enlarge the photos to this size first, to weigh decoding as the real archive's photos do (e.g. 500x375)",
+    )
     run.add_argument("--work", default="/tmp/bench-train", help="scratch folder (default: %(default)s)")
     run.set_defaults(func=throughput)
     acc = sub.add_parser("accuracy", help="the experiments' documented commands, then their test accuracy")

@@ -78,6 +78,7 @@ def check_catalog(out: Path, photos: dict[str, bytes]) -> pd.DataFrame:
 
 # --- the accepted layouts ----------------------------------------------------------
 
+
 @needs_replica
 def test_the_replica_itself(tmp_path):
     """The whole 23,000-photo replica, read through train.zip inside dogs-vs-cats.zip."""
@@ -143,6 +144,7 @@ def test_the_dogs_vs_cats_preset_finds_the_replica_from_the_repo_root(monkeypatc
 
 
 # --- URLs ----------------------------------------------------------------------------
+
 
 class FlakyServer(http.server.ThreadingHTTPServer):
     """Serves one file over real HTTP on localhost; the first `failures` requests get a 503."""
@@ -231,6 +233,7 @@ def test_url_that_is_not_found_fails_at_once(tmp_path):
 
 # --- refusals ------------------------------------------------------------------------
 
+
 def test_wrong_sha256_is_refused(tmp_path, replica_photos):
     archive = write_zip(tmp_path / "train.zip", replica_photos)
     with pytest.raises(DataError, match="not fetch.archive_sha256"):
@@ -240,7 +243,9 @@ def test_wrong_sha256_is_refused(tmp_path, replica_photos):
 
 def test_missing_archive_says_where_relative_paths_start(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(DataError, match=r"fetch.archive nope/dogs-vs-cats.zip not found \(relative paths start at the repo root"):
+    with pytest.raises(
+        DataError, match=r"fetch.archive nope/dogs-vs-cats.zip not found \(relative paths start at the repo root"
+    ):
         fetch(archive_params("nope/dogs-vs-cats.zip"), tmp_path / "data" / "raw")
 
 
@@ -266,7 +271,9 @@ def test_extraction_is_bounded(tmp_path, replica_photos):
     archive = write_zip(tmp_path / "train.zip", replica_photos)
     total = sum(len(data) for data in replica_photos.values())
     out = tmp_path / "data" / "raw"
-    with pytest.raises(DataError, match=rf"would extract to {total:,} bytes, more than fetch.max_extract_bytes \(1,000\)"):
+    with pytest.raises(
+        DataError, match=rf"would extract to {total:,} bytes, more than fetch.max_extract_bytes \(1,000\)"
+    ):
         fetch(archive_params(archive, max_extract_bytes=1000), out)
     assert not out.exists() and os.listdir(out.parent) == []
 
@@ -303,7 +310,7 @@ def test_entries_that_are_not_usable_are_set_aside_with_their_reason(tmp_path, r
     archive = write_zip(tmp_path / "in" / "train.zip", members)
     with zipfile.ZipFile(archive, "a") as zf:  # a symbolic link member pointing outside
         link = zipfile.ZipInfo("train/dog.1.jpg")
-        link.external_attr = (0o120777 << 16)
+        link.external_attr = 0o120777 << 16
         zf.writestr(link, "/etc/passwd")
     project = tmp_path / "project"
     project.mkdir()
@@ -413,8 +420,10 @@ def test_a_failing_write_stops_the_stage(tmp_path, replica_photos, monkeypatch):
     def full_disk(path, mode="r", *args, **kwargs):
         handle = real_open(path, mode, *args, **kwargs)
         if "w" in mode and str(path).endswith(".jpg"):
+
             def write(data):
                 raise OSError(28, "No space left on device")
+
             handle.write = write
         return handle
 

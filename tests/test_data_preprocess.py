@@ -43,7 +43,9 @@ def png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    )
 
 
 # What each odd file is, and what preprocess must make of it.
@@ -139,17 +141,30 @@ def test_bad_files_are_set_aside_with_their_reason(messy_archive, tmp_path, monk
         f"{tmp_path}/abs/dog.30.jpg": "unsafe_path",
     }
     assert rejected["detail"].str.len().gt(0).all()
-    assert "above preprocess.max_pixels (1,000,000)" in by_preprocess.set_index("reason").loc["too_many_pixels", "detail"].iloc[1]
+    assert (
+        "above preprocess.max_pixels (1,000,000)"
+        in by_preprocess.set_index("reason").loc["too_many_pixels", "detail"].iloc[1]
+    )
 
     # The report DVC tracks counts the same.
     assert report == json.loads((prepared / "report.json").read_text())
     assert report["kept"] == {"train": 17, "val": 6, "test": 11}
     assert report["rejected"] == 10
     assert report["rejected_by_reason"] == {
-        "empty_file": 1, "not_an_image": 1, "not_an_image_file": 2, "too_many_pixels": 2, "truncated": 2, "unsafe_path": 2,
+        "empty_file": 1,
+        "not_an_image": 1,
+        "not_an_image_file": 2,
+        "too_many_pixels": 2,
+        "truncated": 2,
+        "unsafe_path": 2,
     }
     assert report["rejected_by_class"] == {"cat": 4, "dog": 2}
-    assert report["converted"] == {"BMP_named_jpg": 1, "PNG_named_jpg": 1, "converted_from_CMYK": 1, "converted_from_L": 1}
+    assert report["converted"] == {
+        "BMP_named_jpg": 1,
+        "PNG_named_jpg": 1,
+        "converted_from_CMYK": 1,
+        "converted_from_L": 1,
+    }
 
     # What was kept: every good photo, in manifest order, resized, with its label.
     assert json.loads((prepared / "classes.json").read_text()) == ["cat", "dog"]
@@ -168,7 +183,9 @@ def test_bad_files_are_set_aside_with_their_reason(messy_archive, tmp_path, monk
                 assert np.abs(image.astype(int) - expected).mean() < 8
             else:
                 assert np.array_equal(image, expected), name
-    gray = np.load(prepared / "train_images.npy")[[f.rsplit("/", 1)[1] for f in files_of(manifest, "train", bad)].index("dog.8.jpg")]
+    gray = np.load(prepared / "train_images.npy")[
+        [f.rsplit("/", 1)[1] for f in files_of(manifest, "train", bad)].index("dog.8.jpg")
+    ]
     assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 1], gray[..., 2])
 
     # Nothing was written outside the project's data folder.

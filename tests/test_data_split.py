@@ -46,9 +46,12 @@ def test_index_ranges_are_exactly_the_books_subsets():
     assert len(manifest) == 5000
     assert as_book_pairs(manifest) == books_make_subset()
     assert manifest.groupby(["split", "label"]).size().to_dict() == {
-        ("test", "cat"): 1000, ("test", "dog"): 1000,
-        ("train", "cat"): 1000, ("train", "dog"): 1000,
-        ("val", "cat"): 500, ("val", "dog"): 500,
+        ("test", "cat"): 1000,
+        ("test", "dog"): 1000,
+        ("train", "cat"): 1000,
+        ("train", "dog"): 1000,
+        ("val", "cat"): 500,
+        ("val", "dog"): 500,
     }
     assert list(manifest["split"].drop_duplicates()) == ["train", "val", "test"]
 
@@ -70,7 +73,9 @@ def test_the_preset_on_the_replica_gives_the_books_subset(tmp_path, repo_root):
 
 
 def test_ranges_beyond_the_data_say_how_many_images_there_are():
-    too_far = SplitParams(method="index_ranges", train_range=[0, 1000], val_range=[1000, 1500], test_range=[1500, 12500])
+    too_far = SplitParams(
+        method="index_ranges", train_range=[0, 1000], val_range=[1000, 1500], test_range=[1500, 12500]
+    )
     with pytest.raises(ParamsError) as info:
         split(catalog_of(11500), too_far, seed=0)
     assert str(info.value) == (

@@ -65,6 +65,11 @@ def test_report_stage_loads_no_tensorflow():
 
     probe = "import sys, convnets.report; print('tensorflow' in sys.modules, 'keras' in sys.modules)"
     out = subprocess.run(
-        [sys.executable, "-c", probe], cwd=REPO_ROOT, env={"PYTHONPATH": "src"}, capture_output=True, text=True, check=True
+        [sys.executable, "-c", probe],
+        cwd=REPO_ROOT,
+        env={"PYTHONPATH": "src"},
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.split() == ["False", "False"]

@@ -38,8 +38,14 @@ def test_repro_runs_the_six_stages_in_order(reproduced):
     project, log = reproduced
     positions = [log.index(f"Running stage '{stage}'") for stage in STAGES]
     assert positions == sorted(positions)
-    for path in ("data/model/model.keras", "data/eval/metrics.json", "data/report/report.html",
-                 "data/prepared/train_images.npy", "data/split/manifest.csv", "data/raw/catalog.csv"):
+    for path in (
+        "data/model/model.keras",
+        "data/eval/metrics.json",
+        "data/report/report.html",
+        "data/prepared/train_images.npy",
+        "data/split/manifest.csv",
+        "data/raw/catalog.csv",
+    ):
         assert (project / path).is_file(), path
     tracked = git(project, "ls-files", "data").split()
     assert tracked == ["data/.gitignore"]  # outputs are DVC's, never git's
@@ -106,6 +112,8 @@ def test_stages_run_the_code_of_the_checkout_they_run_in(tmp_path):
     stage = project / "src" / "convnets" / "split.py"
     code = stage.read_text()
     assert 'if __name__ == "__main__":' in code
-    stage.write_text(code.replace('if __name__ == "__main__":', 'print("split.py of this clone")\nif __name__ == "__main__":'))
+    stage.write_text(
+        code.replace('if __name__ == "__main__":', 'print("split.py of this clone")\nif __name__ == "__main__":')
+    )
     log = dvc(project, "repro", "split").stdout
     assert "split.py of this clone" in log

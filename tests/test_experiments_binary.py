@@ -21,12 +21,18 @@ from test_train_pipeline import PREPARED_PREPROCESS, make_prepared
 def binary_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("binary")
     prepared = make_prepared(root / "prepared", sizes=(96, 48, 64))
-    params = Params.model_validate({
-        "model": {"augmentation": {"flip": "horizontal", "rotation": 0.05, "zoom": 0.1},
-                  "conv_filters": [8, 16], "pooled_blocks": 2, "dropout": 0.3},
-        "train": {"epochs": 3, "batch_size": 16},
-        "report": {"misclassified_examples": 8},
-    })
+    params = Params.model_validate(
+        {
+            "model": {
+                "augmentation": {"flip": "horizontal", "rotation": 0.05, "zoom": 0.1},
+                "conv_filters": [8, 16],
+                "pooled_blocks": 2,
+                "dropout": 0.3,
+            },
+            "train": {"epochs": 3, "batch_size": 16},
+            "report": {"misclassified_examples": 8},
+        }
+    )
     train(params, prepared, root / "model", root / "train")
     metrics = evaluate(params, prepared, root / "model", root / "eval")
     html = report(params, prepared, root / "train", root / "eval", root / "report")
@@ -61,7 +67,10 @@ def test_binary_plots_are_written_for_dvc(binary_run):
     assert len(cells) == len(predictions) == 64
     expected = confusion_matrix(predictions["true"], predictions["predicted"], labels=["cat", "dog"])
     counted = pd.crosstab(pd.Series([c["actual"] for c in cells]), pd.Series([c["predicted"] for c in cells]))
-    assert counted.reindex(index=["cat", "dog"], columns=["cat", "dog"], fill_value=0).to_numpy().tolist() == expected.tolist()
+    assert (
+        counted.reindex(index=["cat", "dog"], columns=["cat", "dog"], fill_value=0).to_numpy().tolist()
+        == expected.tolist()
+    )
 
 
 def test_dvc_yaml_draws_the_binary_plots(repo_root):
@@ -107,16 +116,24 @@ def test_feature_extraction_trains_evaluates_and_reloads(tmp_path, cached):
     """Experiment 3's two variants with VGG16 weights=None (no download): the full wiring."""
     prepared = make_prepared(tmp_path / "prepared", sizes=(32, 16, 16))
     augmentation = {} if cached else {"flip": "horizontal", "rotation": 0.1, "zoom": 0.2}
-    params = Params.model_validate({
-        "model": {"base": "vgg16", "weights": "none", "cached_features": cached, "augmentation": augmentation,
-                  "dense_units": [16], "dropout": 0.5},
-        "preprocess": PREPARED_PREPROCESS,
-        "train": {"epochs": 2, "batch_size": 16},
-    })
+    params = Params.model_validate(
+        {
+            "model": {
+                "base": "vgg16",
+                "weights": "none",
+                "cached_features": cached,
+                "augmentation": augmentation,
+                "dense_units": [16],
+                "dropout": 0.5,
+            },
+            "preprocess": PREPARED_PREPROCESS,
+            "train": {"epochs": 2, "batch_size": 16},
+        }
+    )
     best = train(params, prepared, tmp_path / "model", tmp_path / "train")
     metrics = evaluate(params, prepared, tmp_path / "model", tmp_path / "eval")
     model = keras.models.load_model(tmp_path / "model" / "model.keras")
-    assert [type(l).__name__ for l in model.layers][-3:] == ["VGG16Preprocess", "Functional", "Functional"]
+    assert [type(layer).__name__ for layer in model.layers][-3:] == ["VGG16Preprocess", "Functional", "Functional"]
     assert 0.0 <= metrics["accuracy"] <= 1.0 and np.isfinite(metrics["loss"])
     assert best["epoch"] in (0, 1)
     # The saved model computes what it computed in training: rerunning it gives the same val loss.

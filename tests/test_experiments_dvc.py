@@ -13,8 +13,16 @@ pytestmark = pytest.mark.slow
 REPLICA = SHARED_DIR / "data" / "dogs-vs-cats-128" / "dogs-vs-cats.zip"
 # The documented commands, made small: 40 + 20 + 20 photos of 32 px, one epoch.
 TINY = [
-    "-S", "split.train_range=[0,20]", "-S", "split.val_range=[20,30]", "-S", "split.test_range=[30,40]",
-    "-S", "preprocess.image_size=[32,32]", "-S", "train.epochs=1",
+    "-S",
+    "split.train_range=[0,20]",
+    "-S",
+    "split.val_range=[20,30]",
+    "-S",
+    "split.test_range=[30,40]",
+    "-S",
+    "preprocess.image_size=[32,32]",
+    "-S",
+    "train.epochs=1",
 ]
 
 
@@ -29,17 +37,43 @@ def test_two_experiments_side_by_side(tmp_path):
     project = copy_working_tree(tmp_path / "project")
     (tmp_path / "shared").symlink_to(SHARED_DIR)  # the dataset preset's ../shared/... as in a real clone
     # The book's scratch convnet needs > 32 px; conv_filters shrink it for the tiny photos.
-    first = dvc(project, "exp", "run", "-n", "scratch", "-S", "+experiment=scratch", *TINY,
-                "-S", "model.conv_filters=[8,8]", "-S", "model.pooled_blocks=2")
+    first = dvc(
+        project,
+        "exp",
+        "run",
+        "-n",
+        "scratch",
+        "-S",
+        "+experiment=scratch",
+        *TINY,
+        "-S",
+        "model.conv_filters=[8,8]",
+        "-S",
+        "model.pooled_blocks=2",
+    )
     assert "Running stage 'fetch'" in first and "Running stage 'report'" in first
-    second = dvc(project, "exp", "run", "-n", "augmented", "-S", "+experiment=augmented", *TINY,
-                 "-S", "model.conv_filters=[8,8]", "-S", "model.pooled_blocks=2")
+    second = dvc(
+        project,
+        "exp",
+        "run",
+        "-n",
+        "augmented",
+        "-S",
+        "+experiment=augmented",
+        *TINY,
+        "-S",
+        "model.conv_filters=[8,8]",
+        "-S",
+        "model.pooled_blocks=2",
+    )
     assert "Running stage 'train'" in second and "Running stage 'fetch'" not in second  # data stages reused
 
     shown = json.loads(dvc(project, "exp", "show", "--json"))
     runs = {
         rev["name"]: rev["data"]
-        for row in shown for exp in row.get("experiments") or [] for rev in exp.get("revs") or []
+        for row in shown
+        for exp in row.get("experiments") or []
+        for rev in exp.get("revs") or []
         if rev.get("name") in {"scratch", "augmented"}
     }
     assert set(runs) == {"scratch", "augmented"}

@@ -48,7 +48,9 @@ def model_params(name: str, **changes) -> ModelParams:
 
 
 def test_the_book_experiments_are_all_there():
-    assert {"scratch", "augmented", "feature_extraction", "feature_extraction_augmented", "fine_tuning"} <= set(EXPERIMENTS)
+    assert {"scratch", "augmented", "feature_extraction", "feature_extraction_augmented", "fine_tuning"} <= set(
+        EXPERIMENTS
+    )
     assert set(EXPERIMENTS) <= set(MODEL_PRESETS)
 
 
@@ -104,11 +106,27 @@ def test_scratch_is_the_books_convnet():
     # The book's summary of this model (listing 8.7): 991,041 parameters.
     assert model.count_params() == 991_041
     assert layer_kinds(model) == [
-        "InputLayer", "Rescaling",
-        "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Conv2D",
-        "Flatten", "Dense",
+        "InputLayer",
+        "Rescaling",
+        "Conv2D",
+        "MaxPooling2D",
+        "Conv2D",
+        "MaxPooling2D",
+        "Conv2D",
+        "MaxPooling2D",
+        "Conv2D",
+        "MaxPooling2D",
+        "Conv2D",
+        "Flatten",
+        "Dense",
     ]
-    assert [l.filters for l in model.layers if isinstance(l, keras.layers.Conv2D)] == [32, 64, 128, 256, 256]
+    assert [layer.filters for layer in model.layers if isinstance(layer, keras.layers.Conv2D)] == [
+        32,
+        64,
+        128,
+        256,
+        256,
+    ]
     assert model.layers[-1].activation.__name__ == "sigmoid" and model.output_shape == (None, 1)
     train = TrainParams.model_validate(preset("scratch")["train"])
     assert (train.epochs, train.batch_size, train.optimizer) == (30, 32, "rmsprop")
@@ -160,9 +178,13 @@ def test_fine_tuning_unfreezes_the_last_four_layers_of_the_base():
     from convnets.pretrained import set_trainable_layers
     from convnets.train import plan_phases
 
-    params = Params.model_validate({"model": {**preset("fine_tuning")["model"], "weights": "none"},
-                                    "train": preset("fine_tuning")["train"],
-                                    "preprocess": {"channels": 3, "image_size": [180, 180]}})
+    params = Params.model_validate(
+        {
+            "model": {**preset("fine_tuning")["model"], "weights": "none"},
+            "train": preset("fine_tuning")["train"],
+            "preprocess": {"channels": 3, "image_size": [180, 180]},
+        }
+    )
     first, second = plan_phases(params.model, params.train)
     assert (first.start, first.end, first.trainable_layers, first.learning_rate) == (0, 50, 0, 0.001)
     assert (second.start, second.end, second.trainable_layers, second.learning_rate) == (50, 80, 4, 1e-5)
@@ -178,7 +200,11 @@ def test_fine_tuning_unfreezes_the_last_four_layers_of_the_base():
     ("model", "train", "message"),
     [
         ({"cached_features": True}, {}, "needs a pretrained base"),
-        ({"base": "vgg16", "cached_features": True, "augmentation": {"flip": "horizontal"}}, {}, "augmentation cannot apply"),
+        (
+            {"base": "vgg16", "cached_features": True, "augmentation": {"flip": "horizontal"}},
+            {},
+            "augmentation cannot apply",
+        ),
         ({"trainable_layers": 2}, {}, "applies to a pretrained base"),
     ],
 )
@@ -198,10 +224,14 @@ RGB = {"channels": 3, "image_size": [180, 180]}
     ("changes", "keys"),
     [
         ({"train": {"fine_tune_epochs": 5}}, "train.fine_tune_epochs, model.base, model.trainable_layers"),
-        ({"model": {"base": "vgg16"}, "preprocess": RGB, "train": {"fine_tune_epochs": 5}},
-         "train.fine_tune_epochs, model.base, model.trainable_layers"),
-        ({"model": {"base": "vgg16", "cached_features": True, "trainable_layers": 4}, "preprocess": RGB},
-         "model.cached_features, model.trainable_layers, train.fine_tune_epochs"),
+        (
+            {"model": {"base": "vgg16"}, "preprocess": RGB, "train": {"fine_tune_epochs": 5}},
+            "train.fine_tune_epochs, model.base, model.trainable_layers",
+        ),
+        (
+            {"model": {"base": "vgg16", "cached_features": True, "trainable_layers": 4}, "preprocess": RGB},
+            "model.cached_features, model.trainable_layers, train.fine_tune_epochs",
+        ),
     ],
 )
 def test_impossible_training_plans_are_refused_with_the_params(tmp_path, changes, keys):
@@ -213,6 +243,7 @@ def test_impossible_training_plans_are_refused_with_the_params(tmp_path, changes
 
 
 # --- pretrained weights ------------------------------------------------------------------
+
 
 @pytest.fixture
 def vgg16_weights_file(tmp_path) -> tuple[Path, keras.Model]:

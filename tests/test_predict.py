@@ -29,8 +29,9 @@ def model_dir(tmp_path_factory):
     """A cats-vs-dogs model trained on 32 x 32 synthetic photos (dogs carry a bright square)."""
     root = tmp_path_factory.mktemp("predict")
     prepared = make_prepared(root / "prepared", sizes=(96, 32, 8))
-    params = Params.model_validate({"model": {"conv_filters": [8, 16], "pooled_blocks": 2},
-                                    "train": {"epochs": 3, "batch_size": 16}})
+    params = Params.model_validate(
+        {"model": {"conv_filters": [8, 16], "pooled_blocks": 2}, "train": {"epochs": 3, "batch_size": 16}}
+    )
     train(params, prepared, root / "model", root / "train")
     return root / "model"
 
@@ -75,7 +76,10 @@ def test_folder_of_mixed_photos(model_dir, photo_folder, tmp_path, capsys):
     assert set(rows["label"]) <= {"cat", "dog"} and rows["probability"].between(0.5, 1.0).all()
     rejected = read(out.with_name("predictions.rejected.csv"))
     assert dict(zip(rejected["file"], rejected["reason"])) == {
-        "6.jpg": "empty_file", "7.jpg": "truncated", "notes.txt": "not_an_image"}
+        "6.jpg": "empty_file",
+        "7.jpg": "truncated",
+        "notes.txt": "not_an_image",
+    }
     printed = capsys.readouterr().out
     assert "5 file(s) labelled" in printed and "3 file(s) could not be decoded" in printed
 
@@ -125,7 +129,9 @@ def test_kaggle_submission(model_dir, photo_folder, tmp_path, capsys):
 
 
 def test_kaggle_submission_refuses_files_not_named_like_test1(model_dir, photo_folder, tmp_path, capsys):
-    code = main([str(model_dir), str(photo_folder), str(tmp_path / "p.csv"), "--kaggle-submission", str(tmp_path / "s.csv")])
+    code = main(
+        [str(model_dir), str(photo_folder), str(tmp_path / "p.csv"), "--kaggle-submission", str(tmp_path / "s.csv")]
+    )
     assert code == 1
     assert "not named <id>.jpg like test1's" in capsys.readouterr().err
     assert not (tmp_path / "s.csv").exists() and not (tmp_path / "p.csv").exists()
@@ -169,9 +175,18 @@ def test_command_line_on_the_replicas_test1_photos(model_dir, tmp_path):
             (folder / f"{i}.jpg").write_bytes(inner.read(f"test1/{i}.jpg"))
         sample = pd.read_csv(io.BytesIO(outer.read("sampleSubmission.csv")))
     run = subprocess.run(
-        [sys.executable, "-m", "convnets.predict", str(model_dir), str(folder), str(tmp_path / "p.csv"),
-         "--kaggle-submission", str(tmp_path / "submission.csv")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "convnets.predict",
+            str(model_dir),
+            str(folder),
+            str(tmp_path / "p.csv"),
+            "--kaggle-submission",
+            str(tmp_path / "submission.csv"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 0, run.stderr
     submission = pd.read_csv(tmp_path / "submission.csv")

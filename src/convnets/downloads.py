@@ -92,6 +92,7 @@ def is_url(location: str) -> bool:
 
 # --- verified files ---------------------------------------------------------------------
 
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -150,6 +151,7 @@ def prepare_downloads_dir(downloads_dir: Path) -> Path:
 
 
 # --- plain URLs -----------------------------------------------------------------------
+
 
 def download_url(url: str, downloads_dir: Path, retries: int, backoff_s: float, sha256: str = "") -> Path:
     """Download `url` into downloads_dir (once) and return the local file."""

@@ -28,7 +28,8 @@ from convnets.archive import extract_labelled_images
 from convnets.cli import stage_main
 from convnets.downloads import download_url, is_url, sha256_of
 from convnets.errors import DataError
-from convnets.layout import CATALOG, IMAGES_DIR, SET_ASIDE, SET_ASIDE_COLUMNS, downloads_dir as default_downloads_dir
+from convnets.layout import CATALOG, IMAGES_DIR, SET_ASIDE, SET_ASIDE_COLUMNS
+from convnets.layout import downloads_dir as default_downloads_dir
 from convnets.outputs import staged_dir
 from convnets.params import FetchParams, Params
 from convnets.progress import progress
@@ -68,7 +69,9 @@ def locate_archive(params: FetchParams, downloads_dir: Path) -> Path:
     if params.source == "kaggle":
         from convnets.kaggle_source import download_competition
 
-        return download_competition(params.kaggle_competition, downloads_dir, params.download_retries, params.retry_backoff_s)
+        return download_competition(
+            params.kaggle_competition, downloads_dir, params.download_retries, params.retry_backoff_s
+        )
     if is_url(params.archive):
         return download_url(
             params.archive, downloads_dir, params.download_retries, params.retry_backoff_s, params.archive_sha256

@@ -68,7 +68,9 @@ def download_competition(competition: str, downloads_dir: Path, retries: int, ba
 
     with_kaggle_errors(
         competition,
-        lambda: with_retries(attempt, f"downloading the {competition} files from Kaggle", retries, backoff_s, is_transient),
+        lambda: with_retries(
+            attempt, f"downloading the {competition} files from Kaggle", retries, backoff_s, is_transient
+        ),
     )
     return target
 
@@ -108,7 +110,9 @@ def with_kaggle_errors(competition: str, action):
                 f"https://www.kaggle.com/competitions/{competition}/rules, then run again"
             ) from None
         if status == 404:
-            raise DataError(f"Kaggle has no competition {competition!r} (HTTP 404): check fetch.kaggle_competition") from None
+            raise DataError(
+                f"Kaggle has no competition {competition!r} (HTTP 404): check fetch.kaggle_competition"
+            ) from None
         if status is not None or is_transient(exc):
             raise DataError(f"Kaggle download of {competition} failed: {describe(exc)}; try again later") from None
         raise

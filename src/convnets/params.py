@@ -44,7 +44,7 @@ class FetchParams(_Section):
     retry_backoff_s: float = Field(default=2.0, ge=0.0)
 
     @model_validator(mode="after")
-    def _archive_given(self) -> "FetchParams":
+    def _archive_given(self) -> FetchParams:
         if self.source == "archive" and not self.archive.strip():
             raise ValueError("fetch.archive must name a .zip, a folder or an http(s) URL when source is 'archive'")
         return self
@@ -63,7 +63,7 @@ class SplitParams(_Section):
     test_range: list[NonNegativeInt] = Field(default_factory=lambda: [1500, 2500], min_length=2, max_length=2)
 
     @model_validator(mode="after")
-    def _ranges_are_disjoint(self) -> "SplitParams":
+    def _ranges_are_disjoint(self) -> SplitParams:
         ranges = {name: getattr(self, f"{name}_range") for name in ("train", "val", "test")}
         for name, (start, stop) in ranges.items():
             if start >= stop:
@@ -92,7 +92,7 @@ class AugmentationParams(_Section):
     # training (so evaluation and predict see the photos as they are). 0 / "none" = off.
     flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "none"
     rotation: float = Field(default=0.0, ge=0.0, le=1.0)  # RandomRotation: +- this fraction of a full turn
-    zoom: float = Field(default=0.0, ge=0.0, lt=1.0)      # RandomZoom: +- this fraction of the size
+    zoom: float = Field(default=0.0, ge=0.0, lt=1.0)  # RandomZoom: +- this fraction of the size
 
     @property
     def enabled(self) -> bool:
@@ -131,7 +131,7 @@ class ModelParams(_Section):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # before the output layer; 0 = no Dropout layer
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ModelParams":
+    def _consistent(self) -> ModelParams:
         if self.pooled_blocks > len(self.conv_filters):
             raise ValueError(
                 f"pooled_blocks ({self.pooled_blocks}) cannot exceed the number of "
@@ -192,7 +192,7 @@ class Params(_Section):
     report: ReportParams = Field(default_factory=ReportParams)
 
     @model_validator(mode="after")
-    def _sections_agree(self) -> "Params":
+    def _sections_agree(self) -> Params:
         """Rules across sections: the first stage refuses them, not the one that would trip on them."""
         problems = cross_section_problems(self)
         if problems:
@@ -205,24 +205,30 @@ def cross_section_problems(params: Params) -> list[tuple[tuple[str, ...], str]]:
     model, train, split, preprocess = params.model, params.train, params.split, params.preprocess
     problems = []
     if train.fine_tune_epochs and (model.base == "none" or not model.trainable_layers):
-        problems.append((
-            ("train.fine_tune_epochs", "model.base", "model.trainable_layers"),
-            "a fine-tuning phase unfreezes the last model.trainable_layers layers of a pretrained base; "
-            "set model.base: vgg16 and model.trainable_layers > 0 (the book: 4), or train.fine_tune_epochs: 0",
-        ))
+        problems.append(
+            (
+                ("train.fine_tune_epochs", "model.base", "model.trainable_layers"),
+                "a fine-tuning phase unfreezes the last model.trainable_layers layers of a pretrained base; "
+                "set model.base: vgg16 and model.trainable_layers > 0 (the book: 4), or train.fine_tune_epochs: 0",
+            )
+        )
     if model.cached_features and model.trainable_layers and not train.fine_tune_epochs:
-        problems.append((
-            ("model.cached_features", "model.trainable_layers", "train.fine_tune_epochs"),
-            "the base's outputs can be cached only while it is frozen; set model.trainable_layers: 0, "
-            "or train.fine_tune_epochs > 0 to unfreeze it afterwards",
-        ))
+        problems.append(
+            (
+                ("model.cached_features", "model.trainable_layers", "train.fine_tune_epochs"),
+                "the base's outputs can be cached only while it is frozen; set model.trainable_layers: 0, "
+                "or train.fine_tune_epochs > 0 to unfreeze it afterwards",
+            )
+        )
     if model.base == "vgg16" and preprocess.channels != 3:
         problems.append((("model.base", "preprocess.channels"), "VGG16 needs RGB images: set preprocess.channels: 3"))
     if model.base == "vgg16" and min(preprocess.image_size) < 32:
-        problems.append((
-            ("model.base", "preprocess.image_size"),
-            f"VGG16 needs images of at least 32 x 32 pixels, not {preprocess.image_size}",
-        ))
+        problems.append(
+            (
+                ("model.base", "preprocess.image_size"),
+                f"VGG16 needs images of at least 32 x 32 pixels, not {preprocess.image_size}",
+            )
+        )
     train_images = training_images(split, params.fetch)
     if train_images is not None and train.batch_size > train_images:
         keys = ("train.batch_size", "split.train_size" if split.method == "stratified" else "split.train_range")

@@ -48,7 +48,14 @@ class BadFiles:
 
     def add(self, file: str, label: str, subset: str, error: BadImage) -> None:
         self.rows.append(
-            {"file": file, "label": label, "split": subset, "stage": "preprocess", "reason": error.reason, "detail": error.detail}
+            {
+                "file": file,
+                "label": label,
+                "split": subset,
+                "stage": "preprocess",
+                "reason": error.reason,
+                "detail": error.detail,
+            }
         )
         self.per_class[label] += 1
         if self.per_class[label] > self.max_fraction * self.totals[label]:
@@ -154,7 +161,7 @@ class NpyAppender:
         self.file.write(np.ascontiguousarray(row).tobytes())
         self.rows += 1
 
-    def __enter__(self) -> "NpyAppender":
+    def __enter__(self) -> NpyAppender:
         return self
 
     def __exit__(self, *exc) -> None:

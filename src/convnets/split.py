@@ -41,9 +41,7 @@ def split(catalog: pd.DataFrame, params: SplitParams, seed: int) -> pd.DataFrame
 def split_stratified(catalog: pd.DataFrame, params: SplitParams, seed: int) -> pd.DataFrame:
     check_sizes(params, available=len(catalog))
     labels = catalog["label"]
-    rest, test = train_test_split(
-        catalog, test_size=params.test_size, stratify=labels, random_state=seed
-    )
+    rest, test = train_test_split(catalog, test_size=params.test_size, stratify=labels, random_state=seed)
     train, val = train_test_split(
         rest,
         train_size=params.train_size,

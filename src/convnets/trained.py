@@ -72,7 +72,9 @@ def load_trained(model_dir: str | Path) -> tuple[keras.Model, list[str]]:
     model_path, classes_path = model_dir / MODEL_FILE, model_dir / CLASSES
     for path in (model_path, classes_path):
         if not path.is_file():
-            raise DataError(f"{path} not found: run the train stage first (dvc repro train), or give the folder it wrote")
+            raise DataError(
+                f"{path} not found: run the train stage first (dvc repro train), or give the folder it wrote"
+            )
     model = keras.models.load_model(model_path)
     classes = json.loads(classes_path.read_text())
     outputs = model.output_shape[-1]
