@@ -59,11 +59,6 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
-@pytest.fixture
-def tiny_params_file(tmp_path) -> Path:
-    return write_params(tmp_path / "params.yaml", TINY_OVERRIDES)
-
-
 @pytest.fixture(scope="session")
 def mnist_raw(tmp_path_factory) -> Path:
     """data/raw fetched once from the embedded MNIST sample (5,000 PNGs)."""
