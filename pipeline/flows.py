@@ -73,6 +73,7 @@ def dvc_pipeline(
     if record and any(outcome != "skipped" for outcome in outcomes.values()):
         saved = tasks.save_experiment(project, experiment_name)
         logger.info("saved as DVC experiment %s (see `dvc exp show`)", saved)
+        tasks.publish_leaderboard(project)
     elif record:
         logger.info("every stage was up to date: no new experiment")
     return {"stages": outcomes, "experiment": saved}
@@ -111,7 +112,7 @@ def dvc_stage(
     return {"stage": stage, "outcome": outcome, "commit": commit, "host": workspace.host()}
 
 
-@flow(name="dvc-experiment", flow_run_name="{name}")
+@flow(name="dvc-experiment")
 def dvc_experiment(
     repository: str, commit: str, overrides: list[str], name: str, dvc_remote: str | None = None,
     data_stages: list[str] | None = None,
@@ -164,6 +165,7 @@ def dvc_sweep(
     home = [o.point.name for o in outcomes if o.ok]
     if home:
         tasks.pull_experiments(project, git_remote, home)
+        tasks.publish_leaderboard(project, home)
     rows = sweep.leaderboard(outcomes)
     create_table_artifact(key="dvc-sweep", table=rows,
                           description=f"Sweep of {target.commit[:7]} on pool {pool} (`dvc exp show` has them)")
@@ -180,7 +182,8 @@ def sweep_target(project: Path, pool: str, git_remote: str) -> sweep.Target:
         raise grid.SweepError(f"uncommitted changes to {', '.join(dirty)}: a sweep runs commit {commit[:7]} "
                               "on the workers, so commit and push them first")
     remote.check_pushed(project, commit, git_remote)
-    return sweep.Target(remote.git_remote_url(project, git_remote), commit, remote.dvc_remote_url(project), pool)
+    repository = workspace.without_credentials(remote.git_remote_url(project, git_remote))
+    return sweep.Target(repository, commit, remote.dvc_remote_url(project), pool)
 
 
 def data_stages_of(project: Path, training_stage: str = "train") -> list[str]:

@@ -28,6 +28,7 @@ from pipeline.dvc import (
     starts_running,
 )
 from pipeline.overrides import apply_overrides
+from pipeline.workspace import without_credentials
 
 STAGE_RETRIES = 3
 STAGE_BACKOFF_S = 5       # waits of about 5, 10, 20 s between tries
@@ -101,7 +102,8 @@ def run_on_worker(project: Path, stage: str, upstream: list[str], target: remote
     flow_run: FlowRun = run_deployment(
         target.deployment,
         parameters={"stage": stage, "commit": commit, "files": remote.shipped_files(project),
-                    "repository": remote.git_remote_url(project), "dvc_remote": remote.dvc_remote_url(project)},
+                    "repository": without_credentials(remote.git_remote_url(project)),
+                    "dvc_remote": remote.dvc_remote_url(project)},
         poll_interval=POLL_S,
     )
     state = flow_run.state
@@ -181,3 +183,28 @@ def publish_report(project: Path, report_dir: str) -> int:
     create_markdown_artifact(key="dvc-report", markdown=markdown,
                              description=f"Plots of {report_dir} and params against the baseline")
     return len(list(folder.glob("*.png")))
+
+
+@task(name="publish-leaderboard", cache_policy=NO_CACHE)
+def publish_leaderboard(project: Path, names: list[str] | None = None) -> int:
+    """The experiments of this commit (or `names`) side by side: a table and a charts artifact.
+
+    What `python -m convnets.compare` shows, read from `dvc exp show --json` and the
+    experiments' plot files; nothing is rerun.
+    """
+    from convnets import compare
+
+    logger = get_run_logger()
+    show = compare.exp_show(project)
+    try:
+        rows = compare.leaderboard_rows(show, names=names, conf_dir=project / "conf")
+        charts = compare.charts_markdown(show, repo=project, names=names)
+    except KeyError as exc:   # an experiment named but not in `dvc exp show`
+        logger.warning("no leaderboard: %s", exc)
+        return 0
+    if rows:
+        create_table_artifact(key="dvc-leaderboard", table=rows,
+                              description="Experiments side by side, best test accuracy first (convnets.compare)")
+    create_markdown_artifact(key="dvc-experiment-charts", markdown=charts,
+                             description="Validation accuracy and loss of the experiments, overlaid")
+    return len(rows)

@@ -56,6 +56,14 @@ def redact(url: str) -> str:
     return re.sub(r"(?<=://)[^/@\s]+@", "***@", url)
 
 
+def without_credentials(url: str) -> str:
+    """The URL to hand to other machines: no user:token@ in http(s) URLs (each worker has its own).
+
+    ssh URLs keep their user (git@host:...), which is a login name, not a secret.
+    """
+    return re.sub(r"^(https?://)[^/@\s]+@", r"\1", url)
+
+
 def git(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})

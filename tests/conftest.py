@@ -47,9 +47,9 @@ def write_params(path: Path, changes: dict | None = None, base: dict | None = No
 
 
 @pytest.fixture(autouse=True)
-def user_cache(tmp_path, monkeypatch) -> Path:
+def user_cache(tmp_path_factory, monkeypatch) -> Path:
     """A private user cache folder (resume state, downloads), never the real ~/.cache."""
-    cache = tmp_path / "user-cache"
+    cache = tmp_path_factory.mktemp("user-cache")
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     return cache
 

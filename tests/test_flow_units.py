@@ -427,9 +427,16 @@ def test_real_dvc_bad_params_fail_once_then_a_run_is_an_experiment_and_a_rerun_d
     assert flow_logs(bad.state_details.flow_run_id).count("Running stage 'fetch'") == 1   # no retry
     assert not (project / "data/raw").exists()
 
-    first = dvc_pipeline(project_dir=str(project), overrides=TINY)
+    first_state = dvc_pipeline(project_dir=str(project), overrides=TINY, return_state=True)
+    first = first_state.result()
     assert first["stages"] == {s: "ran" for s in STAGES}
     assert experiments(project)[first["experiment"]]["train"]["epochs"] == 1
+    # the experiments of the commit, side by side (convnets.compare), as a table and a charts artifact
+    board = artifact(first_state.state_details.flow_run_id, "dvc-leaderboard")
+    rows = json.loads(board.data) if isinstance(board.data, str) else board.data
+    assert [row["experiment"] for row in rows] == [first["experiment"]]
+    charts = artifact(first_state.state_details.flow_run_id, "dvc-experiment-charts")
+    assert "data:image/png;base64," in charts.data
     outputs = sorted(p for p in (project / "data").rglob("*") if p.is_file())
     before = {p: p.stat().st_mtime_ns for p in outputs}
 

@@ -129,6 +129,10 @@ def test_a_commit_missing_from_the_remote_is_named(tmp_path, monkeypatch):
 def test_secrets_in_urls_never_reach_messages():
     assert workspace.redact("https://user:s3cret@example.com/r.git") == "https://***@example.com/r.git"
     assert workspace.redact("/srv/git/r.git") == "/srv/git/r.git"
+    # what other machines are told: no token; each worker clones with its own credentials
+    assert workspace.without_credentials("https://x-access-token:s3cret@example.com/r.git") == \
+        "https://example.com/r.git"
+    assert workspace.without_credentials("git@example.com:team/r.git") == "git@example.com:team/r.git"
 
 
 def test_the_training_state_mirror_sits_beside_the_dvc_remote(monkeypatch):
@@ -139,3 +143,43 @@ def test_the_training_state_mirror_sits_beside_the_dvc_remote(monkeypatch):
     assert workspace.run_environment("/mnt/shared/dvc") == {workspace.RESUME_URL_ENV: "/mnt/shared/dvc-train-resume"}
     monkeypatch.setenv(workspace.RESUME_URL_ENV, "s3://elsewhere")   # the worker's own setting wins
     assert workspace.run_environment("/mnt/shared/dvc") == {}
+
+
+def test_a_restarting_prefect_server_is_waited_for_and_loses_nothing(monkeypatch):
+    """The API refuses connections for a while (a restart): the sweep keeps polling, then reads the result."""
+    import uuid
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    import httpx
+    import prefect.client.orchestration
+
+    run_id = uuid.uuid4()
+    finished = SimpleNamespace(id=run_id, name="r", total_run_time=timedelta(seconds=42),
+                               state=SimpleNamespace(type=SimpleNamespace(value="COMPLETED"), name="Completed",
+                                                     message="", is_final=lambda: True))
+    answers = iter([httpx.ConnectError("connection refused"), httpx.ConnectError("connection refused"), [finished]])
+
+    class Client:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read_flow_runs(self, **kwargs):
+            answer = next(answers)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        def read_workers_for_work_pool(self, pool, **kwargs):
+            return [object()]
+
+    monkeypatch.setattr(prefect.client.orchestration, "get_client", lambda sync_client: Client())
+    monkeypatch.setattr(sweep, "POLL_S", 0)
+    logs: list[str] = []
+    outcome = sweep.Outcome(Point(("seed=1",), "a"), flow_run_id=run_id, attempts=1)
+    sweep.wait_for([outcome], "dvc-experiment/gpu", sweep.Target("r", "c" * 40, None, "gpu"), 60, 0, logs.append)
+    assert outcome.status == "done" and outcome.seconds == 42
+    assert sum("did not answer" in line for line in logs) == 2

@@ -46,9 +46,9 @@ def interrupt_after(monkeypatch):
     return arm
 
 
-def resume_root(tmp_path):
+def resume_root(cache):
     """The one run's state folder in the test's user cache (named by the run's fingerprint)."""
-    (root,) = (tmp_path / "user-cache" / "convnets" / "train-resume").iterdir()
+    (root,) = (cache / "convnets" / "train-resume").iterdir()
     return root
 
 
@@ -57,7 +57,7 @@ def history(live_dir, split="eval", metric="loss") -> pd.DataFrame:
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
-def test_interrupted_run_ends_exactly_like_an_uninterrupted_one(tmp_path, interrupt_after, capsys, schedule):
+def test_interrupted_run_ends_exactly_like_an_uninterrupted_one(tmp_path, interrupt_after, capsys, schedule, user_cache):
     """Weights, optimizer state (with the schedule's step count) and data order all resume."""
     prepared = make_prepared(tmp_path / "prepared")
     params = Params.model_validate({**PLAIN, "train": {**PLAIN["train"], "lr_schedule": schedule}})
@@ -66,7 +66,7 @@ def test_interrupted_run_ends_exactly_like_an_uninterrupted_one(tmp_path, interr
     interrupt_after(2)
     with pytest.raises(Interrupt):
         train(params, prepared, tmp_path / "b" / "model", tmp_path / "b" / "train")
-    resume_dir = resume_root(tmp_path)
+    resume_dir = resume_root(user_cache)
     assert sorted(p.name for p in resume_dir.iterdir()) == [".gitignore", "epoch-0002", "fingerprint.txt", "live"]
     assert not (tmp_path / "b" / "model").exists()  # no half output
     capsys.readouterr()
@@ -94,7 +94,7 @@ def test_other_params_start_over(tmp_path, interrupt_after, capsys):
     assert list(history(tmp_path / "train")["step"]) == [0, 1]
 
 
-def test_fine_tuning_resumes_without_recomputing_the_base_outputs(tmp_path, interrupt_after, capsys):
+def test_fine_tuning_resumes_without_recomputing_the_base_outputs(tmp_path, interrupt_after, capsys, user_cache):
     """Two phases (cached VGG16 features, then the last 4 layers unfrozen), interrupted in the first."""
     prepared = make_prepared(tmp_path / "prepared")
     params = Params.model_validate({
@@ -107,7 +107,7 @@ def test_fine_tuning_resumes_without_recomputing_the_base_outputs(tmp_path, inte
     with pytest.raises(Interrupt):
         train(params, prepared, tmp_path / "model", tmp_path / "train")
     assert "computing the frozen base's outputs for 64 train images" in capsys.readouterr().out
-    assert (resume_root(tmp_path) / "features" / "train.npy").is_file()
+    assert (resume_root(user_cache) / "features" / "train.npy").is_file()
 
     best = train(params, prepared, tmp_path / "model", tmp_path / "train")
     out = capsys.readouterr().out
@@ -117,7 +117,7 @@ def test_fine_tuning_resumes_without_recomputing_the_base_outputs(tmp_path, inte
     assert best["val_loss"] == pytest.approx(history(tmp_path / "train")["loss"].min(), rel=1e-6)
 
 
-def test_killed_process_resumes_from_its_last_finished_epoch(tmp_path):
+def test_killed_process_resumes_from_its_last_finished_epoch(tmp_path, user_cache):
     """SIGKILL in the middle of epoch 2, as a crash or an evicted worker would; rerun the stage."""
     prepared = make_prepared(tmp_path / "prepared", sizes=(640, 64, 16), size=64)
     params_file = write_params(tmp_path / "params.yaml", {
@@ -129,14 +129,14 @@ def test_killed_process_resumes_from_its_last_finished_epoch(tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 300
-    while not list((tmp_path / "user-cache").glob("convnets/train-resume/*/epoch-0001")):
+    while not list(user_cache.glob("convnets/train-resume/*/epoch-0001")):
         assert first.poll() is None, first.stdout.read().decode()
         assert time.monotonic() < deadline, "no epoch finished within 5 minutes"
         time.sleep(0.01)
     first.send_signal(signal.SIGKILL)
     first.wait()
     assert first.returncode == -signal.SIGKILL
-    resume_dir = resume_root(tmp_path)
+    resume_dir = resume_root(user_cache)
     committed = sorted(p.name for p in resume_dir.glob("epoch-*"))
     assert committed == ["epoch-0001"], committed  # killed during epoch 2
     assert not (tmp_path / "model").exists() and not (tmp_path / "train").exists()
