@@ -30,9 +30,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import git  # noqa: E402
 from prefect_fleet import run  # noqa: E402
 from test_sweep_fleet import TINY, Fleet  # noqa: E402
+
+from conftest import git  # noqa: E402
 
 OVERHEAD_TARGET_S = 20.0
 
@@ -67,9 +68,24 @@ def nightly_pickup(fleet: Fleet, epochs: int) -> tuple[float, float]:
     run(["prefect", "--no-prompt", "deploy", "--name", "nightly"], fleet.submitter, fleet.env)
     overrides = [o for o in TINY if o != "-S"] + [f"train.epochs={epochs}"]
     triggered = time.time()
-    run(["prefect", "deployment", "run", "dvc-nightly/nightly", "--param", f"repository={fleet.origin}",
-         "--param", f"dvc_remote={fleet.dvc_remote}", "--param", "overrides=" + json.dumps(overrides), "--watch"],
-        fleet.submitter, fleet.env, timeout=3600)
+    run(
+        [
+            "prefect",
+            "deployment",
+            "run",
+            "dvc-nightly/nightly",
+            "--param",
+            f"repository={fleet.origin}",
+            "--param",
+            f"dvc_remote={fleet.dvc_remote}",
+            "--param",
+            "overrides=" + json.dumps(overrides),
+            "--watch",
+        ],
+        fleet.submitter,
+        fleet.env,
+        timeout=3600,
+    )
     (experiment,) = [r for r in fleet.flow_runs("dvc-experiment") if r["name"] == f"nightly-{commit[:7]}"]
     return experiment["start"] - triggered, experiment["end"] - triggered
 
@@ -89,12 +105,18 @@ def main() -> int:
             run(exp_run_args(epochs, "train.learning_rate=0.0001"), fleet.submitter, fleet.env, timeout=3600)
 
             bare = timed(exp_run_args(epochs, "train.learning_rate=0.0005"), fleet.submitter, fleet.env)
-            swept = timed(sweep_args("-S", epochs, "-S", "train.learning_rate=0.0005", "--name-prefix", "one"),
-                          fleet.submitter, fleet.env)
+            swept = timed(
+                sweep_args("-S", epochs, "-S", "train.learning_rate=0.0005", "--name-prefix", "one"),
+                fleet.submitter,
+                fleet.env,
+            )
             rates = [f"train.learning_rate=0.00{i}" for i in (1, 2, 3, 4)]
             sequential = sum(timed(exp_run_args(epochs, rate), fleet.submitter, fleet.env) for rate in rates)
-            fanned = timed(sweep_args("-S", epochs, "-S", "train.learning_rate=0.001,0.002,0.003,0.004",
-                                      "--name-prefix", "four"), fleet.submitter, fleet.env)
+            fanned = timed(
+                sweep_args("-S", epochs, "-S", "train.learning_rate=0.001,0.002,0.003,0.004", "--name-prefix", "four"),
+                fleet.submitter,
+                fleet.env,
+            )
             picked_up, finished = nightly_pickup(fleet, args.epochs)
         finally:
             fleet.processes.stop()

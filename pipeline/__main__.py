@@ -21,16 +21,40 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m pipeline",
         description="Run the DVC pipeline one stage at a time as a Prefect flow (see docs/orchestration.md).",
     )
-    parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="OVERRIDE",
-                        help="override as for `dvc exp run -S`, e.g. train.epochs=3 or dataset=dogs_vs_cats (repeatable)")
-    parser.add_argument("--stage", dest="stages", action="append", default=[], metavar="STAGE",
-                        help="run this stage and its upstream stages (repeatable; default: all)")
+    parser.add_argument(
+        "-S",
+        "--set-param",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="OVERRIDE",
+        help="override as for `dvc exp run -S`, e.g. train.epochs=3 or dataset=dogs_vs_cats (repeatable)",
+    )
+    parser.add_argument(
+        "--stage",
+        dest="stages",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="run this stage and its upstream stages (repeatable; default: all)",
+    )
     parser.add_argument("--single-item", action="store_true", help="run only the --stage stages, not their upstream")
     exp = parser.add_mutually_exclusive_group()
-    exp.add_argument("--experiment", dest="experiment", action="store_const", const=True, default=None,
-                     help="save the run as a DVC experiment (the default when -S is given)")
-    exp.add_argument("--no-experiment", dest="experiment", action="store_const", const=False,
-                     help="do not save a DVC experiment, even with -S")
+    exp.add_argument(
+        "--experiment",
+        dest="experiment",
+        action="store_const",
+        const=True,
+        default=None,
+        help="save the run as a DVC experiment (the default when -S is given)",
+    )
+    exp.add_argument(
+        "--no-experiment",
+        dest="experiment",
+        action="store_const",
+        const=False,
+        help="do not save a DVC experiment, even with -S",
+    )
     parser.add_argument("-n", "--name", help="name of the DVC experiment")
     parser.add_argument("--local", action="store_true", help="run every stage here, even with a gpu work pool")
     parser.add_argument("--project", help="the DVC project (default: the one containing the working directory)")
@@ -44,18 +68,40 @@ def parse_sweep_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline sweep",
         description="Run every point of a -S grid as its own DVC experiment of HEAD on a Prefect work pool, "
-                    "then pull the experiments into this project's `dvc exp show` (see docs/orchestration.md).",
+        "then pull the experiments into this project's `dvc exp show` (see docs/orchestration.md).",
     )
-    parser.add_argument("-S", "--set-param", dest="set_params", action="append", default=[], metavar="OVERRIDE",
-                        help="as for `dvc exp run -S`; comma-separated values make a grid, e.g. seed=1,2,3 "
-                             "or +experiment=scratch,augmented (repeatable)")
-    parser.add_argument("--pool", default="gpu", help="work pool whose workers run the experiments (default: %(default)s)")
-    parser.add_argument("--name-prefix", default="sweep", help="experiment names start with this (default: %(default)s)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
-                        help="give up when no worker polls the pool for this long (default: %(default)s)")
-    parser.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
-                        help="resubmissions of an experiment whose worker died (default: %(default)s)")
-    parser.add_argument("--git-remote", default="origin", help="git remote the workers clone from (default: %(default)s)")
+    parser.add_argument(
+        "-S",
+        "--set-param",
+        dest="set_params",
+        action="append",
+        default=[],
+        metavar="OVERRIDE",
+        help="as for `dvc exp run -S`; comma-separated values make a grid, e.g. seed=1,2,3 "
+        "or +experiment=scratch,augmented (repeatable)",
+    )
+    parser.add_argument(
+        "--pool", default="gpu", help="work pool whose workers run the experiments (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--name-prefix", default="sweep", help="experiment names start with this (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="give up when no worker polls the pool for this long (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=DEFAULT_RETRIES,
+        help="resubmissions of an experiment whose worker died (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--git-remote", default="origin", help="git remote the workers clone from (default: %(default)s)"
+    )
     parser.add_argument("--project", help="the DVC project (default: the one containing the working directory)")
     return parser.parse_args(argv)
 
@@ -65,9 +111,16 @@ def sweep_main(argv: Sequence[str]) -> int:
     from pipeline.flows import dvc_sweep
     from pipeline.sweep import ExperimentsFailed, text_table
 
-    state = dvc_sweep(set_params=args.set_params, pool=args.pool, name_prefix=args.name_prefix,
-                      timeout=args.timeout, retries=args.retries, project_dir=args.project,
-                      git_remote=args.git_remote, return_state=True)
+    state = dvc_sweep(
+        set_params=args.set_params,
+        pool=args.pool,
+        name_prefix=args.name_prefix,
+        timeout=args.timeout,
+        retries=args.retries,
+        project_dir=args.project,
+        git_remote=args.git_remote,
+        return_state=True,
+    )
     result = state.result(raise_on_failure=False)
     if isinstance(result, ExperimentsFailed):
         print(text_table(result.rows))
@@ -98,8 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         result = dvc_pipeline(
-            overrides=args.overrides, stages=args.stages, single_item=args.single_item,
-            experiment=args.experiment, experiment_name=args.name, local_only=args.local,
+            overrides=args.overrides,
+            stages=args.stages,
+            single_item=args.single_item,
+            experiment=args.experiment,
+            experiment_name=args.name,
+            local_only=args.local,
             project_dir=args.project,
         )
     except Exception as exc:  # the flow run's log has the details; the user gets the cause

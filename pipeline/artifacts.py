@@ -20,22 +20,28 @@ def metrics_rows(diff: dict) -> list[dict[str, str]]:
     for path in sorted(diff):
         for name in sorted(diff[path]):
             entry = diff[path][name]
-            rows.append({
-                "file": path,
-                "metric": name,
-                "baseline": show(entry.get("old")),
-                "this run": show(entry.get("new")),
-                "change": show(entry.get("diff")),
-            })
+            rows.append(
+                {
+                    "file": path,
+                    "metric": name,
+                    "baseline": show(entry.get("old")),
+                    "this run": show(entry.get("new")),
+                    "change": show(entry.get("diff")),
+                }
+            )
     return rows
 
 
 def params_rows(diff: dict) -> list[dict[str, str]]:
     """Rows of `dvc params diff --json` (only changed params): param, baseline, this run."""
     return [
-        {"param": name if path == "params.yaml" else f"{path}:{name}",
-         "baseline": show(entry.get("old")), "this run": show(entry.get("new"))}
-        for path in sorted(diff) for name, entry in sorted(diff[path].items())
+        {
+            "param": name if path == "params.yaml" else f"{path}:{name}",
+            "baseline": show(entry.get("old")),
+            "this run": show(entry.get("new")),
+        }
+        for path in sorted(diff)
+        for name, entry in sorted(diff[path].items())
     ]
 
 

@@ -24,8 +24,8 @@ class UnknownStage(ValueError):
 
 @dataclass(frozen=True)
 class StageGraph:
-    order: tuple[str, ...]                 # dependencies first; ties in dvc.yaml order
-    edges: frozenset[tuple[str, str]]      # (upstream, downstream)
+    order: tuple[str, ...]  # dependencies first; ties in dvc.yaml order
+    edges: frozenset[tuple[str, str]]  # (upstream, downstream)
 
     def predecessors(self, stage: str) -> list[str]:
         """Stages whose outputs `stage` reads directly, in run order."""

@@ -33,8 +33,8 @@ TRANSIENT_PATTERNS = (
     re.compile(r"could not download .+: HTTP (408|425|429|5\d\d)\b"),
 )
 
-TAIL_LINES = 200        # output kept for error messages
-FALLBACK_LINES = 15     # shown when the stage printed no "error:" line (e.g. a traceback)
+TAIL_LINES = 200  # output kept for error messages
+FALLBACK_LINES = 15  # shown when the stage printed no "error:" line (e.g. a traceback)
 
 
 class DvcError(Exception):
@@ -61,7 +61,7 @@ class StageRanLocally(Exception):
 class DvcRun:
     args: tuple[str, ...]
     returncode: int
-    tail: tuple[str, ...]   # last TAIL_LINES lines of stdout + stderr
+    tail: tuple[str, ...]  # last TAIL_LINES lines of stdout + stderr
 
     @property
     def ok(self) -> bool:
@@ -74,7 +74,7 @@ def dvc_env() -> dict[str, str]:
     return {
         **os.environ,
         "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-        "PYTHONUNBUFFERED": "1",     # stage output reaches the log as it is printed
+        "PYTHONUNBUFFERED": "1",  # stage output reaches the log as it is printed
     }
 
 
@@ -96,8 +96,15 @@ def run_dvc(
     """
     tail: deque[str] = deque(maxlen=keep)
     proc = subprocess.Popen(
-        [*DVC_COMMAND, *args], cwd=project, env={**dvc_env(), **(env or {})}, text=True, errors="replace",
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1, start_new_session=True,
+        [*DVC_COMMAND, *args],
+        cwd=project,
+        env={**dvc_env(), **(env or {})},
+        text=True,
+        errors="replace",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        bufsize=1,
+        start_new_session=True,
     )
     try:
         assert proc.stdout is not None
@@ -129,7 +136,9 @@ def stop_group(proc: subprocess.Popen) -> None:
 
 
 def check_dvc(
-    project: Path, args: Sequence[str], on_line: Callable[[str], None] = lambda line: None,
+    project: Path,
+    args: Sequence[str],
+    on_line: Callable[[str], None] = lambda line: None,
     keep: int | None = TAIL_LINES,
 ) -> DvcRun:
     """Run `dvc <args>`; DvcError with its output if it fails."""
@@ -143,7 +152,11 @@ def check_dvc(
 def dvc_json(project: Path, args: Sequence[str]) -> object:
     """Run a `dvc ... --json` command and parse its stdout (its warnings go to stderr)."""
     proc = subprocess.run(
-        [*DVC_COMMAND, *args, "--json"], cwd=project, env=dvc_env(), text=True, capture_output=True,
+        [*DVC_COMMAND, *args, "--json"],
+        cwd=project,
+        env=dvc_env(),
+        text=True,
+        capture_output=True,
     )
     if proc.returncode != 0:
         raise DvcError(f"`dvc {' '.join(args)} --json` exited with {proc.returncode}:\n{proc.stderr.strip()}")
@@ -151,6 +164,7 @@ def dvc_json(project: Path, args: Sequence[str]) -> object:
 
 
 # --- reading a stage's run -------------------------------------------------------------
+
 
 def stage_outcome(stage: str, lines: Sequence[str]) -> str:
     """'ran', 'restored' (from DVC's run cache or the remote) or 'skipped' (up to date)."""

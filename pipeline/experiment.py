@@ -20,7 +20,7 @@ from pipeline.dvc import DvcError, check_dvc, run_dvc, stage_failure
 from pipeline.workspace import DVC_REMOTE_NAME, KeepCheckout, host, redact
 
 RUNNING = re.compile(r"^Running stage '([^']+)'")
-GIT_REMOTE = "origin"   # the clone's origin is the repository the run was asked to clone
+GIT_REMOTE = "origin"  # the clone's origin is the repository the run was asked to clone
 
 
 def use_dvc_remote(checkout: Path, url: str | None) -> None:
@@ -34,7 +34,11 @@ def set_flags(overrides: Sequence[str]) -> list[str]:
 
 
 def run_experiment(
-    checkout: Path, name: str, overrides: Sequence[str], env: dict[str, str], on_line: Callable[[str], None],
+    checkout: Path,
+    name: str,
+    overrides: Sequence[str],
+    env: dict[str, str],
+    on_line: Callable[[str], None],
 ) -> None:
     """`dvc exp run --pull`; a failed stage raises StageFailed with that stage's own error."""
     run = run_dvc(checkout, ["exp", "run", "--pull", "-n", name, *set_flags(overrides)], on_line, env=env)
@@ -43,7 +47,10 @@ def run_experiment(
 
 
 def prepare_data(
-    checkout: Path, stages: Sequence[str], overrides: Sequence[str], env: dict[str, str],
+    checkout: Path,
+    stages: Sequence[str],
+    overrides: Sequence[str],
+    env: dict[str, str],
     on_line: Callable[[str], None],
 ) -> None:
     """Run (or restore) the data stages with the point's params and push them to the run cache."""

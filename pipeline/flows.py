@@ -92,7 +92,11 @@ def remote_target(stage: str, remote_stages: dict[str, str]) -> remote.RemoteTar
 
 @flow(name="dvc-stage")
 def dvc_stage(
-    stage: str, commit: str, files: dict[str, str | None], repository: str, dvc_remote: str | None = None,
+    stage: str,
+    commit: str,
+    files: dict[str, str | None],
+    repository: str,
+    dvc_remote: str | None = None,
 ) -> dict:
     """Run one stage for a parent `dvc-pipeline` run, in a clean clone of `repository` at `commit`.
 
@@ -114,7 +118,11 @@ def dvc_stage(
 
 @flow(name="dvc-experiment")
 def dvc_experiment(
-    repository: str, commit: str, overrides: list[str], name: str, dvc_remote: str | None = None,
+    repository: str,
+    commit: str,
+    overrides: list[str],
+    name: str,
+    dvc_remote: str | None = None,
     data_stages: list[str] | None = None,
 ) -> dict:
     """One DVC experiment of `commit`, in a clean clone, pushed home (see pipeline.experiment).
@@ -135,18 +143,32 @@ def dvc_experiment(
         experiment.run_experiment(checkout, name, overrides, env, logger.info)
         figures = experiment.read_figures(checkout)
         experiment.push_home(checkout, name, repository, logger.info)
-    summary = {"experiment": name, "commit": commit, "overrides": " ".join(overrides), **figures,
-               "worker": workspace.host(), "seconds": round(time.monotonic() - started, 1)}
-    create_table_artifact(key=sweep.artifact_key(commit, name), table=[summary],
-                          description=f"DVC experiment {name} of {commit[:7]} (`dvc exp pull origin {name}`)")
+    summary = {
+        "experiment": name,
+        "commit": commit,
+        "overrides": " ".join(overrides),
+        **figures,
+        "worker": workspace.host(),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    create_table_artifact(
+        key=sweep.artifact_key(commit, name),
+        table=[summary],
+        description=f"DVC experiment {name} of {commit[:7]} (`dvc exp pull origin {name}`)",
+    )
     logger.info("%s pushed home: test accuracy %s", name, figures.get("test_accuracy"))
     return summary
 
 
 @flow(name="dvc-sweep")
 def dvc_sweep(
-    set_params: list[str], pool: str = "gpu", name_prefix: str = "sweep", timeout: float = sweep.DEFAULT_TIMEOUT_S,
-    retries: int = sweep.DEFAULT_RETRIES, project_dir: str | None = None, git_remote: str = "origin",
+    set_params: list[str],
+    pool: str = "gpu",
+    name_prefix: str = "sweep",
+    timeout: float = sweep.DEFAULT_TIMEOUT_S,
+    retries: int = sweep.DEFAULT_RETRIES,
+    project_dir: str | None = None,
+    git_remote: str = "origin",
 ) -> list[dict]:
     """Every point of the `-S` grid as one experiment on the pool; results pulled into this project."""
     logger = get_run_logger()
@@ -159,16 +181,20 @@ def dvc_sweep(
     groups: dict[str, list[grid.Point]] = {}
     for point in points:
         groups.setdefault(grid.data_key(params[point.name], keys), []).append(point)
-    logger.info("%d experiment(s) of %s on pool %r: %s", len(points), target.commit[:7], pool,
-                ", ".join(p.name for p in points))
+    logger.info(
+        "%d experiment(s) of %s on pool %r: %s", len(points), target.commit[:7], pool, ", ".join(p.name for p in points)
+    )
     outcomes = sweep.run_points(points, target, list(groups.values()), data_stages, timeout, retries, logger.info)
     home = [o.point.name for o in outcomes if o.ok]
     if home:
         tasks.pull_experiments(project, git_remote, home)
         tasks.publish_leaderboard(project, home)
     rows = sweep.leaderboard(outcomes)
-    create_table_artifact(key="dvc-sweep", table=rows,
-                          description=f"Sweep of {target.commit[:7]} on pool {pool} (`dvc exp show` has them)")
+    create_table_artifact(
+        key="dvc-sweep",
+        table=rows,
+        description=f"Sweep of {target.commit[:7]} on pool {pool} (`dvc exp show` has them)",
+    )
     if not all(o.ok for o in outcomes):
         raise sweep.ExperimentsFailed(outcomes, rows)
     return rows
@@ -179,8 +205,10 @@ def sweep_target(project: Path, pool: str, git_remote: str) -> sweep.Target:
     dirty = remote.uncommitted_changes(project)
     commit = remote.head_commit(project)
     if dirty:
-        raise grid.SweepError(f"uncommitted changes to {', '.join(dirty)}: a sweep runs commit {commit[:7]} "
-                              "on the workers, so commit and push them first")
+        raise grid.SweepError(
+            f"uncommitted changes to {', '.join(dirty)}: a sweep runs commit {commit[:7]} "
+            "on the workers, so commit and push them first"
+        )
     remote.check_pushed(project, commit, git_remote)
     repository = workspace.without_credentials(remote.git_remote_url(project, git_remote))
     return sweep.Target(repository, commit, remote.dvc_remote_url(project), pool)
@@ -195,8 +223,12 @@ def data_stages_of(project: Path, training_stage: str = "train") -> list[str]:
 
 @flow(name="dvc-nightly")
 def dvc_nightly(
-    branch: str = "main", pool: str = "gpu", repository: str | None = None, dvc_remote: str | None = None,
-    overrides: list[str] | None = None, timeout: float = sweep.DEFAULT_TIMEOUT_S,
+    branch: str = "main",
+    pool: str = "gpu",
+    repository: str | None = None,
+    dvc_remote: str | None = None,
+    overrides: list[str] | None = None,
+    timeout: float = sweep.DEFAULT_TIMEOUT_S,
 ) -> dict:
     """The head of `branch` as one experiment on the pool, compared with the previous scheduled run's.
 
@@ -217,8 +249,11 @@ def dvc_nightly(
     target = sweep.Target(repository, commit, dvc_remote, pool)
     (outcome,) = sweep.run_points([point], target, [], [], timeout, 0, logger.info)
     rows = nightly.comparison_rows(outcome, commit, previous)
-    create_table_artifact(key=nightly.artifact_key(branch), table=rows,
-                          description=f"Nightly run of {branch} at {commit[:7]} against the previous one")
+    create_table_artifact(
+        key=nightly.artifact_key(branch),
+        table=rows,
+        description=f"Nightly run of {branch} at {commit[:7]} against the previous one",
+    )
     if not outcome.ok:
         raise sweep.ExperimentsFailed([outcome])
     return {"commit": commit, "status": outcome.status, "experiment": point.name}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-MAX_NAME = 80   # long grids still get names a person can read in `dvc exp show`
+MAX_NAME = 80  # long grids still get names a person can read in `dvc exp show`
 
 
 class SweepError(ValueError):
@@ -71,7 +71,7 @@ def experiment_name(prefix: str, varying: Sequence[str], fixed: Sequence[str] = 
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(parts))
     name = re.sub(r"\.{2,}", ".", name).strip("-.")
     if len(name) > MAX_NAME:
-        name = f"{name[:MAX_NAME - 9].rstrip('-.')}-{digest([*varying, *fixed])}"
+        name = f"{name[: MAX_NAME - 9].rstrip('-.')}-{digest([*varying, *fixed])}"
     return name
 
 
@@ -86,8 +86,14 @@ def make_points(set_params: Sequence[str], prefix: str) -> list[Point]:
     # every point has the same keys in the same order; a position varies if its values differ
     varies = [len({point[i] for point in grid}) > 1 for i in range(len(grid[0]))]
     points = [
-        Point(overrides, experiment_name(prefix, [o for o, v in zip(overrides, varies, strict=True) if v],
-                                         [o for o, v in zip(overrides, varies, strict=True) if not v]))
+        Point(
+            overrides,
+            experiment_name(
+                prefix,
+                [o for o, v in zip(overrides, varies, strict=True) if v],
+                [o for o, v in zip(overrides, varies, strict=True) if not v],
+            ),
+        )
         for overrides in grid
     ]
     names = [p.name for p in points]
@@ -132,6 +138,7 @@ def data_params(project: Path, data_stages: Sequence[str]) -> list[str]:
 
 def data_key(params: dict, keys: Sequence[str]) -> str:
     """Equal for two points whose data stages read the same params (so they share one run)."""
+
     def lookup(key: str):
         value = params
         for part in key.split("."):

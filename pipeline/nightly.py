@@ -25,8 +25,11 @@ def previous_run(branch: str) -> dict | None:
     from prefect.client.schemas.sorting import ArtifactSort
 
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(branch)])),
-                                      sort=ArtifactSort.UPDATED_DESC, limit=1)
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(branch)])),
+            sort=ArtifactSort.UPDATED_DESC,
+            limit=1,
+        )
     if not found:
         return None
     rows = json.loads(found[0].data) if isinstance(found[0].data, str) else found[0].data
@@ -36,15 +39,39 @@ def previous_run(branch: str) -> dict | None:
 def comparison_rows(outcome: Outcome, commit: str, previous: dict | None) -> list[dict]:
     """metric, value (kept raw for the next run), this run, previous run, change."""
     before = previous or {}
-    rows = [{"metric": "commit", "value": commit, "this run": commit[:7],
-             "previous run": str(before.get("commit", ""))[:7], "change": ""},
-            {"metric": "status", "value": outcome.status, "this run": outcome.status,
-             "previous run": before.get("status", ""), "change": ""},
-            {"metric": "wall time", "value": outcome.seconds, "this run": duration(outcome.seconds),
-             "previous run": duration(before.get("wall time")), "change": ""}]
+    rows = [
+        {
+            "metric": "commit",
+            "value": commit,
+            "this run": commit[:7],
+            "previous run": str(before.get("commit", ""))[:7],
+            "change": "",
+        },
+        {
+            "metric": "status",
+            "value": outcome.status,
+            "this run": outcome.status,
+            "previous run": before.get("status", ""),
+            "change": "",
+        },
+        {
+            "metric": "wall time",
+            "value": outcome.seconds,
+            "this run": duration(outcome.seconds),
+            "previous run": duration(before.get("wall time")),
+            "change": "",
+        },
+    ]
     for key, label in METRICS:
         now, then = outcome.figures.get(key), before.get(key)
         change = number(now - then) if isinstance(now, (int, float)) and isinstance(then, (int, float)) else ""
-        rows.append({"metric": key, "value": now, "this run": number(now) if key != "best_epoch" else str(now or ""),
-                     "previous run": number(then) if key != "best_epoch" else str(then or ""), "change": change})
+        rows.append(
+            {
+                "metric": key,
+                "value": now,
+                "this run": number(now) if key != "best_epoch" else str(now or ""),
+                "previous run": number(then) if key != "best_epoch" else str(then or ""),
+                "change": change,
+            }
+        )
     return rows

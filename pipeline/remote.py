@@ -22,7 +22,7 @@ DEFAULT_DEPLOYMENT = "dvc-stage/train-gpu"
 # Files the parent may have changed that travel with the request; any other uncommitted
 # change to a tracked file would make the worker run different code than the parent has.
 SHIPPED_FILES = ("params.yaml", "dvc.lock")
-IGNORED_CHANGES = ("conf/",)   # presets only feed params.yaml, which is shipped
+IGNORED_CHANGES = ("conf/",)  # presets only feed params.yaml, which is shipped
 
 
 class RemoteStageError(RuntimeError):
@@ -33,7 +33,7 @@ class RemoteStageError(RuntimeError):
 class RemoteTarget:
     deployment: str
     pool: str
-    pool_ready: bool   # a worker has polled the pool recently
+    pool_ready: bool  # a worker has polled the pool recently
 
 
 def find_remote_target(deployment: str) -> RemoteTarget | None:
@@ -58,6 +58,7 @@ def find_remote_target(deployment: str) -> RemoteTarget | None:
 
 # --- git state, on both sides ------------------------------------------------------------
 
+
 def git(project: Path, *args: str) -> str:
     proc = subprocess.run(["git", *args], cwd=project, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -78,7 +79,8 @@ def changed_files(project: Path) -> list[str]:
 def uncommitted_code(project: Path) -> list[str]:
     """Tracked files changed since HEAD, other than the ones shipped with the request."""
     return [
-        path for path in changed_files(project)
+        path
+        for path in changed_files(project)
         if path not in SHIPPED_FILES and not path.startswith(IGNORED_CHANGES) and Path(path).name != ".gitignore"
     ]
 
@@ -106,6 +108,7 @@ def check_can_send(project: Path) -> str:
 
 # --- the worker's side --------------------------------------------------------------------
 
+
 def write_shipped_files(project: Path, files: dict[str, str | None]) -> None:
     """Take the parent's params.yaml and dvc.lock (atomically, one file at a time)."""
     for name, text in files.items():
@@ -121,6 +124,7 @@ def write_shipped_files(project: Path, files: dict[str, str | None]) -> None:
 
 
 # --- what a worker needs to find the submitter's commit and data ----------------------------
+
 
 def git_remote_url(project: Path, remote: str = "origin") -> str:
     try:
@@ -167,8 +171,12 @@ def branch_head(repository: str, branch: str) -> str:
     """The commit at the head of `branch` in the git remote, asked of the remote itself."""
     from pipeline.workspace import redact
 
-    proc = subprocess.run(["git", "ls-remote", "--heads", repository, branch], capture_output=True, text=True,
-                          env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+    proc = subprocess.run(
+        ["git", "ls-remote", "--heads", repository, branch],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
+    )
     heads = [line.split("\t") for line in proc.stdout.splitlines()]
     found = [sha for sha, ref in heads if ref == f"refs/heads/{branch}"]
     if proc.returncode != 0 or not found:

@@ -31,8 +31,8 @@ CRASH_AUTOMATION = "convnets: mark silent dvc-experiment runs crashed"
 POLL_S = 2.0
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_RETRIES = 2
-API_PATIENCE_S = 600.0          # how long a restarting Prefect server is waited for
-HEARTBEATS_MISSED = 3           # a run is declared crashed after this many silent heartbeat periods
+API_PATIENCE_S = 600.0  # how long a restarting Prefect server is waited for
+HEARTBEATS_MISSED = 3  # a run is declared crashed after this many silent heartbeat periods
 EXP_REF = re.compile(r"^refs/exps/([0-9a-f]{2})/([0-9a-f]{38})/(.+)$")
 
 FINAL_OK = "COMPLETED"
@@ -44,8 +44,9 @@ class ExperimentsFailed(RuntimeError):
 
     def __init__(self, outcomes: list[Outcome], rows: list[dict[str, str]] | None = None):
         failed = [o for o in outcomes if not o.ok]
-        super().__init__(f"{len(failed)} experiment(s) failed: "
-                         + "; ".join(f"{o.point.name} ({o.status})" for o in failed))
+        super().__init__(
+            f"{len(failed)} experiment(s) failed: " + "; ".join(f"{o.point.name} ({o.status})" for o in failed)
+        )
         self.failed = [o.point.name for o in failed]
         self.rows = rows or []
 
@@ -63,7 +64,7 @@ class Target:
 @dataclass
 class Outcome:
     point: Point
-    status: str = "pending"            # done | already done | failed | crashed | no worker | not pushed
+    status: str = "pending"  # done | already done | failed | crashed | no worker | not pushed
     message: str = ""
     figures: dict = field(default_factory=dict)
     host: str = ""
@@ -78,10 +79,15 @@ class Outcome:
 
 # --- what the git remote already has ------------------------------------------------------
 
+
 def experiments_on_remote(repository: str, commit: str) -> set[str]:
     """Names of the experiments of `commit` in the git remote (DVC keeps them as refs/exps/...)."""
-    proc = subprocess.run(["git", "ls-remote", repository, "refs/exps/*"], capture_output=True, text=True,
-                          env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+    proc = subprocess.run(
+        ["git", "ls-remote", repository, "refs/exps/*"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
+    )
     if proc.returncode != 0:
         raise SweepError(f"cannot list the experiments in {redact(repository)}: {redact(proc.stderr.strip())}")
     names = set()
@@ -93,6 +99,7 @@ def experiments_on_remote(repository: str, commit: str) -> set[str]:
 
 
 # --- Prefect: pool, deployment, crash detection -------------------------------------------
+
 
 def check_pool(client, pool: str) -> None:
     from prefect.exceptions import ObjectNotFound
@@ -114,8 +121,12 @@ def ensure_deployment(client, pool: str) -> str:
 
     flow_id = client.create_flow(dvc_experiment)
     client.create_deployment(
-        flow_id=flow_id, name=pool, work_pool_name=pool, entrypoint="pipeline.flows.dvc_experiment",
-        pull_steps=PULL_STEPS, parameter_openapi_schema=parameter_schema(dvc_experiment).model_dump_for_openapi(),
+        flow_id=flow_id,
+        name=pool,
+        work_pool_name=pool,
+        entrypoint="pipeline.flows.dvc_experiment",
+        pull_steps=PULL_STEPS,
+        parameter_openapi_schema=parameter_schema(dvc_experiment).model_dump_for_openapi(),
         description="One DVC experiment in a clean clone at the requested commit (python -m pipeline sweep).",
     )
     return f"{EXPERIMENT_FLOW}/{pool}"
@@ -139,19 +150,29 @@ def ensure_crash_detection(heartbeat_s: int) -> None:
         description="A dvc-experiment flow run whose heartbeats stopped (worker killed or preempted).",
         trigger=EventTrigger(
             after={"prefect.flow-run.heartbeat"},
-            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
-                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            expect={
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            },
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
-            match_related=ResourceSpecification({"prefect.resource.role": "flow",
-                                                 "prefect.resource.name": EXPERIMENT_FLOW}),
+            match_related=ResourceSpecification(
+                {"prefect.resource.role": "flow", "prefect.resource.name": EXPERIMENT_FLOW}
+            ),
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,
             within=timedelta(seconds=heartbeat_s * HEARTBEATS_MISSED),
         ),
-        actions=[ChangeFlowRunState(state=StateType.CRASHED,
-                                    message=f"no heartbeat for {heartbeat_s * HEARTBEATS_MISSED} s: "
-                                            "its worker stopped (killed, preempted or lost)")],
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {heartbeat_s * HEARTBEATS_MISSED} s: "
+                "its worker stopped (killed, preempted or lost)",
+            )
+        ],
     ).create()
 
 
@@ -165,28 +186,42 @@ def online_workers(client, pool: str) -> int:
     from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
 
     workers = client.read_workers_for_work_pool(
-        pool, worker_filter=WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"])))
+        pool, worker_filter=WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"]))
+    )
     return len(workers)
 
 
 # --- submitting and waiting ------------------------------------------------------------------
 
+
 def submit(deployment: str, target: Target, point: Point, data_stages: Sequence[str] | None = None) -> UUID:
     from prefect.deployments import run_deployment
 
     flow_run = run_deployment(
-        deployment, timeout=0, flow_run_name=point.name + ("-data" if data_stages else ""),
-        parameters={"repository": target.repository, "commit": target.commit, "overrides": list(point.overrides),
-                    "name": point.name, "dvc_remote": target.dvc_remote,
-                    "data_stages": list(data_stages) if data_stages else None},
+        deployment,
+        timeout=0,
+        flow_run_name=point.name + ("-data" if data_stages else ""),
+        parameters={
+            "repository": target.repository,
+            "commit": target.commit,
+            "overrides": list(point.overrides),
+            "name": point.name,
+            "dvc_remote": target.dvc_remote,
+            "data_stages": list(data_stages) if data_stages else None,
+        },
         tags=["convnets-sweep"],
     )
     return flow_run.id
 
 
 def wait_for(
-    outcomes: list[Outcome], deployment: str, target: Target, timeout_s: float, retries: int,
-    log: Callable[[str], None], data_stages: Sequence[str] | None = None,
+    outcomes: list[Outcome],
+    deployment: str,
+    target: Target,
+    timeout_s: float,
+    retries: int,
+    log: Callable[[str], None],
+    data_stages: Sequence[str] | None = None,
 ) -> None:
     """Poll the flow runs until each has ended; resubmit crashed ones; give up on an empty pool."""
     from prefect.client.orchestration import get_client
@@ -202,11 +237,13 @@ def wait_for(
                 runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(pending))))
                 workers = online_workers(client, target.pool)
             api_down_since = None
-        except Exception as exc:   # a restarting server: finished experiments are safe in git
+        except Exception as exc:  # a restarting server: finished experiments are safe in git
             api_down_since = api_down_since or time.monotonic()
             if time.monotonic() - api_down_since > API_PATIENCE_S:
-                raise SweepError(f"the Prefect API has not answered for {API_PATIENCE_S:.0f} s ({exc}); "
-                                 "finished experiments are in the git remote: run the same sweep again") from None
+                raise SweepError(
+                    f"the Prefect API has not answered for {API_PATIENCE_S:.0f} s ({exc}); "
+                    "finished experiments are in the git remote: run the same sweep again"
+                ) from None
             log(f"the Prefect API did not answer ({type(exc).__name__}); trying again")
             continue
         waiting = False
@@ -217,8 +254,10 @@ def wait_for(
                 waiting = True
             elif state == "CRASHED" and outcome.attempts <= retries:
                 del pending[run.id]
-                log(f"{outcome.point.name}: flow run {run.name} crashed ({run.state.message}); "
-                    f"submitting it again (attempt {outcome.attempts + 1})")
+                log(
+                    f"{outcome.point.name}: flow run {run.name} crashed ({run.state.message}); "
+                    f"submitting it again (attempt {outcome.attempts + 1})"
+                )
                 outcome.flow_run_id = submit(deployment, target, outcome.point, data_stages)
                 outcome.attempts += 1
                 pending[outcome.flow_run_id] = outcome
@@ -255,8 +294,10 @@ def give_up_waiting(pending: dict, pool: str, timeout_s: float) -> None:
         for run_id, outcome in pending.items():
             client.set_flow_run_state(run_id, Cancelled(message=f"no worker on pool {pool!r}"), force=True)
             outcome.status = "no worker"
-            outcome.message = (f"no worker polled pool {pool!r} for {timeout_s:.0f} s: start one with "
-                               f"`prefect worker start --pool {pool} --limit 1`")
+            outcome.message = (
+                f"no worker polled pool {pool!r} for {timeout_s:.0f} s: start one with "
+                f"`prefect worker start --pool {pool} --limit 1`"
+            )
 
 
 def read_summaries(outcomes: list[Outcome], commit: str) -> None:
@@ -273,7 +314,9 @@ def read_summaries(outcomes: list[Outcome], commit: str) -> None:
                 continue
             found = client.read_artifacts(
                 artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(commit, outcome.point.name)])),
-                sort=ArtifactSort.UPDATED_DESC, limit=1)
+                sort=ArtifactSort.UPDATED_DESC,
+                limit=1,
+            )
             if not found:
                 continue
             data = found[0].data
@@ -292,8 +335,13 @@ def artifact_key(commit: str, name: str) -> str:
 
 
 def run_points(
-    points: list[Point], target: Target, data_groups: list[list[Point]], data_stages: Sequence[str],
-    timeout_s: float, retries: int, log: Callable[[str], None],
+    points: list[Point],
+    target: Target,
+    data_groups: list[list[Point]],
+    data_stages: Sequence[str],
+    timeout_s: float,
+    retries: int,
+    log: Callable[[str], None],
 ) -> list[Outcome]:
     """Run the points not yet in the git remote; the shared data stages of each group run first, once."""
     from prefect.client.orchestration import get_client
@@ -305,8 +353,10 @@ def run_points(
     done = experiments_on_remote(target.repository, target.commit)
     outcomes = [Outcome(p, status="already done" if p.name in done else "pending") for p in points]
     if done & {p.name for p in points}:
-        log(f"already in {redact(target.repository)}, not run again: "
-            + ", ".join(p.name for p in points if p.name in done))
+        log(
+            f"already in {redact(target.repository)}, not run again: "
+            + ", ".join(p.name for p in points if p.name in done)
+        )
     todo = [o for o in outcomes if o.status == "pending"]
     if not todo:
         read_summaries(outcomes, target.commit)
@@ -326,8 +376,14 @@ def run_points(
 
 
 def prepare_data(
-    groups: list[list[Point]], deployment: str, target: Target, data_stages: Sequence[str],
-    timeout_s: float, retries: int, log: Callable[[str], None], outcomes: list[Outcome],
+    groups: list[list[Point]],
+    deployment: str,
+    target: Target,
+    data_stages: Sequence[str],
+    timeout_s: float,
+    retries: int,
+    log: Callable[[str], None],
+    outcomes: list[Outcome],
 ) -> None:
     """One run of the data stages per group of points that share them; their results go to the run cache."""
     runs = []
@@ -349,8 +405,10 @@ def prepare_data(
 
 # --- the table ------------------------------------------------------------------------------------
 
+
 def leaderboard(outcomes: list[Outcome]) -> list[dict[str, str]]:
     """One row per experiment, best test accuracy first; failed ones last with their error."""
+
     def accuracy(outcome: Outcome) -> float:
         value = outcome.figures.get("test_accuracy")
         return value if isinstance(value, (int, float)) else -1.0
@@ -359,16 +417,18 @@ def leaderboard(outcomes: list[Outcome]) -> list[dict[str, str]]:
     for outcome in sorted(outcomes, key=lambda o: (not o.ok, -accuracy(o), o.point.name)):
         figures = outcome.figures
         best, epochs = figures.get("best_epoch"), figures.get("epochs")
-        rows.append({
-            "experiment": outcome.point.name,
-            "overrides": outcome.point.label,
-            "status": outcome.status + (f": {first_line(outcome.message)}" if outcome.message else ""),
-            "test accuracy": number(figures.get("test_accuracy")),
-            "ROC AUC": number(figures.get("roc_auc")),
-            "best epoch": f"{best} of {epochs}" if best and epochs else "",
-            "worker": outcome.host,
-            "wall time": duration(outcome.seconds),
-        })
+        rows.append(
+            {
+                "experiment": outcome.point.name,
+                "overrides": outcome.point.label,
+                "status": outcome.status + (f": {first_line(outcome.message)}" if outcome.message else ""),
+                "test accuracy": number(figures.get("test_accuracy")),
+                "ROC AUC": number(figures.get("roc_auc")),
+                "best epoch": f"{best} of {epochs}" if best and epochs else "",
+                "worker": outcome.host,
+                "wall time": duration(outcome.seconds),
+            }
+        )
     return rows
 
 

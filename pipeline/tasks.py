@@ -31,8 +31,8 @@ from pipeline.overrides import apply_overrides
 from pipeline.workspace import without_credentials
 
 STAGE_RETRIES = 3
-STAGE_BACKOFF_S = 5       # waits of about 5, 10, 20 s between tries
-POLL_S = 2                # how often the parent checks on the worker's flow run
+STAGE_BACKOFF_S = 5  # waits of about 5, 10, 20 s between tries
+POLL_S = 2  # how often the parent checks on the worker's flow run
 
 
 def retry_if_transient(task, task_run, state) -> bool:
@@ -44,15 +44,22 @@ def retry_if_transient(task, task_run, state) -> bool:
 def write_params(project: Path, overrides: list[str]) -> list[str]:
     logger = get_run_logger()
     written = apply_overrides(project, overrides)
-    logger.info("params written as `dvc exp run %s` would: %s",
-                " ".join(f"-S {o}" for o in overrides), ", ".join(written) or "none")
+    logger.info(
+        "params written as `dvc exp run %s` would: %s",
+        " ".join(f"-S {o}" for o in overrides),
+        ", ".join(written) or "none",
+    )
     return written
 
 
 @task(
-    name="stage", task_run_name="{stage}", cache_policy=NO_CACHE,
-    retries=STAGE_RETRIES, retry_delay_seconds=exponential_backoff(STAGE_BACKOFF_S),
-    retry_jitter_factor=0.2, retry_condition_fn=retry_if_transient,
+    name="stage",
+    task_run_name="{stage}",
+    cache_policy=NO_CACHE,
+    retries=STAGE_RETRIES,
+    retry_delay_seconds=exponential_backoff(STAGE_BACKOFF_S),
+    retry_jitter_factor=0.2,
+    retry_condition_fn=retry_if_transient,
 )
 def reproduce_stage(project: Path, stage: str, restore_only: bool = False, env: dict[str, str] | None = None) -> str:
     """`dvc repro <stage> --single-item`: 'ran', 'restored' or 'skipped', as DVC decided.
@@ -64,8 +71,9 @@ def reproduce_stage(project: Path, stage: str, restore_only: bool = False, env: 
     logger = get_run_logger()
     args = ["repro", stage, "--single-item", *(["--pull"] if restore_only else [])]
     try:
-        run = run_dvc(project, args, on_line=logger.info,
-                      stop_on=starts_running(stage) if restore_only else None, env=env)
+        run = run_dvc(
+            project, args, on_line=logger.info, stop_on=starts_running(stage) if restore_only else None, env=env
+        )
     except StageRanLocally:
         raise remote.RemoteStageError(
             f"DVC found no result of '{stage}' from the worker in the remote's run cache and "
@@ -97,13 +105,18 @@ def run_on_worker(project: Path, stage: str, upstream: list[str], target: remote
         check_dvc(project, ["push", *upstream], on_line=logger.info)
     if not target.pool_ready:
         logger.warning("no worker has polled pool '%s' lately; the run waits until one does", target.pool)
-    logger.info("running '%s' on pool '%s' (deployment %s) at commit %s",
-                stage, target.pool, target.deployment, commit[:7])
+    logger.info(
+        "running '%s' on pool '%s' (deployment %s) at commit %s", stage, target.pool, target.deployment, commit[:7]
+    )
     flow_run: FlowRun = run_deployment(
         target.deployment,
-        parameters={"stage": stage, "commit": commit, "files": remote.shipped_files(project),
-                    "repository": without_credentials(remote.git_remote_url(project)),
-                    "dvc_remote": remote.dvc_remote_url(project)},
+        parameters={
+            "stage": stage,
+            "commit": commit,
+            "files": remote.shipped_files(project),
+            "repository": without_credentials(remote.git_remote_url(project)),
+            "dvc_remote": remote.dvc_remote_url(project),
+        },
         poll_interval=POLL_S,
     )
     state = flow_run.state
@@ -154,7 +167,7 @@ def baseline_description(project: Path) -> str:
     """The baseline DVC compares against: the last commit on the branch."""
     try:
         return "HEAD " + remote.git(project, "log", "-1", "--format=%h %s").strip()
-    except remote.RemoteStageError:   # no commit yet
+    except remote.RemoteStageError:  # no commit yet
         return "HEAD (no commit yet)"
 
 
@@ -168,7 +181,8 @@ def publish_metrics(project: Path) -> int:
         logger.warning("no metrics to publish (dvc metrics diff found none)")
         return 0
     create_table_artifact(
-        key="dvc-metrics", table=rows,
+        key="dvc-metrics",
+        table=rows,
         description=f"Metrics of this run against the baseline, {baseline_description(project)} (`dvc metrics diff`)",
     )
     return len(rows)
@@ -180,8 +194,9 @@ def publish_report(project: Path, report_dir: str) -> int:
     params = artifacts.params_rows(dvc_json(project, ["params", "diff"]) or {})
     folder = project / report_dir
     markdown = artifacts.report_markdown(folder, baseline_description(project), params)
-    create_markdown_artifact(key="dvc-report", markdown=markdown,
-                             description=f"Plots of {report_dir} and params against the baseline")
+    create_markdown_artifact(
+        key="dvc-report", markdown=markdown, description=f"Plots of {report_dir} and params against the baseline"
+    )
     return len(list(folder.glob("*.png")))
 
 
@@ -199,12 +214,18 @@ def publish_leaderboard(project: Path, names: list[str] | None = None) -> int:
     try:
         rows = compare.leaderboard_rows(show, names=names, conf_dir=project / "conf")
         charts = compare.charts_markdown(show, repo=project, names=names)
-    except KeyError as exc:   # an experiment named but not in `dvc exp show`
+    except KeyError as exc:  # an experiment named but not in `dvc exp show`
         logger.warning("no leaderboard: %s", exc)
         return 0
     if rows:
-        create_table_artifact(key="dvc-leaderboard", table=rows,
-                              description="Experiments side by side, best test accuracy first (convnets.compare)")
-    create_markdown_artifact(key="dvc-experiment-charts", markdown=charts,
-                             description="Validation accuracy and loss of the experiments, overlaid")
+        create_table_artifact(
+            key="dvc-leaderboard",
+            table=rows,
+            description="Experiments side by side, best test accuracy first (convnets.compare)",
+        )
+    create_markdown_artifact(
+        key="dvc-experiment-charts",
+        markdown=charts,
+        description="Validation accuracy and loss of the experiments, overlaid",
+    )
     return len(rows)

@@ -21,9 +21,9 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
-WORK_DIR_ENV = "CONVNETS_WORK_DIR"       # where the per-run clones go (default: the user cache)
-RESUME_URL_ENV = "CONVNETS_RESUME_URL"   # read by convnets.resume in the train stage
-DVC_REMOTE_NAME = "convnets-run"         # the remote a run's clone pushes to (config.local only)
+WORK_DIR_ENV = "CONVNETS_WORK_DIR"  # where the per-run clones go (default: the user cache)
+RESUME_URL_ENV = "CONVNETS_RESUME_URL"  # read by convnets.resume in the train stage
+DVC_REMOTE_NAME = "convnets-run"  # the remote a run's clone pushes to (config.local only)
 PACKAGE = "convnets"
 
 
@@ -65,8 +65,9 @@ def without_credentials(url: str) -> str:
 
 
 def git(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+    proc = subprocess.run(
+        ["git", *args], cwd=cwd, capture_output=True, text=True, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"}
+    )
     if check and proc.returncode != 0:
         command = redact(" ".join(args))
         raise WorkspaceError(f"`git {command}` failed in {cwd}: {redact(proc.stderr.strip())}")
@@ -98,6 +99,7 @@ def safe_name(text: str) -> str:
 
 
 # --- the dependencies of the commit against the worker's install ----------------------
+
 
 def requirement_key(text: str) -> str | None:
     """A normalised requirement; None for one that belongs to an extra (tests, docs)."""
@@ -136,11 +138,12 @@ def check_dependencies(checkout: Path, commit: str) -> None:
 
 # --- where a run's data and training state go ------------------------------------------------
 
+
 def resume_url_beside(remote_url: str) -> str:
     """The training-state mirror next to the DVC remote: <parent>/<name>-train-resume."""
     base = remote_url.rstrip("/")
     head, _, tail = base.rpartition("/")
-    if not head or head.endswith(":/") or head.endswith(":"):   # a bucket root: no parent to use
+    if not head or head.endswith(":/") or head.endswith(":"):  # a bucket root: no parent to use
         return f"{base}/convnets-train-resume"
     return f"{head}/{tail}-train-resume"
 

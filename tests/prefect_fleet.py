@@ -58,14 +58,13 @@ class Processes:
 
     def start(self, args: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
         handle = log.open("w")
-        proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
         handle.close()
         self.started.append((proc, log))
         return proc
 
     def stop(self) -> None:
-        for proc, _ in reversed(self.started):   # workers before the server they talk to
+        for proc, _ in reversed(self.started):  # workers before the server they talk to
             stop_tree(proc)
 
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
+from prefect_fleet import Processes, clone_env, free_port, processes_in, run, wait_for_server
 
 from conftest import copy_working_tree, git
-from prefect_fleet import Processes, clone_env, free_port, processes_in, run, wait_for_server
 
 pytestmark = pytest.mark.slow
 
@@ -41,18 +40,29 @@ def test_train_runs_on_the_gpu_pool_worker_and_comes_back_through_dvc(tmp_path):
     processes = Processes()
     try:
         server_log = tmp_path / "server.log"
-        server = processes.start(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
-                                 tmp_path, server_env, server_log)
+        server = processes.start(
+            ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+            tmp_path,
+            server_env,
+            server_log,
+        )
         wait_for_server(server, port, server_log)
         run(["prefect", "work-pool", "create", "gpu", "--type", "process"], parent, parent_env)
         run(["prefect", "work-pool", "set-concurrency-limit", "gpu", "1"], parent, parent_env)
         run(["prefect", "--no-prompt", "deploy", "--name", "train-gpu"], parent, parent_env)
         worker_log = tmp_path / "worker.log"
-        processes.start(["prefect", "worker", "start", "--pool", "gpu", "--type", "process"],
-                        worker, worker_env, worker_log)
+        processes.start(
+            ["prefect", "worker", "start", "--pool", "gpu", "--type", "process"], worker, worker_env, worker_log
+        )
 
-        flow = subprocess.run([sys.executable, "-m", "pipeline", *TINY], cwd=parent, env=parent_env,
-                              capture_output=True, text=True, timeout=FLOW_TIMEOUT_S)
+        flow = subprocess.run(
+            [sys.executable, "-m", "pipeline", *TINY],
+            cwd=parent,
+            env=parent_env,
+            capture_output=True,
+            text=True,
+            timeout=FLOW_TIMEOUT_S,
+        )
         output = flow.stdout + flow.stderr
         assert flow.returncode == 0, f"flow failed:\n{output[-8000:]}\n--- worker:\n{worker_log.read_text()[-5000:]}"
     finally:
@@ -64,7 +74,7 @@ def test_train_runs_on_the_gpu_pool_worker_and_comes_back_through_dvc(tmp_path):
     # it ran in a clean clone of the parent's commit, removed afterwards; the worker's folder is untouched
     worker_text = worker_log.read_text()
     assert f"'train' ran at {commit[:7]} in a clean clone" in worker_text
-    assert "Running stage 'preprocess'" not in worker_text   # it pulled train's inputs, ran nothing else
+    assert "Running stage 'preprocess'" not in worker_text  # it pulled train's inputs, ran nothing else
     assert list((tmp_path / "worker-cache" / "convnets" / "runs").iterdir()) == []
     assert list(worker.iterdir()) == []
     parent_lock = yaml.safe_load((parent / "dvc.lock").read_text())["stages"]

@@ -42,20 +42,31 @@ from pipeline.dag import StageGraph, UnknownStage, parse_dot  # noqa: E402
 from pipeline.flows import dvc_pipeline  # noqa: E402
 
 STAGES = ["fetch", "split", "preprocess", "train", "evaluate", "report"]
-EDGES = [("fetch", "split"), ("fetch", "preprocess"), ("split", "preprocess"), ("preprocess", "train"),
-         ("preprocess", "evaluate"), ("train", "evaluate"), ("evaluate", "report"), ("train", "report")]
-LOCKED = ("ERROR: Unable to acquire lock. Most likely another DVC process is running or was "
-          "terminated abruptly.")
-BAD_PARAMS = ("Running stage 'split':\n> python -m convnets.split data/raw data/split\n"
-              "error: invalid parameters\nsplit.train_size: Input should be greater than 0\n"
-              "ERROR: failed to reproduce 'split': failed to run: python -m convnets.split "
-              "data/raw data/split, exited with 2")
-NETWORK = ("Running stage 'fetch':\nerror: could not download https://example.org/mnist.npz "
-           "after 4 tries: timed out\nERROR: failed to reproduce 'fetch': failed to run: "
-           "python -m convnets.fetch data/raw, exited with 1")
+EDGES = [
+    ("fetch", "split"),
+    ("fetch", "preprocess"),
+    ("split", "preprocess"),
+    ("preprocess", "train"),
+    ("preprocess", "evaluate"),
+    ("train", "evaluate"),
+    ("evaluate", "report"),
+    ("train", "report"),
+]
+LOCKED = "ERROR: Unable to acquire lock. Most likely another DVC process is running or was terminated abruptly."
+BAD_PARAMS = (
+    "Running stage 'split':\n> python -m convnets.split data/raw data/split\n"
+    "error: invalid parameters\nsplit.train_size: Input should be greater than 0\n"
+    "ERROR: failed to reproduce 'split': failed to run: python -m convnets.split "
+    "data/raw data/split, exited with 2"
+)
+NETWORK = (
+    "Running stage 'fetch':\nerror: could not download https://example.org/mnist.npz "
+    "after 4 tries: timed out\nERROR: failed to reproduce 'fetch': failed to run: "
+    "python -m convnets.fetch data/raw, exited with 1"
+)
 
 # Answers like dvc 3 for the commands the flows use; every call is logged in the state file.
-FAKE_DVC = textwrap.dedent('''
+FAKE_DVC = textwrap.dedent("""
     import json, os, sys
     from pathlib import Path
     state_path = Path(os.environ["FAKE_DVC_STATE"])
@@ -81,7 +92,8 @@ FAKE_DVC = textwrap.dedent('''
             done(failure.get("code", 1), failure["output"])
         if stage in state["up_to_date"]:
             done(out=f"Stage '{stage}' didn't change, skipping\\nData and pipelines are up to date.")
-        done(out=f"Running stage '{stage}':\\n> python -m convnets.{stage}\\n{stage}: done\\nUpdating lock file 'dvc.lock'")
+        ran = f"Running stage '{stage}':\\n> python -m convnets.{stage}\\n{stage}: done"
+        done(out=f"{ran}\\nUpdating lock file 'dvc.lock'")
     if args[0] == "status":
         done(out="{}")
     if args[:2] == ["metrics", "diff"]:
@@ -92,7 +104,7 @@ FAKE_DVC = textwrap.dedent('''
         done(out="Experiment has been saved as: fake-exp")
     print(f"fake dvc: unexpected arguments {args}", file=sys.stderr)
     done(3)
-''')
+""")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -124,10 +136,19 @@ def fake_dvc(tmp_path, monkeypatch) -> FakeDvc:
     script.write_text(FAKE_DVC)
     state = tmp_path / "fake_dvc_state.json"
     # nodes listed out of order: the flow must order them from the edges
-    state.write_text(json.dumps({
-        "nodes": ["report", "evaluate", "fetch", "train", "split", "preprocess"], "edges": EDGES,
-        "calls": [], "failures": {}, "up_to_date": [], "metrics": {}, "params": {},
-    }))
+    state.write_text(
+        json.dumps(
+            {
+                "nodes": ["report", "evaluate", "fetch", "train", "split", "preprocess"],
+                "edges": EDGES,
+                "calls": [],
+                "failures": {},
+                "up_to_date": [],
+                "metrics": {},
+                "params": {},
+            }
+        )
+    )
     monkeypatch.setattr(dvc, "DVC_COMMAND", (sys.executable, str(script)))
     monkeypatch.setenv("FAKE_DVC_STATE", str(state))
     # retries without the waits
@@ -152,19 +173,23 @@ def flow_logs(flow_run_id) -> str:
 
 def artifact(flow_run_id, key: str):
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])
+            )
+        )
     return found[0] if found else None
 
 
 # --- the flow, with the fake dvc ----------------------------------------------------------
+
 
 def test_stages_run_one_by_one_in_dag_order(fake_dvc, fake_project):
     result = dvc_pipeline(project_dir=str(fake_project))
     assert fake_dvc.repro_calls() == STAGES
     assert all(call[2:] == ["--single-item"] for call in fake_dvc.calls if call[0] == "repro")
     assert result["stages"] == {stage: "ran" for stage in STAGES}
-    assert result["experiment"] is None   # no overrides: like `dvc repro`, no experiment
+    assert result["experiment"] is None  # no overrides: like `dvc repro`, no experiment
 
 
 def test_stage_targets_bring_their_upstream(fake_dvc, fake_project):
@@ -186,7 +211,7 @@ def test_stops_at_the_first_failing_stage_with_its_message(fake_dvc, fake_projec
         state.result()
     assert not isinstance(failed.value, dvc.TransientStageError)
     assert "split.train_size: Input should be greater than 0" in str(failed.value)
-    assert fake_dvc.repro_calls() == ["fetch", "split"]      # not retried, nothing after it
+    assert fake_dvc.repro_calls() == ["fetch", "split"]  # not retried, nothing after it
     logs = flow_logs(state.state_details.flow_run_id)
     assert "error: invalid parameters\nsplit.train_size: Input should be greater than 0" in logs
 
@@ -250,8 +275,15 @@ def test_artifacts_compare_metrics_with_the_baseline_and_inline_the_plots(fake_d
 
     table = artifact(run_id, "dvc-metrics")
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
-    assert rows == [{"file": "data/eval/metrics.json", "metric": "test.accuracy",
-                     "baseline": "0.5", "this run": "0.75", "change": "0.25"}]
+    assert rows == [
+        {
+            "file": "data/eval/metrics.json",
+            "metric": "test.accuracy",
+            "baseline": "0.5",
+            "this run": "0.75",
+            "change": "0.25",
+        }
+    ]
     markdown = artifact(run_id, "dvc-report").data
     assert "| train.epochs | 10 | 1 |" in markdown
     inlined = markdown.split("data:image/png;base64,")[1].split(")")[0]
@@ -259,6 +291,7 @@ def test_artifacts_compare_metrics_with_the_baseline_and_inline_the_plots(fake_d
 
 
 # --- pure parts ---------------------------------------------------------------------------
+
 
 def test_parse_dot_orders_by_edges_and_keeps_dvc_yaml_order_for_ties():
     text = 'strict digraph {\n"b";\n"a";\n"c";\n"a" -> "c";\n"b" -> "c";\n}\n'
@@ -325,9 +358,15 @@ def test_metrics_rows_show_missing_baseline_as_dash():
 
 # --- the remote round trip's checks -------------------------------------------------------
 
+
 def commit_all(project: Path) -> None:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     subprocess.run(["git", "add", "-A"], cwd=project, check=True)
     subprocess.run(["git", "commit", "-q", "-m", "x"], cwd=project, check=True, env=env)
 
@@ -339,7 +378,7 @@ def test_uncommitted_code_blocks_sending_but_params_and_lock_travel(fake_project
     (fake_project / "conf/config.yaml").write_text("a: 1\n")
     commit_all(fake_project)
     with pytest.raises(remote.RemoteStageError, match="not on 'origin'.*git push"):
-        remote.check_can_send(fake_project)   # a worker could not check the commit out
+        remote.check_can_send(fake_project)  # a worker could not check the commit out
     subprocess.run(["git", "init", "-q", "--bare", str(tmp_path / "origin.git")], check=True)
     subprocess.run(["git", "remote", "add", "origin", str(tmp_path / "origin.git")], cwd=fake_project, check=True)
     subprocess.run(["git", "push", "-q", "origin", "HEAD:main"], cwd=fake_project, check=True)
@@ -347,7 +386,7 @@ def test_uncommitted_code_blocks_sending_but_params_and_lock_travel(fake_project
     for name in ("params.yaml", "dvc.lock", "conf/config.yaml"):
         (fake_project / name).write_text("a: 2\n")
     assert remote.check_can_send(fake_project) == remote.head_commit(fake_project)
-    assert remote.uncommitted_changes(fake_project) == ["conf/config.yaml", "params.yaml"]   # a sweep runs conf/
+    assert remote.uncommitted_changes(fake_project) == ["conf/config.yaml", "params.yaml"]  # a sweep runs conf/
     (fake_project / "dvc.yaml").write_text("a: 2\n")
     with pytest.raises(remote.RemoteStageError, match="uncommitted changes to dvc.yaml"):
         remote.check_can_send(fake_project)
@@ -383,8 +422,9 @@ def test_remote_target_needs_the_deployment_and_its_pool():
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name="units-gpu", type="process"))
         flow_id = client.create_flow(dvc_stage)
-        client.create_deployment(flow_id=flow_id, name="units-gpu", work_pool_name="units-gpu",
-                                 entrypoint="pipeline.flows.dvc_stage")
+        client.create_deployment(
+            flow_id=flow_id, name="units-gpu", work_pool_name="units-gpu", entrypoint="pipeline.flows.dvc_stage"
+        )
     target = remote.find_remote_target(name)
     assert target == remote.RemoteTarget(name, "units-gpu", pool_ready=False)
     with get_client(sync_client=True) as client:
@@ -416,7 +456,7 @@ def experiments(project: Path) -> dict[str, dict]:
 @pytest.mark.slow
 def test_real_dvc_bad_params_fail_once_then_a_run_is_an_experiment_and_a_rerun_does_nothing(project_copy, monkeypatch):
     project = project_copy
-    monkeypatch.setenv("PYTHONPATH", str(project / "src"))   # the stages run this copy's code
+    monkeypatch.setenv("PYTHONPATH", str(project / "src"))  # the stages run this copy's code
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
 
     bad = dvc_pipeline(project_dir=str(project), overrides=[*TINY, "split.train_size=0"], return_state=True)
@@ -424,7 +464,7 @@ def test_real_dvc_bad_params_fail_once_then_a_run_is_an_experiment_and_a_rerun_d
         bad.result()
     # every stage validates the whole params.yaml, so the first one stops the run
     assert failed.value.stage == "fetch" and not isinstance(failed.value, dvc.TransientStageError)
-    assert flow_logs(bad.state_details.flow_run_id).count("Running stage 'fetch'") == 1   # no retry
+    assert flow_logs(bad.state_details.flow_run_id).count("Running stage 'fetch'") == 1  # no retry
     assert not (project / "data/raw").exists()
 
     first_state = dvc_pipeline(project_dir=str(project), overrides=TINY, return_state=True)
@@ -450,19 +490,26 @@ def test_real_dvc_bad_params_fail_once_then_a_run_is_an_experiment_and_a_rerun_d
 
 # --- sweeps: the parts that need a Prefect API ---------------------------------------------------
 
+
 def bare_origin_with_a_commit(tmp_path: Path) -> tuple[Path, str]:
     origin = tmp_path / "origin.git"
     subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
     work = tmp_path / "work"
     subprocess.run(["git", "clone", "-q", str(origin), str(work)], check=True, capture_output=True)
     (work / "f").write_text("x")
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     subprocess.run(["git", "add", "f"], cwd=work, check=True)
     subprocess.run(["git", "commit", "-q", "-m", "x"], cwd=work, check=True, env=env)
     subprocess.run(["git", "push", "-q", "origin", "HEAD:main"], cwd=work, check=True)
-    return origin, subprocess.run(["git", "rev-parse", "HEAD"], cwd=work, check=True, capture_output=True,
-                                  text=True).stdout.strip()
+    return origin, subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=work, check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def test_a_sweep_with_no_worker_on_its_pool_gives_up_after_the_timeout(tmp_path):
@@ -481,19 +528,21 @@ def test_a_sweep_with_no_worker_on_its_pool_gives_up_after_the_timeout(tmp_path)
     (outcome,) = sweep.run_points([Point(("seed=1",), "a")], target, [], [], timeout_s=3, retries=0, log=print)
     assert time.monotonic() - started < 60
     assert outcome.status == "no worker"
-    assert "no worker polled pool 'units-sweep' for 3 s: start one with `prefect worker start --pool units-sweep" \
+    assert (
+        "no worker polled pool 'units-sweep' for 3 s: start one with `prefect worker start --pool units-sweep"
         in outcome.message
+    )
     with get_client(sync_client=True) as client:
-        assert client.read_flow_run(outcome.flow_run_id).state.type.value == "CANCELLED"   # not left waiting
+        assert client.read_flow_run(outcome.flow_run_id).state.type.value == "CANCELLED"  # not left waiting
         deployment = client.read_deployment_by_name("dvc-experiment/units-sweep")
         assert deployment.pull_steps == [{"pipeline.workspace.enter_work_folder": {}}]
 
 
-def test_a_sweep_with_failed_experiments_prints_the_table_and_exits_non_zero(project_copy, tmp_path, monkeypatch,
-                                                                            capsys):
+def test_a_sweep_with_failed_experiments_prints_the_table_and_exits_non_zero(
+    project_copy, tmp_path, monkeypatch, capsys
+):
     from pipeline import sweep
     from pipeline.__main__ import main
-    from pipeline.grid import Point
 
     origin = tmp_path / "origin.git"
     subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
@@ -501,9 +550,13 @@ def test_a_sweep_with_failed_experiments_prints_the_table_and_exits_non_zero(pro
     subprocess.run(["git", "push", "-q", "-u", "origin", "main"], cwd=project_copy, check=True, capture_output=True)
 
     def run_points(points, target, groups, data_stages, timeout_s, retries, log):
-        assert [p.name for p in points] == ["t-seed-1", "t-seed-2"] and target.commit and data_stages[-1] == "preprocess"
-        return [sweep.Outcome(points[0], status="failed", message="stage 'train' failed: error: out of memory"),
-                sweep.Outcome(points[1], status="no worker", message="no worker polled pool 'gpu' for 5 s")]
+        assert (
+            [p.name for p in points] == ["t-seed-1", "t-seed-2"] and target.commit and data_stages[-1] == "preprocess"
+        )
+        return [
+            sweep.Outcome(points[0], status="failed", message="stage 'train' failed: error: out of memory"),
+            sweep.Outcome(points[1], status="no worker", message="no worker polled pool 'gpu' for 5 s"),
+        ]
 
     monkeypatch.setattr(sweep, "run_points", run_points)
     assert main(["sweep", "-S", "seed=1,2", "--name-prefix", "t", "--project", str(project_copy)]) == 1

@@ -18,14 +18,22 @@ from pathlib import Path
 
 import psutil
 import pytest
+from prefect_fleet import Processes, clone_env, free_port, processes_in, run, wait_for_server
 
 from conftest import copy_working_tree, git
-from prefect_fleet import Processes, clone_env, free_port, processes_in, run, wait_for_server
 
 pytestmark = pytest.mark.slow
 
-TINY = ["-S", "split.train_size=300", "-S", "split.val_size=100", "-S", "split.test_size=100",
-        "-S", "train.batch_size=32"]
+TINY = [
+    "-S",
+    "split.train_size=300",
+    "-S",
+    "split.val_size=100",
+    "-S",
+    "split.test_size=100",
+    "-S",
+    "train.batch_size=32",
+]
 GRID = ["-S", "train.learning_rate=0.001,0.002,0.003", "-S", "train.epochs=1"]
 SWEEP_TIMEOUT_S = 900
 
@@ -47,8 +55,12 @@ class Fleet:
         git(self.root, "clone", "-q", str(self.origin), str(self.submitter))
         run(["dvc", "remote", "modify", "--local", "storage", "url", str(self.dvc_remote)], self.submitter, self.env)
         log = self.root / "server.log"
-        server = self.processes.start(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
-                                       "--no-ui"], self.root, clone_env(self.root, self.port), log)
+        server = self.processes.start(
+            ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port), "--no-ui"],
+            self.root,
+            clone_env(self.root, self.port),
+            log,
+        )
         wait_for_server(server, self.port, log)
         for pool in ("gpu", "cpu"):
             run(["prefect", "work-pool", "create", pool, "--type", "process"], self.submitter, self.env)
@@ -61,16 +73,26 @@ class Fleet:
         home.mkdir(exist_ok=True)
         env = {**clone_env(self.root, self.port), "XDG_CACHE_HOME": str(self.root / f"{name}-cache")}
         log = self.root / f"{name}.log"
-        proc = self.processes.start(["prefect", "worker", "start", "--pool", pool, "--type", "process",
-                                     "--limit", "1", "--name", name], home, env, log)
+        proc = self.processes.start(
+            ["prefect", "worker", "start", "--pool", pool, "--type", "process", "--limit", "1", "--name", name],
+            home,
+            env,
+            log,
+        )
         self.workers[name] = (proc, log)
 
     def log(self, name: str) -> str:
         return self.workers[name][1].read_text(errors="replace")
 
     def sweep(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pipeline", "sweep", *args], cwd=self.submitter, env=self.env,
-                              capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S)
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline", "sweep", *args],
+            cwd=self.submitter,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=SWEEP_TIMEOUT_S,
+        )
 
     def experiments(self) -> dict[str, dict]:
         """name -> metrics files of each experiment in the submitter's `dvc exp show`."""
@@ -79,8 +101,9 @@ class Fleet:
         for commit in shown:
             for exp in commit.get("experiments") or []:
                 for rev in exp["revs"]:
-                    found[rev["name"]] = {path: entry.get("data", {}) for path, entry in
-                                          (rev["data"].get("metrics") or {}).items()}
+                    found[rev["name"]] = {
+                        path: entry.get("data", {}) for path, entry in (rev["data"].get("metrics") or {}).items()
+                    }
         return found
 
     def flow_runs(self, flow_name: str) -> list[dict]:
@@ -90,8 +113,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 with get_client(sync_client=True) as client:
     runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[{flow_name!r}])))
-print(json.dumps([{{"name": r.name, "state": r.state.type.value, "start": r.start_time.timestamp() if r.start_time else None,
-                    "end": r.end_time.timestamp() if r.end_time else None}} for r in runs]))
+def stamp(time):
+    return time.timestamp() if time else None
+print(json.dumps([{{"name": r.name, "state": r.state.type.value, "start": stamp(r.start_time),
+                    "end": stamp(r.end_time)}} for r in runs]))
 """
         return json.loads(run([sys.executable, "-c", script], self.submitter, self.env))
 
@@ -119,8 +144,10 @@ def failure(fleet: Fleet, proc: subprocess.CompletedProcess) -> str:
 def test_a_sweep_fans_out_over_both_workers_and_comes_home(fleet):
     sweep = fleet.sweep(*TINY, *GRID, "--timeout", "120")
     assert sweep.returncode == 0, failure(fleet, sweep)
-    names = [re.search(rf"^(sweep-train.learning_rate-0.00{i}-[0-9a-f]{{6}})\s.*\bdone\b", sweep.stdout, re.M)
-             for i in (1, 2, 3)]
+    names = [
+        re.search(rf"^(sweep-train.learning_rate-0.00{i}-[0-9a-f]{{6}})\s.*\bdone\b", sweep.stdout, re.M)
+        for i in (1, 2, 3)
+    ]
     assert all(names), sweep.stdout
     names = [match.group(1) for match in names]
     # all three in the submitter's `dvc exp show`, with their test accuracy
@@ -157,10 +184,20 @@ def test_nightly_runs_the_new_head_of_main_and_brings_it_home(fleet):
     git(fleet.submitter, "push", "-q", "origin", "HEAD:main")
     commit = git(fleet.submitter, "rev-parse", "HEAD").strip()
     run(["prefect", "--no-prompt", "deploy", "--name", "nightly"], fleet.submitter, fleet.env)
-    params = ["--param", f"repository={fleet.origin}", "--param", f"dvc_remote={fleet.dvc_remote}",
-              "--param", "overrides=" + json.dumps([o for o in TINY if o != "-S"] + ["train.epochs=1"])]
-    run(["prefect", "deployment", "run", "dvc-nightly/nightly", *params, "--watch"], fleet.submitter, fleet.env,
-        timeout=SWEEP_TIMEOUT_S)
+    params = [
+        "--param",
+        f"repository={fleet.origin}",
+        "--param",
+        f"dvc_remote={fleet.dvc_remote}",
+        "--param",
+        "overrides=" + json.dumps([o for o in TINY if o != "-S"] + ["train.epochs=1"]),
+    ]
+    run(
+        ["prefect", "deployment", "run", "dvc-nightly/nightly", *params, "--watch"],
+        fleet.submitter,
+        fleet.env,
+        timeout=SWEEP_TIMEOUT_S,
+    )
     nightly = [r for r in fleet.flow_runs("dvc-nightly") if r["state"] == "COMPLETED"]
     assert len(nightly) == 1, nightly
     name = f"nightly-{commit[:7]}"
@@ -168,18 +205,38 @@ def test_nightly_runs_the_new_head_of_main_and_brings_it_home(fleet):
     assert 0 < fleet.experiments()[name]["data/eval/metrics.json"]["test"]["accuracy"] <= 1
     # nothing new on main: the next run says so and trains nothing
     trained = stage_runs(fleet, "train")
-    out = run(["prefect", "deployment", "run", "dvc-nightly/nightly", *params, "--watch"], fleet.submitter,
-              fleet.env, timeout=SWEEP_TIMEOUT_S)
+    out = run(
+        ["prefect", "deployment", "run", "dvc-nightly/nightly", *params, "--watch"],
+        fleet.submitter,
+        fleet.env,
+        timeout=SWEEP_TIMEOUT_S,
+    )
     assert "nothing changed on main" in fleet.log("nightly"), out
     assert stage_runs(fleet, "train") == trained
 
 
 def test_a_worker_killed_mid_training_costs_at_most_one_epoch(fleet):
     epochs = 20
-    sweep = subprocess.Popen([sys.executable, "-m", "pipeline", "sweep", *TINY, "-S", f"train.epochs={epochs}",
-                              "--name-prefix", "preempted", "--timeout", "120"],
-                             cwd=fleet.submitter, env=fleet.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+    sweep = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "sweep",
+            *TINY,
+            "-S",
+            f"train.epochs={epochs}",
+            "--name-prefix",
+            "preempted",
+            "--timeout",
+            "120",
+        ],
+        cwd=fleet.submitter,
+        env=fleet.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     mirror = fleet.root / "dvc-remote-train-resume"
     deadline = time.monotonic() + 600
     while not any(re.fullmatch(r"epoch-000[2-9]", p.read_text().strip()) for p in mirror.glob("*/LATEST")):
@@ -195,7 +252,7 @@ def test_a_worker_killed_mid_training_costs_at_most_one_epoch(fleet):
     assert "took the state of" in survivor_log and re.search(r"resuming train at epoch \d+ of 20", survivor_log)
     (name,) = [n for n in fleet.experiments() if n.startswith("preempted-")]
     assert fleet.experiments()[name]["data/train/metrics.json"]["step"] == epochs - 1
-    assert not [p for p in mirror.iterdir()]   # the mirrored state is deleted once training succeeded
+    assert not [p for p in mirror.iterdir()]  # the mirrored state is deleted once training succeeded
 
 
 def kill_tree(proc: subprocess.Popen) -> None:

@@ -19,8 +19,11 @@ def test_the_grid_is_every_combination_in_dvcs_comma_syntax():
     ]
     assert points[0].name == "sweep-train.learning_rate-0.001-seed-1"
     presets = grid.make_points(["+experiment=scratch,augmented,mini_xception"], "book")
-    assert [p.name for p in presets] == ["book-experiment-scratch", "book-experiment-augmented",
-                                         "book-experiment-mini_xception"]
+    assert [p.name for p in presets] == [
+        "book-experiment-scratch",
+        "book-experiment-augmented",
+        "book-experiment-mini_xception",
+    ]
     assert grid.make_points([], "nightly") == [Point((), "nightly-defaults")]
 
 
@@ -28,7 +31,7 @@ def test_names_show_what_varies_and_keep_apart_what_does_not():
     three = grid.make_points(["seed=1,2", "train.epochs=3"], "s")
     five = grid.make_points(["seed=1,2", "train.epochs=5"], "s")
     assert three[0].name.startswith("s-seed-1-") and three[1].name.startswith("s-seed-2-")
-    assert {p.name for p in three}.isdisjoint(p.name for p in five)   # a rerun never takes one for the other
+    assert {p.name for p in three}.isdisjoint(p.name for p in five)  # a rerun never takes one for the other
     (single,) = grid.make_points(["train.epochs=20"], "preempted")
     assert re.fullmatch(r"preempted-[0-9a-f]{6}", single.name)
 
@@ -41,12 +44,15 @@ def test_long_names_stay_readable_and_distinct():
         grid.make_points(["seed=1"], "bad prefix")
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("+experiment=nope", "Could not find 'experiment/nope'"),
-    ("train.nope=1", "Could not override 'train.nope'"),
-    ("train.epochs=-1", r"train.epochs: Input should be greater than 0"),
-    ("seed=1,,", "cannot read the -S overrides"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+experiment=nope", "Could not find 'experiment/nope'"),
+        ("train.nope=1", "Could not override 'train.nope'"),
+        ("train.epochs=-1", r"train.epochs: Input should be greater than 0"),
+        ("seed=1,,", "cannot read the -S overrides"),
+    ],
+)
 def test_a_bad_key_preset_or_value_is_named_before_anything_is_submitted(repo_root, override, message):
     with pytest.raises(SweepError, match=message):
         for point in grid.make_points([override], "sweep"):
@@ -58,25 +64,37 @@ def test_points_with_the_same_data_params_share_one_data_run(repo_root):
     assert keys == ["fetch", "seed", "split", "preprocess"]
     params = {p: grid.check_point(repo_root, p) for p in grid.make_points(["train.epochs=1,2", "seed=1,2"], "s")}
     groups = {grid.data_key(v, keys) for v in params.values()}
-    assert len(groups) == 2   # two seeds (the split reads it); the epochs do not matter to the data
+    assert len(groups) == 2  # two seeds (the split reads it); the epochs do not matter to the data
 
 
 def outcome(name: str, status: str, accuracy: float | None = None, message: str = "") -> sweep.Outcome:
     figures = {"test_accuracy": accuracy, "roc_auc": None, "best_epoch": 2, "epochs": 3} if accuracy else {}
-    return sweep.Outcome(Point((f"seed={name}",), name), status=status, message=message, figures=figures,
-                         host="gpu-1", seconds=75.2)
+    return sweep.Outcome(
+        Point((f"seed={name}",), name), status=status, message=message, figures=figures, host="gpu-1", seconds=75.2
+    )
 
 
 def test_the_leaderboard_puts_the_best_first_and_failures_last_with_their_error():
-    outcomes = [outcome("a", "done", 0.7), outcome("b", "failed", message="stage 'train' failed: error: boom\nmore"),
-                outcome("c", "already done", 0.9)]
+    outcomes = [
+        outcome("a", "done", 0.7),
+        outcome("b", "failed", message="stage 'train' failed: error: boom\nmore"),
+        outcome("c", "already done", 0.9),
+    ]
     rows = sweep.leaderboard(outcomes)
     assert [r["experiment"] for r in rows] == ["c", "a", "b"]
-    assert rows[0] == {"experiment": "c", "overrides": "seed=c", "status": "already done", "test accuracy": "0.9000",
-                       "ROC AUC": "", "best epoch": "2 of 3", "worker": "gpu-1", "wall time": "1m 15s"}
+    assert rows[0] == {
+        "experiment": "c",
+        "overrides": "seed=c",
+        "status": "already done",
+        "test accuracy": "0.9000",
+        "ROC AUC": "",
+        "best epoch": "2 of 3",
+        "worker": "gpu-1",
+        "wall time": "1m 15s",
+    }
     assert rows[2]["status"] == "failed: stage 'train' failed: error: boom"
     table = sweep.text_table(rows)
-    assert table.splitlines()[0].split() [:3] == ["experiment", "overrides", "status"] and len(table.splitlines()) == 4
+    assert table.splitlines()[0].split()[:3] == ["experiment", "overrides", "status"] and len(table.splitlines()) == 4
     failed = sweep.ExperimentsFailed(outcomes, rows)
     assert failed.failed == ["b"] and "1 experiment(s) failed: b (failed)" in str(failed)
 
@@ -99,11 +117,14 @@ def test_experiments_already_on_the_git_remote_are_found_by_their_baseline(tmp_p
 
 
 def test_a_commit_with_other_dependencies_fails_at_once_saying_what_to_reinstall(repo_root, tmp_path):
-    workspace.check_dependencies(repo_root, "a" * 40)   # this checkout is what is installed
+    workspace.check_dependencies(repo_root, "a" * 40)  # this checkout is what is installed
     text = (repo_root / "pyproject.toml").read_text()
-    (tmp_path / "pyproject.toml").write_text(text.replace('dependencies = [', 'dependencies = [\n    "rich>=13",', 1))
-    with pytest.raises(workspace.WorkspaceError, match=r"commit aaaaaaa declares other dependencies .*\+rich>=13.*"
-                                                       r"reinstall"):
+    (tmp_path / "pyproject.toml").write_text(text.replace("dependencies = [", 'dependencies = [\n    "rich>=13",', 1))
+    with pytest.raises(
+        workspace.WorkspaceError,
+        match=r"commit aaaaaaa declares other dependencies .*\+rich>=13.*"
+        r"reinstall",
+    ):
         workspace.check_dependencies(tmp_path, "a" * 40)
 
 
@@ -119,19 +140,20 @@ def test_a_commit_missing_from_the_remote_is_named(tmp_path, monkeypatch):
             pass
     with workspace.clean_checkout(str(origin), git(origin, "rev-parse", "HEAD").strip(), "ok") as checkout:
         assert (checkout / "f").read_text() == "x"
-    assert list((tmp_path / "runs").iterdir()) == []   # removed afterwards
+    assert list((tmp_path / "runs").iterdir()) == []  # removed afterwards
     with pytest.raises(workspace.KeepCheckout):
         with workspace.clean_checkout(str(origin), git(origin, "rev-parse", "HEAD").strip(), "kept") as checkout:
             raise workspace.KeepCheckout("push refused")
-    assert checkout.is_dir()   # an experiment git refused stays where the message says
+    assert checkout.is_dir()  # an experiment git refused stays where the message says
 
 
 def test_secrets_in_urls_never_reach_messages():
     assert workspace.redact("https://user:s3cret@example.com/r.git") == "https://***@example.com/r.git"
     assert workspace.redact("/srv/git/r.git") == "/srv/git/r.git"
     # what other machines are told: no token; each worker clones with its own credentials
-    assert workspace.without_credentials("https://x-access-token:s3cret@example.com/r.git") == \
-        "https://example.com/r.git"
+    assert (
+        workspace.without_credentials("https://x-access-token:s3cret@example.com/r.git") == "https://example.com/r.git"
+    )
     assert workspace.without_credentials("git@example.com:team/r.git") == "git@example.com:team/r.git"
 
 
@@ -141,7 +163,7 @@ def test_the_training_state_mirror_sits_beside_the_dvc_remote(monkeypatch):
     assert workspace.resume_url_beside("/mnt/shared/dvc/") == "/mnt/shared/dvc-train-resume"
     monkeypatch.delenv(workspace.RESUME_URL_ENV, raising=False)
     assert workspace.run_environment("/mnt/shared/dvc") == {workspace.RESUME_URL_ENV: "/mnt/shared/dvc-train-resume"}
-    monkeypatch.setenv(workspace.RESUME_URL_ENV, "s3://elsewhere")   # the worker's own setting wins
+    monkeypatch.setenv(workspace.RESUME_URL_ENV, "s3://elsewhere")  # the worker's own setting wins
     assert workspace.run_environment("/mnt/shared/dvc") == {}
 
 
@@ -155,9 +177,14 @@ def test_a_restarting_prefect_server_is_waited_for_and_loses_nothing(monkeypatch
     import prefect.client.orchestration
 
     run_id = uuid.uuid4()
-    finished = SimpleNamespace(id=run_id, name="r", total_run_time=timedelta(seconds=42),
-                               state=SimpleNamespace(type=SimpleNamespace(value="COMPLETED"), name="Completed",
-                                                     message="", is_final=lambda: True))
+    finished = SimpleNamespace(
+        id=run_id,
+        name="r",
+        total_run_time=timedelta(seconds=42),
+        state=SimpleNamespace(
+            type=SimpleNamespace(value="COMPLETED"), name="Completed", message="", is_final=lambda: True
+        ),
+    )
     answers = iter([httpx.ConnectError("connection refused"), httpx.ConnectError("connection refused"), [finished]])
 
     class Client:

@@ -57,7 +57,9 @@ def history(live_dir, split="eval", metric="loss") -> pd.DataFrame:
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
-def test_interrupted_run_ends_exactly_like_an_uninterrupted_one(tmp_path, interrupt_after, capsys, schedule, user_cache):
+def test_interrupted_run_ends_exactly_like_an_uninterrupted_one(
+    tmp_path, interrupt_after, capsys, schedule, user_cache
+):
     """Weights, optimizer state (with the schedule's step count) and data order all resume."""
     prepared = make_prepared(tmp_path / "prepared")
     params = Params.model_validate({**PLAIN, "train": {**PLAIN["train"], "lr_schedule": schedule}})
@@ -75,7 +77,9 @@ def test_interrupted_run_ends_exactly_like_an_uninterrupted_one(tmp_path, interr
     assert "resuming train at epoch 3 of 4" in capsys.readouterr().out
     assert resumed == straight
     for split in ("train", "eval"):
-        pd.testing.assert_frame_equal(history(tmp_path / "a" / "train", split), history(tmp_path / "b" / "train", split))
+        pd.testing.assert_frame_equal(
+            history(tmp_path / "a" / "train", split), history(tmp_path / "b" / "train", split)
+        )
     assert json.loads((tmp_path / "b" / "train" / "metrics.json").read_text())["step"] == 3
     assert not resume_dir.exists()  # removed after success
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["model", "train"]
@@ -97,12 +101,20 @@ def test_other_params_start_over(tmp_path, interrupt_after, capsys):
 def test_fine_tuning_resumes_without_recomputing_the_base_outputs(tmp_path, interrupt_after, capsys, user_cache):
     """Two phases (cached VGG16 features, then the last 4 layers unfrozen), interrupted in the first."""
     prepared = make_prepared(tmp_path / "prepared")
-    params = Params.model_validate({
-        "model": {"base": "vgg16", "weights": "none", "cached_features": True, "trainable_layers": 4,
-                  "dense_units": [8], "dropout": 0.5},
-        "preprocess": {"channels": 3, "image_size": [32, 32]},
-        "train": {"epochs": 2, "fine_tune_epochs": 2, "batch_size": 16},
-    })
+    params = Params.model_validate(
+        {
+            "model": {
+                "base": "vgg16",
+                "weights": "none",
+                "cached_features": True,
+                "trainable_layers": 4,
+                "dense_units": [8],
+                "dropout": 0.5,
+            },
+            "preprocess": {"channels": 3, "image_size": [32, 32]},
+            "train": {"epochs": 2, "fine_tune_epochs": 2, "batch_size": 16},
+        }
+    )
     interrupt_after(1)
     with pytest.raises(Interrupt):
         train(params, prepared, tmp_path / "model", tmp_path / "train")
@@ -120,12 +132,23 @@ def test_fine_tuning_resumes_without_recomputing_the_base_outputs(tmp_path, inte
 def test_killed_process_resumes_from_its_last_finished_epoch(tmp_path, user_cache):
     """SIGKILL in the middle of epoch 2, as a crash or an evicted worker would; rerun the stage."""
     prepared = make_prepared(tmp_path / "prepared", sizes=(640, 64, 16), size=64)
-    params_file = write_params(tmp_path / "params.yaml", {
-        "model": {"conv_filters": [16, 32], "pooled_blocks": 2},
-        "train": {"epochs": 4, "batch_size": 16},
-    })
-    command = [sys.executable, "-m", "convnets.train", str(prepared), str(tmp_path / "model"),
-               str(tmp_path / "train"), "--params", str(params_file)]
+    params_file = write_params(
+        tmp_path / "params.yaml",
+        {
+            "model": {"conv_filters": [16, 32], "pooled_blocks": 2},
+            "train": {"epochs": 4, "batch_size": 16},
+        },
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "convnets.train",
+        str(prepared),
+        str(tmp_path / "model"),
+        str(tmp_path / "train"),
+        "--params",
+        str(params_file),
+    ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 300
@@ -158,8 +181,13 @@ def test_resume_folder_keeps_itself_out_of_git(tmp_path):
     state.open()
     (state.root / "epoch-0001").mkdir()
     (state.root / "epoch-0001" / "state.weights.h5").write_bytes(b"x")
-    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=tmp_path,
-                            capture_output=True, text=True, check=True)
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert status.stdout == ""
     # Another fingerprint (params or data changed): the old state is dropped.
     assert convnets.resume.ResumeDir(state.root, "other").open().epochs_done == 0
@@ -179,10 +207,10 @@ def test_run_resumes_on_another_machine_from_the_mirror(tmp_path, interrupt_afte
     (fingerprint,) = [p.name for p in mirror.iterdir()]
     assert sorted(p.name for p in (mirror / fingerprint).iterdir()) == ["LATEST", "epoch-0002"]
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "other-machine-cache"))   # nothing local
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "other-machine-cache"))  # nothing local
     capsys.readouterr()
     train(params, prepared, tmp_path / "model", tmp_path / "train")
     out = capsys.readouterr().out
     assert "took the state of 2 finished epoch(s)" in out and "resuming train at epoch 3 of 4" in out
     assert json.loads((tmp_path / "train" / "metrics.json").read_text())["step"] == 3
-    assert not (mirror / fingerprint).exists()   # deleted once training succeeded
+    assert not (mirror / fingerprint).exists()  # deleted once training succeeded

@@ -52,7 +52,7 @@ from convnets.outputs import write_json
 log = logging.getLogger(__name__)
 
 RESUME_URL_ENV = "CONVNETS_RESUME_URL"
-LATEST = "LATEST"   # on the mirror: the name of the last complete epoch folder, written last
+LATEST = "LATEST"  # on the mirror: the name of the last complete epoch folder, written last
 
 STATE = "state.weights.h5"
 BEST = "best.weights.h5"
