@@ -107,10 +107,10 @@ def test_overlay_is_the_photo_with_the_heatmap_over_it(tmp_path):
 def test_predict_writes_an_overlay_per_photo(tmp_path):
     """`predict --heatmaps DIR`: DIR/<file>.png for every decodable photo, nested folders kept."""
     from PIL import Image
+    from test_predict import photo
 
     from convnets.predict import main
     from convnets.train import train
-    from test_predict import photo
     from test_train_pipeline import PREPARED_PREPROCESS, make_prepared
 
     prepared = make_prepared(tmp_path / "prepared", sizes=(48, 16, 8))

@@ -6,8 +6,8 @@ import json
 import os
 
 import pytest
-
 from browser import INSTALL_HINT, PAGE_FACTS, chromium, open_page
+
 from convnets import compare
 from convnets.params import Params
 from convnets.report import format_duration, identify_preset, read_heatmaps, report, training_seconds

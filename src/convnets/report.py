@@ -24,7 +24,7 @@ import json
 import math
 import os
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import matplotlib
@@ -218,7 +218,7 @@ def trained_on(train_dir: Path, timings: dict | None) -> str:
         stamp = (Path(train_dir) / "metrics.json").stat().st_mtime
     except OSError:
         return ""
-    return datetime.fromtimestamp(stamp, tz=timezone.utc).strftime("%Y-%m-%d")
+    return datetime.fromtimestamp(stamp, tz=UTC).strftime("%Y-%m-%d")
 
 
 # --- figures -------------------------------------------------------------------------------

@@ -36,8 +36,8 @@ from dvclive.utils import standardize_metric_name
 from convnets.cli import stage_main
 from convnets.datasets import ordered_batches, training_batches
 from convnets.devices import DevicePlan, describe, dtype_policy, make_strategy, plan_devices
-from convnets.models import Convnet, build_convnet, loss_for
 from convnets.layout import CLASSES, DEVICES_FILE, MODEL_FILE, TIMINGS, images_file, labels_file
+from convnets.models import Convnet, build_convnet, loss_for
 from convnets.outputs import atomic_file, staged_dir, write_json
 from convnets.params import ModelParams, Params, TrainParams
 from convnets.prepared import load_classes, load_subset
