@@ -202,7 +202,7 @@ def dvc_sweep(
 
 def sweep_target(project: Path, pool: str, git_remote: str) -> sweep.Target:
     """The commit to run (HEAD, pushed and clean), its repository and the shared DVC remote."""
-    dirty = remote.uncommitted_changes(project)
+    dirty = remote.uncommitted_changes(project, composed=grid.composed_files(project))
     commit = remote.head_commit(project)
     if dirty:
         raise grid.SweepError(

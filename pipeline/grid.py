@@ -124,6 +124,13 @@ def check_point(project: Path, point: Point) -> dict:
         return yaml.safe_load(target.read_text(encoding="utf-8"))
 
 
+def composed_files(project: Path) -> tuple[str, ...]:
+    """The params files each point rebuilds from conf/ (params.yaml when DVC's Hydra composition is on)."""
+    from pipeline.overrides import DEFAULT_PARAMS_FILE, hydra_enabled
+
+    return (DEFAULT_PARAMS_FILE,) if hydra_enabled(project) else ()
+
+
 def data_params(project: Path, data_stages: Sequence[str]) -> list[str]:
     """The params keys the data stages read, from dvc.yaml (`params:` of each stage)."""
     stages = yaml.safe_load((project / "dvc.yaml").read_text(encoding="utf-8"))["stages"]

@@ -22,29 +22,16 @@ class OverridesError(ValueError):
 
 def apply_overrides(project: Path, overrides: Sequence[str]) -> list[str]:
     """Write `overrides` into the project's params files; return the files written."""
-    from dvc.exceptions import DvcException
-    from dvc.repo import Repo
     from dvc.utils.cli_parse import to_path_overrides
-    from dvc.utils.hydra import apply_overrides as update_params_file
-    from dvc.utils.hydra import compose_and_dump
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
-    with Repo(os.fspath(project)) as repo:
-        hydra = dict(repo.config.get("hydra", {}))
+    project = project.resolve()
+    hydra = hydra_config(project)
     path_overrides = to_path_overrides(overrides)
     if hydra.get("enabled"):
         # As `dvc exp run`: with Hydra on, params.yaml is always rebuilt from conf/.
         path_overrides.setdefault(DEFAULT_PARAMS_FILE, [])
     for path, file_overrides in path_overrides.items():
-        target = os.fspath(project / path)
-        try:
-            if hydra.get("enabled") and path == DEFAULT_PARAMS_FILE:
-                compose_and_dump(target, *hydra_sources(project, hydra), file_overrides)
-            else:
-                update_params_file(target, file_overrides)
-        except (HydraException, DvcException, OmegaConfBaseException) as exc:
-            raise OverridesError(f"cannot apply {file_overrides} to {path}: {one_line(exc)}") from None
+        write_params_file(project, hydra, path, file_overrides, project / path)
     return list(path_overrides)
 
 
@@ -53,23 +40,39 @@ def compose_params(project: Path, overrides: Sequence[str], target: Path) -> Non
     import shutil
 
     project = project.resolve()
+    hydra = hydra_config(project)
+    if not hydra.get("enabled"):
+        shutil.copyfile(project / DEFAULT_PARAMS_FILE, target)
+    write_params_file(project, hydra, DEFAULT_PARAMS_FILE, list(overrides), target)
+
+
+def write_params_file(project: Path, hydra: dict, path: str, overrides: list[str], target: Path) -> None:
+    """Compose params.yaml from conf/ (Hydra on) or update the params file `target` in place."""
     from dvc.exceptions import DvcException
-    from dvc.repo import Repo
     from dvc.utils.hydra import apply_overrides as update_params_file
     from dvc.utils.hydra import compose_and_dump
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    with Repo(os.fspath(project)) as repo:
-        hydra = dict(repo.config.get("hydra", {}))
     try:
-        if hydra.get("enabled"):
-            compose_and_dump(os.fspath(target), *hydra_sources(project, hydra), list(overrides))
+        if hydra.get("enabled") and path == DEFAULT_PARAMS_FILE:
+            compose_and_dump(os.fspath(target), *hydra_sources(project, hydra), overrides)
         else:
-            shutil.copyfile(project / DEFAULT_PARAMS_FILE, target)
-            update_params_file(os.fspath(target), list(overrides))
+            update_params_file(os.fspath(target), overrides)
     except (HydraException, DvcException, OmegaConfBaseException) as exc:
-        raise OverridesError(f"cannot apply {list(overrides)}: {one_line(exc)}") from None
+        raise OverridesError(f"cannot apply {overrides} to {path}: {one_line(exc)}") from None
+
+
+def hydra_config(project: Path) -> dict:
+    """The `hydra` section of the project's DVC config (all levels merged)."""
+    from dvc.repo import Repo
+
+    with Repo(os.fspath(project)) as repo:
+        return dict(repo.config.get("hydra", {}))
+
+
+def hydra_enabled(project: Path) -> bool:
+    return bool(hydra_config(project).get("enabled"))
 
 
 def hydra_sources(project: Path, hydra: dict) -> tuple[str | None, str | None, str, str]:
@@ -80,4 +83,5 @@ def hydra_sources(project: Path, hydra: dict) -> tuple[str | None, str | None, s
 
 
 def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
+    """The message on one line, without Hydra's search-path dump (local folders, no help to the user)."""
+    return " ".join(str(exc).split()).split(" Config search path:")[0]

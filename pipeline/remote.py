@@ -157,9 +157,13 @@ def dvc_remote_url(project: Path) -> str | None:
         return repo.config["remote"][name]["url"]
 
 
-def uncommitted_changes(project: Path) -> list[str]:
-    """Tracked files changed since HEAD, dvc.lock aside (a sweep runs the commit, not the workspace)."""
-    return [path for path in changed_files(project) if path != "dvc.lock"]
+def uncommitted_changes(project: Path, composed: tuple[str, ...] = ()) -> list[str]:
+    """Tracked files changed since HEAD that a sweep would silently leave behind on the workers.
+
+    dvc.lock is rewritten by every run, and the `composed` files (params.yaml with Hydra on:
+    each point rebuilds it from conf/, as after a `dvc exp run`) do not carry over either.
+    """
+    return [path for path in changed_files(project) if path != "dvc.lock" and path not in composed]
 
 
 def installed_checkout() -> Path:

@@ -387,6 +387,7 @@ def test_uncommitted_code_blocks_sending_but_params_and_lock_travel(fake_project
         (fake_project / name).write_text("a: 2\n")
     assert remote.check_can_send(fake_project) == remote.head_commit(fake_project)
     assert remote.uncommitted_changes(fake_project) == ["conf/config.yaml", "params.yaml"]  # a sweep runs conf/
+    assert remote.uncommitted_changes(fake_project, composed=("params.yaml",)) == ["conf/config.yaml"]
     (fake_project / "dvc.yaml").write_text("a: 2\n")
     with pytest.raises(remote.RemoteStageError, match="uncommitted changes to dvc.yaml"):
         remote.check_can_send(fake_project)
