@@ -21,8 +21,9 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
+from convnets.layout import RESUME_URL_ENV, user_cache_dir
+
 WORK_DIR_ENV = "CONVNETS_WORK_DIR"  # where the per-run clones go (default: the user cache)
-RESUME_URL_ENV = "CONVNETS_RESUME_URL"  # read by convnets.resume in the train stage
 DVC_REMOTE_NAME = "convnets-run"  # the remote a run's clone pushes to (config.local only)
 PACKAGE = "convnets"
 
@@ -33,11 +34,6 @@ class WorkspaceError(RuntimeError):
 
 class KeepCheckout(WorkspaceError):
     """The run made something that exists only in its clone (e.g. an experiment git refused)."""
-
-
-def user_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "convnets"
 
 
 def work_root() -> Path:

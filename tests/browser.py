@@ -16,9 +16,16 @@ import urllib.request
 from pathlib import Path
 
 FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--remote-debugging-port=0", "--remote-allow-origins=*",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--remote-debugging-port=0",
+    "--remote-allow-origins=*",
 ]
 INSTALL_HINT = "no Chromium found: install it with `apt-get install -y chromium` (Debian; .ci/run does this in CI)"
 
@@ -65,7 +72,9 @@ class _Session:
         raise TimeoutError(event)
 
 
-def open_page(path: Path, expression: str, width: int = 1280, height: int = 900, screenshot: Path | None = None) -> dict:
+def open_page(
+    path: Path, expression: str, width: int = 1280, height: int = 900, screenshot: Path | None = None
+) -> dict:
     """{"console_errors", "requests" (other than the page and data: URIs), "value" of `expression`}."""
     binary = chromium()
     if binary is None:
@@ -74,7 +83,8 @@ def open_page(path: Path, expression: str, width: int = 1280, height: int = 900,
     with tempfile.TemporaryDirectory() as profile:
         process = subprocess.Popen(
             [binary, *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             port_file = Path(profile) / "DevToolsActivePort"
@@ -89,17 +99,23 @@ def open_page(path: Path, expression: str, width: int = 1280, height: int = 900,
             session = _Session(targets[0]["webSocketDebuggerUrl"])
             for domain in ("Page", "Runtime", "Network", "Log"):
                 session.call(f"{domain}.enable")
-            session.call("Emulation.setDeviceMetricsOverride",
-                         {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600})
+            session.call(
+                "Emulation.setDeviceMetricsOverride",
+                {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600},
+            )
             session.call("Page.navigate", {"url": page_url})
             session.wait_for("Page.loadEventFired")
             value = session.call("Runtime.evaluate", {"expression": expression, "returnByValue": True})
             if screenshot is not None:
                 full = session.call("Page.getLayoutMetrics")["cssContentSize"]
-                shot = session.call("Page.captureScreenshot", {
-                    "format": "png", "captureBeyondViewport": True,
-                    "clip": {"x": 0, "y": 0, "width": width, "height": full["height"], "scale": 1},
-                })
+                shot = session.call(
+                    "Page.captureScreenshot",
+                    {
+                        "format": "png",
+                        "captureBeyondViewport": True,
+                        "clip": {"x": 0, "y": 0, "width": width, "height": full["height"], "scale": 1},
+                    },
+                )
                 import base64
 
                 Path(screenshot).write_bytes(base64.b64decode(shot["data"]))

@@ -45,7 +45,7 @@ def clone_env(tmp_path: Path, port: int, checkout: Path | None = None) -> dict[s
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }
     if checkout is not None:
-        # The venv is shared: without this the editable install would serve /work/main's code.
+        # The venv is shared: without this the editable install would serve the main checkout's code.
         env["PYTHONPATH"] = os.pathsep.join([str(checkout), str(checkout / "src")])
     return env
 

@@ -20,10 +20,27 @@ from convnets.params import ModelParams
 
 ARCHITECTURES = {
     "mnist-convnet": (ModelParams(), (28, 28, 1), 10, "conv2d", (11, 11)),
-    "residual": (ModelParams(block="residual", stem_filters=8, conv_filters=[8, 16], pooled_blocks=2,
-                             pooling="global_average", dropout=0.5), (32, 32, 3), 2, "add", (8, 8)),
-    "vgg16": (ModelParams(base="vgg16", weights="none", dense_units=[8], dropout=0.5,
-                          augmentation={"flip": "horizontal"}), (96, 96, 3), 2, "block5_conv3", (6, 6)),
+    "residual": (
+        ModelParams(
+            block="residual",
+            stem_filters=8,
+            conv_filters=[8, 16],
+            pooled_blocks=2,
+            pooling="global_average",
+            dropout=0.5,
+        ),
+        (32, 32, 3),
+        2,
+        "add",
+        (8, 8),
+    ),
+    "vgg16": (
+        ModelParams(base="vgg16", weights="none", dense_units=[8], dropout=0.5, augmentation={"flip": "horizontal"}),
+        (96, 96, 3),
+        2,
+        "block5_conv3",
+        (6, 6),
+    ),
 }
 
 
@@ -72,8 +89,14 @@ def test_a_model_without_convolutions_gets_no_heatmaps():
 
 
 def test_mistakes_are_chosen_the_same_way_everywhere():
-    predictions = pd.DataFrame({"row": [0, 1, 2, 3, 4], "true": list("aabab"), "predicted": list("abaab"),
-                                "confidence": [0.9, 0.8, 0.8, 0.99, 0.7]})
+    predictions = pd.DataFrame(
+        {
+            "row": [0, 1, 2, 3, 4],
+            "true": list("aabab"),
+            "predicted": list("abaab"),
+            "confidence": [0.9, 0.8, 0.8, 0.99, 0.7],
+        }
+    )
     assert most_confident_mistakes(predictions, 5)["row"].tolist() == [1, 2]
     assert most_confident_mistakes(predictions, 1)["row"].tolist() == [1]
 
@@ -101,7 +124,9 @@ def test_overlay_is_the_photo_with_the_heatmap_over_it(tmp_path):
     save_overlay(tmp_path / "b.png", gray, None)
     with_map, without = Image.open(tmp_path / "a.png"), Image.open(tmp_path / "b.png")
     assert with_map.width > 2 * without.width - 10 and with_map.height == without.height >= 128
-    assert (tmp_path / "a.png").read_bytes() == (save_overlay(tmp_path / "c.png", gray, heatmap) or (tmp_path / "c.png").read_bytes())
+    assert (tmp_path / "a.png").read_bytes() == (
+        save_overlay(tmp_path / "c.png", gray, heatmap) or (tmp_path / "c.png").read_bytes()
+    )
 
 
 def test_predict_writes_an_overlay_per_photo(tmp_path):
@@ -116,9 +141,13 @@ def test_predict_writes_an_overlay_per_photo(tmp_path):
     prepared = make_prepared(tmp_path / "prepared", sizes=(48, 16, 8))
     from convnets.params import Params
 
-    params = Params.model_validate({
-        "preprocess": PREPARED_PREPROCESS, "model": {"conv_filters": [8, 16], "pooled_blocks": 1},
-        "train": {"epochs": 1, "batch_size": 16}})
+    params = Params.model_validate(
+        {
+            "preprocess": PREPARED_PREPROCESS,
+            "model": {"conv_filters": [8, 16], "pooled_blocks": 1},
+            "train": {"epochs": 1, "batch_size": 16},
+        }
+    )
     train(params, prepared, tmp_path / "model", tmp_path / "train")
     photos = tmp_path / "photos"
     (photos / "more").mkdir(parents=True)

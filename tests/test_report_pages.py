@@ -13,9 +13,7 @@ from convnets.params import Params
 from convnets.report import format_duration, identify_preset, read_heatmaps, report, training_seconds
 from test_train_pipeline import PREPARED_PREPROCESS, make_prepared
 
-needs_browser = pytest.mark.skipif(
-    chromium() is None and not os.environ.get("CI"), reason=INSTALL_HINT
-)
+needs_browser = pytest.mark.skipif(chromium() is None and not os.environ.get("CI"), reason=INSTALL_HINT)
 
 
 @pytest.fixture(scope="module")
@@ -26,18 +24,27 @@ def binary_report(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("report")
     prepared = make_prepared(root / "prepared", sizes=(64, 32, 48))
-    params = Params.model_validate({
-        "preprocess": PREPARED_PREPROCESS,
-        "model": {"conv_filters": [8, 16], "pooled_blocks": 1},
-        "train": {"epochs": 2, "batch_size": 16},
-        "evaluate": {"heatmaps": 6},
-        "report": {"misclassified_examples": 8},
-    })
+    params = Params.model_validate(
+        {
+            "preprocess": PREPARED_PREPROCESS,
+            "model": {"conv_filters": [8, 16], "pooled_blocks": 1},
+            "train": {"epochs": 2, "batch_size": 16},
+            "evaluate": {"heatmaps": 6},
+            "report": {"misclassified_examples": 8},
+        }
+    )
     train(params, prepared, root / "model", root / "train")
     evaluate(params, prepared, root / "model", root / "eval")
     (root / "train" / "devices.json").write_text(json.dumps({"gpus": [], "dtype_policy": "float32", "replicas": 1}))
-    html = report(params, prepared, root / "train", root / "eval", root / "report",
-                  timings={"seconds": 75.0}, run={"experiment": "tiny-exp", "commit": "abc1234"})
+    html = report(
+        params,
+        prepared,
+        root / "train",
+        root / "eval",
+        root / "report",
+        timings={"seconds": 75.0},
+        run={"experiment": "tiny-exp", "commit": "abc1234"},
+    )
     return {"root": root, "html": html, "params": params}
 
 
@@ -61,8 +68,15 @@ def test_report_shows_the_heatmaps_evaluate_computed(binary_report):
 
 def test_report_is_the_same_bytes_when_rerun(binary_report, tmp_path):
     root, params = binary_report["root"], binary_report["params"]
-    again = report(params, root / "prepared", root / "train", root / "eval", tmp_path / "report",
-                   timings={"seconds": 75.0}, run={"experiment": "tiny-exp", "commit": "abc1234"})
+    again = report(
+        params,
+        root / "prepared",
+        root / "train",
+        root / "eval",
+        tmp_path / "report",
+        timings={"seconds": 75.0},
+        run={"experiment": "tiny-exp", "commit": "abc1234"},
+    )
     assert again.read_bytes() == binary_report["html"].read_bytes()
 
 
@@ -86,8 +100,14 @@ def test_preset_and_changed_params_are_named(repo_root, tmp_path):
     from dvc.utils.hydra import compose_and_dump
 
     out = tmp_path / "params.yaml"  # what `dvc exp run -S +experiment=scratch -S ...=[128,128]` composes
-    compose_and_dump(out, os.fspath(repo_root / "conf"), None, "config", "",
-                     ["+experiment=scratch", "preprocess.image_size=[128,128]"])
+    compose_and_dump(
+        out,
+        os.fspath(repo_root / "conf"),
+        None,
+        "config",
+        "",
+        ["+experiment=scratch", "preprocess.image_size=[128,128]"],
+    )
     params = yaml.safe_load(out.read_text())
     found = identify_preset(params, repo_root / "conf")
     assert (found["dataset"], found["preset"]) == ("dogs_vs_cats", "scratch")
@@ -98,7 +118,9 @@ def test_training_time_is_read_defensively():
     assert training_seconds({}, {"seconds": 12.5}, 3) == (12.5, True)
     assert training_seconds({"seconds_per_epoch": 2.0}, None, 3) == (6.0, False)
     assert training_seconds({}, None, 3) == (None, False)
-    assert format_duration(None) == "" and format_duration(3725) == "1 h 02 min" and format_duration(6, False) == "≈ 6 s"
+    assert (
+        format_duration(None) == "" and format_duration(3725) == "1 h 02 min" and format_duration(6, False) == "≈ 6 s"
+    )
 
 
 @needs_browser
@@ -121,28 +143,43 @@ def exp(name, rev, seed=42, filters=(32, 64), accuracy=None, failed=False, state
     if accuracy is not None:
         metrics = {
             "data/eval/metrics.json": {"data": {"test": {"accuracy": accuracy, "roc_auc": accuracy + 0.05}}},
-            "data/train/metrics.json": {"data": {"step": 9, "best": {"epoch": 4},
-                                                 "devices": {"gpu_count": 0, "mixed_precision": 0}}},
+            "data/train/metrics.json": {
+                "data": {"step": 9, "best": {"epoch": 4}, "devices": {"gpu_count": 0, "mixed_precision": 0}}
+            },
             "timings/train.json": {"data": {"seconds": 95.0}},
         }
-    params = {"params.yaml": {"data": {"seed": seed, "model": {"conv_filters": list(filters)}, "train": {"epochs": 10}}}}
+    params = {
+        "params.yaml": {"data": {"seed": seed, "model": {"conv_filters": list(filters)}, "train": {"epochs": 10}}}
+    }
     return {
         "executor": {"state": state} if state else None,
         "name": name,
-        "revs": [{"rev": rev, "name": name, "error": {"msg": "boom"} if failed else None,
-                  "data": {"params": params, "metrics": metrics}}],
+        "revs": [
+            {
+                "rev": rev,
+                "name": name,
+                "error": {"msg": "boom"} if failed else None,
+                "data": {"params": params, "metrics": metrics},
+            }
+        ],
     }
 
 
 SHOW = [
     {"rev": "workspace", "name": None, "data": {}, "error": None, "experiments": None},
-    {"rev": "c" * 40, "name": "main", "data": {}, "error": None, "experiments": [
-        exp("seed-1", "1" * 40, seed=1, accuracy=0.70),
-        exp("seed-2", "2" * 40, seed=2, accuracy=0.80),
-        exp("wide", "3" * 40, filters=(64, 128), accuracy=0.90),
-        exp("broken", "4" * 40, failed=True),
-        exp("old", "5" * 40),
-    ]},
+    {
+        "rev": "c" * 40,
+        "name": "main",
+        "data": {},
+        "error": None,
+        "experiments": [
+            exp("seed-1", "1" * 40, seed=1, accuracy=0.70),
+            exp("seed-2", "2" * 40, seed=2, accuracy=0.80),
+            exp("wide", "3" * 40, filters=(64, 128), accuracy=0.90),
+            exp("broken", "4" * 40, failed=True),
+            exp("old", "5" * 40),
+        ],
+    },
 ]
 
 
@@ -150,8 +187,17 @@ def test_leaderboard_sorted_with_blanks_and_seed_groups():
     rows = compare.leaderboard_rows(SHOW)
     names = [r["experiment"] for r in rows]
     assert names[:5] == ["wide", "seed-2", "seed-1", "broken (failed)", "old"]
-    assert set(rows[0]) == {"experiment", "preset", "model.conv_filters", "seed", "test accuracy", "ROC AUC",
-                            "best epoch", "training time", "device"}  # train.epochs is the same for all: hidden
+    assert set(rows[0]) == {
+        "experiment",
+        "preset",
+        "model.conv_filters",
+        "seed",
+        "test accuracy",
+        "ROC AUC",
+        "best epoch",
+        "training time",
+        "device",
+    }  # train.epochs is the same for all: hidden
     assert rows[0]["test accuracy"] == "0.9000" and rows[0]["best epoch"] == "5 of 10"
     assert rows[0]["training time"] == "≈ 1 min 35 s" and rows[0]["device"] == "CPU"
     assert rows[3]["test accuracy"] == "" and rows[4]["ROC AUC"] == ""

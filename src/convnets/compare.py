@@ -40,7 +40,9 @@ import numpy as np
 from convnets.layout import TIMINGS
 from convnets.report import DPI, PNG_METADATA, STYLE, esc, flatten, format_duration, identify_preset
 
-HOW_TO_MAKE_ONE = "no experiments to compare: make one with `dvc exp run -n NAME -S train.epochs=20` (docs/experiments.md)"
+HOW_TO_MAKE_ONE = (
+    "no experiments to compare: make one with `dvc exp run -n NAME -S train.epochs=20` (docs/experiments.md)"
+)
 VAL_FILES = {
     "accuracy": "data/train/plots/metrics/eval/accuracy.tsv",
     "loss": "data/train/plots/metrics/eval/loss.tsv",
@@ -62,7 +64,9 @@ class Experiment:
 
     def metric(self, file: str, key: str):
         value = self.metrics.get(f"{file}:{key}")
-        return value if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+        return (
+            value if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+        )
 
     @property
     def accuracy(self):
@@ -129,15 +133,17 @@ def experiments_from_show(show: list) -> list[Experiment]:
             data = record.get("data") or {}
             state = ((exp.get("executor") or {}).get("state") or "") if isinstance(exp.get("executor"), dict) else ""
             params = (data.get("params") or {}).get(PARAMS_FILE, {})
-            found.append(Experiment(
-                name=str(exp.get("name") or record.get("name") or record.get("rev", "")[:7]),
-                rev=str(record.get("rev", "")),
-                baseline=str(baseline.get("name") or baseline.get("rev", ""))[:20],
-                params=flatten(params.get("data") or {}) if isinstance(params, dict) else {},
-                metrics=_data_of(data.get("metrics")),
-                failed=bool(record.get("error")) or state == "failed",
-                state="" if state in ("", "success") else state,
-            ))
+            found.append(
+                Experiment(
+                    name=str(exp.get("name") or record.get("name") or record.get("rev", "")[:7]),
+                    rev=str(record.get("rev", "")),
+                    baseline=str(baseline.get("name") or baseline.get("rev", ""))[:20],
+                    params=flatten(params.get("data") or {}) if isinstance(params, dict) else {},
+                    metrics=_data_of(data.get("metrics")),
+                    failed=bool(record.get("error")) or state == "failed",
+                    state="" if state in ("", "success") else state,
+                )
+            )
             if found[-1].failed or found[-1].state:
                 # A failed run has no figures of its own; a running one shows the workspace's: blanks for both.
                 found[-1].metrics = {}
@@ -219,21 +225,31 @@ def leaderboard(experiments: list[Experiment], conf_dir: Path | None = None) -> 
     """(columns, rows): one row per experiment sorted by test accuracy, then one per group of seeds."""
     varying = differing_params(experiments)
     shown_params = [k for k in varying if k != "seed"] + (["seed"] if "seed" in varying else [])
-    columns = ["experiment", "preset", *shown_params, "test accuracy", "ROC AUC", "best epoch", "training time",
-               "device"]
+    columns = [
+        "experiment",
+        "preset",
+        *shown_params,
+        "test accuracy",
+        "ROC AUC",
+        "best epoch",
+        "training time",
+        "device",
+    ]
     rows = []
     for exp in sort_by_accuracy(experiments):
         preset = identify_preset(_unflatten(exp.params), conf_dir)["preset"] if exp.params else ""
         note = " (failed)" if exp.failed else f" ({exp.state})" if exp.state else ""
         row = {"experiment": exp.name + note, "preset": preset}
         row.update({k: _show(exp.params[k]) if k in exp.params else "" for k in shown_params})
-        row.update({
-            "test accuracy": _num(exp.accuracy),
-            "ROC AUC": _num(exp.roc_auc),
-            "best epoch": _best(exp),
-            "training time": format_duration(exp.training_seconds, exact=False),
-            "device": exp.device,
-        })
+        row.update(
+            {
+                "test accuracy": _num(exp.accuracy),
+                "ROC AUC": _num(exp.roc_auc),
+                "best epoch": _best(exp),
+                "training time": format_duration(exp.training_seconds, exact=False),
+                "device": exp.device,
+            }
+        )
         rows.append(row)
     for group in seed_groups(experiments):
         row = dict.fromkeys(columns, "")
@@ -260,7 +276,9 @@ def _unflatten(flat: dict) -> dict:
     return tree
 
 
-def leaderboard_rows(show: list, names: Sequence[str] | None = None, conf_dir: Path | None = None) -> list[dict[str, str]]:
+def leaderboard_rows(
+    show: list, names: Sequence[str] | None = None, conf_dir: Path | None = None
+) -> list[dict[str, str]]:
     """The leaderboard for a Prefect table artifact: `show` is `dvc exp show --json`'s parsed output."""
     return leaderboard(select(experiments_from_show(show), names), conf_dir)[1]
 
@@ -342,8 +360,10 @@ def confusion_chart(exp: Experiment, reader: PlotReader) -> bytes | None:
     cells = reader.confusion(exp.rev)
     if not cells:
         return None
-    labels = sorted({str(c.get("actual")) for c in cells} | {str(c.get("predicted")) for c in cells},
-                    key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    labels = sorted(
+        {str(c.get("actual")) for c in cells} | {str(c.get("predicted")) for c in cells},
+        key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s),
+    )
     index = {name: i for i, name in enumerate(labels)}
     counts = np.zeros((len(labels), len(labels)), dtype=np.int64)
     for cell in cells:
@@ -352,8 +372,15 @@ def confusion_chart(exp: Experiment, reader: PlotReader) -> bytes | None:
     ax.imshow(counts, cmap="Blues")
     small = len(labels) > 6
     for (i, j), value in np.ndenumerate(counts):
-        ax.text(j, i, str(value), ha="center", va="center", fontsize=6 if small else 10,
-                color="white" if value > counts.max() / 2 else "black")
+        ax.text(
+            j,
+            i,
+            str(value),
+            ha="center",
+            va="center",
+            fontsize=6 if small else 10,
+            color="white" if value > counts.max() / 2 else "black",
+        )
     ax.set_xticks(range(len(labels)), labels, fontsize=7)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.set(xlabel="Predicted", ylabel="True", title=exp.name)
@@ -380,36 +407,44 @@ def charts_markdown(show: list, repo: str | Path = ".", names: Sequence[str] | N
 # --- the page --------------------------------------------------------------------------------
 
 
-def render_compare(experiments: list[Experiment], reader: PlotReader, conf_dir: Path | None = None,
-                   title: str = "convnets: every experiment side by side") -> str:
+def render_compare(
+    experiments: list[Experiment],
+    reader: PlotReader,
+    conf_dir: Path | None = None,
+    title: str = "convnets: every experiment side by side",
+) -> str:
     columns, rows = leaderboard(experiments, conf_dir)
     individual = rows[: len(experiments)]
-    grouped = rows[len(experiments):]
+    grouped = rows[len(experiments) :]
     numeric = {"test accuracy", "ROC AUC", "best epoch", "training time"}
 
     def table_html(body_rows: list[dict[str, str]], cls: str) -> str:
         head = "".join(f'<th class="{"num" if c in numeric else ""}">{esc(c)}</th>' for c in columns)
         body = "".join(
-            "<tr>" + "".join(f'<td class="{"num" if c in numeric else ""}">{esc(r.get(c, ""))}</td>' for c in columns)
-            + "</tr>" for r in body_rows
+            "<tr>"
+            + "".join(f'<td class="{"num" if c in numeric else ""}">{esc(r.get(c, ""))}</td>' for c in columns)
+            + "</tr>"
+            for r in body_rows
         )
-        return f'<div class="scroll"><table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+        table = f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+        return f'<div class="scroll">{table}</div>'
 
     ordered = sort_by_accuracy(experiments)
     charts = "".join(
-        f'<figure><img alt="validation {m} of every experiment" src="{_uri(overlay_chart(ordered, reader, m))}"></figure>'
+        f'<figure><img alt="validation {m} of every experiment" '
+        f'src="{_uri(overlay_chart(ordered, reader, m))}"></figure>'
         for m in ("accuracy", "loss")
     )
     matrices = []
     for exp in ordered:
         png = confusion_chart(exp, reader)
         matrices.append(
-            f'<figure><img alt="confusion matrix of {esc(exp.name)}" src="{_uri(png)}"></figure>' if png
-            else f'<figure class="blank"><figcaption>{esc(exp.name)}: no confusion matrix in the DVC cache</figcaption></figure>'
+            f'<figure><img alt="confusion matrix of {esc(exp.name)}" src="{_uri(png)}"></figure>'
+            if png
+            else f'<figure class="blank"><figcaption>{esc(exp.name)}: '
+            f"no confusion matrix in the DVC cache</figcaption></figure>"
         )
-    groups = (
-        "<h2>Same params, different seeds</h2>" + table_html(grouped, "groups") if grouped else ""
-    )
+    groups = "<h2>Same params, different seeds</h2>" + table_html(grouped, "groups") if grouped else ""
     baselines = sorted({e.baseline for e in experiments if e.baseline})
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -418,8 +453,8 @@ def render_compare(experiments: list[Experiment], reader: PlotReader, conf_dir: 
 .leaderboard td:first-child{{font-weight:600}}figure{{margin:0}}.blank{{border:1px dashed var(--line);padding:1rem}}
 </style></head><body>
 <h1>{esc(title)}</h1>
-<p class="note">{len(experiments)} experiment(s) of {esc(", ".join(baselines))}, sorted by test accuracy; only the params
-that differ among them are shown. Blanks: a failed experiment, or figures DVC does not have.</p>
+<p class="note">{len(experiments)} experiment(s) of {esc(", ".join(baselines))}, sorted by test accuracy;
+only the params that differ among them are shown. Blanks: a failed experiment, or figures DVC does not have.</p>
 <h2>Leaderboard</h2>
 {table_html(individual, "leaderboard")}
 {groups}
@@ -431,8 +466,13 @@ that differ among them are shown. Blanks: a failed experiment, or figures DVC do
 """
 
 
-def compare(repo: str | Path = ".", names: Sequence[str] | None = None, all_commits: bool = False,
-            out: str | Path = "compare.html", show: list | None = None) -> Path | None:
+def compare(
+    repo: str | Path = ".",
+    names: Sequence[str] | None = None,
+    all_commits: bool = False,
+    out: str | Path = "compare.html",
+    show: list | None = None,
+) -> Path | None:
     """Write the page; None when there is no experiment to compare."""
     repo = Path(repo)
     experiments = select(experiments_from_show(show if show is not None else exp_show(repo, all_commits)), names)
@@ -449,7 +489,8 @@ def compare(repo: str | Path = ".", names: Sequence[str] | None = None, all_comm
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n", 2)[2],
     )
     parser.add_argument("experiments", nargs="*", metavar="EXP", help="experiment names (default: all of them)")

@@ -77,7 +77,9 @@ def evaluate(params: Params, prepared_dir, model_dir, out_dir) -> dict:
         live = Live(dir=str(tmp), dvcyaml=None, save_dvc_exp=False, report=None)
         log_nested(live, "test", metrics)
         names = np.asarray(classes)
-        live.log_sklearn_plot("confusion_matrix", names[labels], names[probs.argmax(axis=1)], name="confusion_matrix.json")
+        live.log_sklearn_plot(
+            "confusion_matrix", names[labels], names[probs.argmax(axis=1)], name="confusion_matrix.json"
+        )
         truth, scores = curve_inputs(labels, probs)
         live.log_sklearn_plot("roc", truth, scores, name="roc.json")
         live.log_sklearn_plot("precision_recall", truth, scores, name="precision_recall.json")

@@ -52,7 +52,10 @@ def _is_feature_layer(layer) -> bool:
 
 
 def _pick(layers):
-    """The last feature map, unless it is too coarse to show anything (MNIST's 3x3): then the last one of 5x5 or more."""
+    """The last feature map, unless it is too coarse to show anything (MNIST's 3x3).
+
+    Then the last one of 5x5 or more.
+    """
     fine = [layer for layer in layers if min(layer.output.shape[1], layer.output.shape[2]) >= MIN_SIDE]
     last = layers[-1]
     return last if min(last.output.shape[1], last.output.shape[2]) >= MIN_SIDE or not fine else fine[-1]
@@ -87,7 +90,8 @@ class GradCam:
             return
         # A pretrained base nested as one layer: run the outer layers in a chain around it.
         nested = [
-            layer for layer in model.layers
+            layer
+            for layer in model.layers
             if isinstance(layer, keras.Model) and any(_is_feature_layer(inner) for inner in layer.layers)
         ]
         if not nested:
@@ -152,7 +156,9 @@ class GradCam:
         return out
 
 
-def heatmaps_for(model, images: np.ndarray, classes, batch_size: int = 32) -> tuple[str, list[np.ndarray | None], list[str]]:
+def heatmaps_for(
+    model, images: np.ndarray, classes, batch_size: int = 32
+) -> tuple[str, list[np.ndarray | None], list[str]]:
     """(layer name, heatmap or None per photo, why not per photo) without ever raising for one photo."""
     try:
         cam = GradCam(model)

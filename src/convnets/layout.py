@@ -46,6 +46,11 @@ PREDICTIONS = "predictions.csv"  # row,true,predicted,confidence
 TIMINGS = Path("timings") / "train.json"
 
 
+# Where the train stage mirrors its epoch state for a retry on another machine (convnets.resume);
+# the Prefect worker flows set it beside the DVC remote (pipeline.workspace).
+RESUME_URL_ENV = "CONVNETS_RESUME_URL"
+
+
 def user_cache_dir() -> Path:
     """Machine-local state outside the repo: $XDG_CACHE_HOME/convnets, else ~/.cache/convnets."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"

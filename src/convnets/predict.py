@@ -52,7 +52,8 @@ def list_inputs(source: Path) -> tuple[Path, list[Path]]:
     if not source.is_dir():
         raise DataError(f"{source}: no such file or folder")
     files = sorted(
-        path for path in source.rglob("*")
+        path
+        for path in source.rglob("*")
         if path.is_file() and not any(part.startswith(".") for part in path.relative_to(source).parts)
     )
     if not files:
@@ -60,7 +61,9 @@ def list_inputs(source: Path) -> tuple[Path, list[Path]]:
     return source, files
 
 
-def decoded_batches(files: list[Path], size: tuple[int, int], channels: int, batch_size: int) -> Iterator[tuple[list[Path], np.ndarray, list[tuple[Path, BadImage]]]]:
+def decoded_batches(
+    files: list[Path], size: tuple[int, int], channels: int, batch_size: int
+) -> Iterator[tuple[list[Path], np.ndarray, list[tuple[Path, BadImage]]]]:
     """Decode files batch by batch: (good files, their pixels, bad files with why)."""
     for start in range(0, len(files), batch_size):
         good, arrays, bad = [], [], []
@@ -74,7 +77,9 @@ def decoded_batches(files: list[Path], size: tuple[int, int], channels: int, bat
         yield good, pixels, bad
 
 
-def predict(model_dir: str | Path, source: str | Path, batch_size: int = 64, heatmaps: str | Path | None = None) -> Predictions:
+def predict(
+    model_dir: str | Path, source: str | Path, batch_size: int = 64, heatmaps: str | Path | None = None
+) -> Predictions:
     model, classes = load_trained(model_dir)
     _, height, width, channels = model.input_shape
     root, files = list_inputs(Path(source))
@@ -89,12 +94,14 @@ def predict(model_dir: str | Path, source: str | Path, batch_size: int = 64, hea
         if heatmaps is not None:
             write_overlays(model, good, pixels, chosen, root, Path(heatmaps))
         for path, row, label in zip(good, probs, chosen):
-            rows.append({
-                "file": relative(path, root),
-                "label": classes[label],
-                "probability": round(float(row[label]), 6),
-                "positive": round(float(row[1]), 6) if len(classes) == 2 else float("nan"),
-            })
+            rows.append(
+                {
+                    "file": relative(path, root),
+                    "label": classes[label],
+                    "probability": round(float(row[label]), 6),
+                    "positive": round(float(row[1]), 6) if len(classes) == 2 else float("nan"),
+                }
+            )
     return Predictions(
         pd.DataFrame(rows, columns=["file", "label", "probability", "positive"]),
         pd.DataFrame(rejected, columns=["file", "reason", "detail"]),
@@ -119,7 +126,8 @@ def kaggle_submission(predictions: Predictions) -> tuple[pd.DataFrame, int]:
     """id,label (probability of a dog) for every test1/<id>.<ext>; undecodable photos get 0.5."""
     if predictions.classes != ["cat", KAGGLE_POSITIVE]:
         raise DataError(
-            f"--kaggle-submission needs a cats-vs-dogs model (classes ['cat', 'dog']), this one has {predictions.classes}"
+            "--kaggle-submission needs a cats-vs-dogs model (classes ['cat', 'dog']), "
+            f"this one has {predictions.classes}"
         )
     table = pd.concat(
         [predictions.rows[["file", "positive"]], predictions.rejected[["file"]].assign(positive=0.5)],
@@ -173,13 +181,21 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 2)[2],
+    )
     parser.add_argument("model_dir", help="folder with model.keras and classes.json (data/model)")
     parser.add_argument("input", help="an image file or a folder of images")
     parser.add_argument("out", help="CSV to write: file,label,probability")
-    parser.add_argument("--kaggle-submission", metavar="CSV", help="also write the Dogs vs. Cats submission (id,label = P(dog))")
+    parser.add_argument(
+        "--kaggle-submission", metavar="CSV", help="also write the Dogs vs. Cats submission (id,label = P(dog))"
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="images per prediction batch (default: %(default)s)")
-    parser.add_argument("--heatmaps", metavar="DIR", help="also write DIR/<file>.png: each photo with its Grad-CAM heatmap")
+    parser.add_argument(
+        "--heatmaps", metavar="DIR", help="also write DIR/<file>.png: each photo with its Grad-CAM heatmap"
+    )
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")

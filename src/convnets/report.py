@@ -23,8 +23,6 @@ import html
 import json
 import math
 import os
-import subprocess
-from datetime import UTC, datetime
 from pathlib import Path
 
 import matplotlib
@@ -104,6 +102,7 @@ def flatten(tree, prefix: str = "") -> dict[str, object]:
 
 def load_presets(conf_dir: Path) -> tuple[dict, dict, dict, tuple[str, str]]:
     """(data set presets, model presets, config's own keys, (default data set, default model)) from conf/."""
+
     def resolved(group: str, name: str, seen: tuple = ()) -> dict:
         """A preset file with its own `defaults` (other presets of its group) merged in, flattened."""
         data = yaml.safe_load((conf_dir / group / f"{name}.yaml").read_text()) or {}
@@ -160,15 +159,12 @@ def identify_preset(params: dict, conf_dir: Path | None = None) -> dict:
 
 
 def run_name(environ=os.environ) -> dict:
-    """The experiment's name (set by `dvc exp run`) and the commit it is based on."""
+    """The experiment's name and the commit it is based on, as `dvc exp run` sets them.
+
+    A plain `dvc repro` names neither: the page would otherwise change with every commit
+    and make the report stage's output (and dvc.lock) differ for the same inputs.
+    """
     commit = environ.get("DVC_EXP_BASELINE_REV", "")
-    if not commit:
-        try:
-            commit = subprocess.run(
-                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            commit = ""
     return {"experiment": environ.get("DVC_EXP_NAME", ""), "commit": commit[:7]}
 
 
@@ -209,16 +205,10 @@ def device_text(devices: dict) -> tuple[str, str]:
 
 
 def trained_on(train_dir: Path, timings: dict | None) -> str:
-    """The day training finished: recorded by the timings if they say, else the metrics file's date."""
-    for key in ("finished", "date", "end", "ended"):
-        value = (timings or {}).get(key)
-        if isinstance(value, str) and value:
-            return value[:10]
-    try:
-        stamp = (Path(train_dir) / "metrics.json").stat().st_mtime
-    except OSError:
-        return ""
-    return datetime.fromtimestamp(stamp, tz=UTC).strftime("%Y-%m-%d")
+    """When training finished, as the timings recorded it (`dvc exp run`); blank for a plain repro,
+    whose outputs must not change with the day they were made."""
+    value = (timings or {}).get("finished")
+    return value if isinstance(value, str) else ""
 
 
 # --- figures -------------------------------------------------------------------------------
@@ -229,8 +219,13 @@ def save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_curve(history: pd.DataFrame, metric: str, path: Path, best_epoch: int | None = None,
-               reference: tuple[float, str] | None = None) -> None:
+def plot_curve(
+    history: pd.DataFrame,
+    metric: str,
+    path: Path,
+    best_epoch: int | None = None,
+    reference: tuple[float, str] | None = None,
+) -> None:
     """The book's figure: training as dots, validation as a line, epochs from 1; best epoch and the book's figure."""
     fig, ax = plt.subplots(figsize=(5.6, 4), layout="constrained")
     epochs = history["epoch"] + 1
@@ -260,8 +255,9 @@ def draw_confusion(counts: np.ndarray, classes: list[str], path: Path, title: st
     small = len(classes) > 6
     for (i, j), value in np.ndenumerate(counts):
         dark = value > counts.max() / 2
-        ax.text(j, i, str(value), ha="center", va="center", fontsize=7 if small else 11,
-                color="white" if dark else "black")
+        ax.text(
+            j, i, str(value), ha="center", va="center", fontsize=7 if small else 11, color="white" if dark else "black"
+        )
     ticks = range(len(classes))
     ax.set_xticks(ticks, classes, rotation=0 if not small else 0, fontsize=8 if small else 10)
     ax.set_yticks(ticks, classes, fontsize=8 if small else 10)
@@ -274,8 +270,13 @@ def plot_roc(points: list[dict], auc: float | None, label: str, path: Path) -> N
     name = "model" if auc is None else f"model (AUC {auc:.3f})"
     ax.plot([p["fpr"] for p in points], [p["tpr"] for p in points], "b", label=name)
     ax.plot([0, 1], [0, 1], "k:", label="guessing")
-    ax.set(title=f"ROC curve ({label})", xlabel="False positive rate", ylabel="True positive rate",
-           xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(
+        title=f"ROC curve ({label})",
+        xlabel="False positive rate",
+        ylabel="True positive rate",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
     ax.legend(loc="lower right", fontsize=8)
     save_figure(fig, path)
 
@@ -288,8 +289,9 @@ def plot_precision_recall(points: list[dict], label: str, path: Path) -> None:
     save_figure(fig, path)
 
 
-def mistake_tiles(images: np.ndarray, predictions: pd.DataFrame, heatmaps: dict[int, np.ndarray], limit: int,
-                  out_dir: Path) -> list[dict]:
+def mistake_tiles(
+    images: np.ndarray, predictions: pd.DataFrame, heatmaps: dict[int, np.ndarray], limit: int, out_dir: Path
+) -> list[dict]:
     """The most confident mistakes as small images: the photo, and its Grad-CAM overlay when there is one."""
     from PIL import Image
 
@@ -311,8 +313,16 @@ def mistake_tiles(images: np.ndarray, predictions: pd.DataFrame, heatmaps: dict[
             Image.fromarray(tile).save(path, format="JPEG", quality=85)
         else:
             Image.fromarray(tile).save(path, format="PNG", optimize=True)
-        tiles.append({"path": path, "row": int(row.row), "true": row.true, "predicted": row.predicted,
-                      "confidence": float(row.confidence), "heatmap": heatmap is not None})
+        tiles.append(
+            {
+                "path": path,
+                "row": int(row.row),
+                "true": row.true,
+                "predicted": row.predicted,
+                "confidence": float(row.confidence),
+                "heatmap": heatmap is not None,
+            }
+        )
     return tiles
 
 
@@ -339,9 +349,11 @@ def number(value, digits: int = 4) -> str:
 def table(headers: list[str], rows: list[list], numeric_from: int = 1, cls: str = "") -> str:
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
     body = "".join(
-        "<tr>" + "".join(
+        "<tr>"
+        + "".join(
             f'<td class="num">{esc(v)}</td>' if i >= numeric_from else f"<td>{esc(v)}</td>" for i, v in enumerate(row)
-        ) + "</tr>"
+        )
+        + "</tr>"
         for row in rows
     )
     return f'<div class="scroll"><table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
@@ -387,9 +399,9 @@ def render_html(info: dict) -> str:
     curves = "".join(f"<figure>{img(p, alt)}</figure>" for alt, p in info["curves"])
     diagnostics = "".join(f"<figure>{img(p, alt)}</figure>" for alt, p in info["diagnostics"])
     tiles = "".join(
-        f'<figure>{img(t["path"], "misclassified test photo " + str(t["row"]))}'
-        f'<figcaption>true <b>{esc(t["true"])}</b>, predicted <b>{esc(t["predicted"])}</b> '
-        f'({t["confidence"]:.2f}){"" if t["heatmap"] else " · no heatmap"}</figcaption></figure>'
+        f"<figure>{img(t['path'], 'misclassified test photo ' + str(t['row']))}"
+        f"<figcaption>true <b>{esc(t['true'])}</b>, predicted <b>{esc(t['predicted'])}</b> "
+        f"({t['confidence']:.2f}){'' if t['heatmap'] else ' · no heatmap'}</figcaption></figure>"
         for t in info["tiles"]
     )
     return f"""<!doctype html>
@@ -417,8 +429,18 @@ def render_html(info: dict) -> str:
 # --- the stage ------------------------------------------------------------------------------
 
 
-def report(params: Params, prepared_dir, train_dir, eval_dir, out_dir, *, raw_params: dict | None = None,
-           conf_dir: Path | None = None, timings: dict | None = None, run: dict | None = None) -> Path:
+def report(
+    params: Params,
+    prepared_dir,
+    train_dir,
+    eval_dir,
+    out_dir,
+    *,
+    raw_params: dict | None = None,
+    conf_dir: Path | None = None,
+    timings: dict | None = None,
+    run: dict | None = None,
+) -> Path:
     prepared_dir, train_dir, eval_dir = Path(prepared_dir), Path(train_dir), Path(eval_dir)
     history = read_history(train_dir)
     predictions = pd.read_csv(eval_dir / PREDICTIONS, dtype={"true": str, "predicted": str})
@@ -450,8 +472,11 @@ def report(params: Params, prepared_dir, train_dir, eval_dir, out_dir, *, raw_pa
         which = f"positive class {classes[1]}" if len(classes) == 2 else "micro-average"
         roc = (read_json(sklearn_plots / "roc.json", {}) or {}).get("roc")
         if roc:
-            auc = test.get("roc_auc") if len(classes) == 2 else float(np.trapezoid(
-                [p["tpr"] for p in roc], [p["fpr"] for p in roc]))
+            auc = (
+                test.get("roc_auc")
+                if len(classes) == 2
+                else float(np.trapezoid([p["tpr"] for p in roc], [p["fpr"] for p in roc]))
+            )
             diagnostics.append(("ROC curve", tmp / "roc.png"))
             plot_roc(roc, auc, which, diagnostics[-1][1])
         pr = (read_json(sklearn_plots / "precision_recall.json", {}) or {}).get("precision_recall")
@@ -465,13 +490,26 @@ def report(params: Params, prepared_dir, train_dir, eval_dir, out_dir, *, raw_pa
         note = (
             f"{len(tiles)} of {wrong} misclassified test photos shown, most confident mistakes first; "
             f"{with_heatmap} with the Grad-CAM heatmap of the predicted class"
-            + (f" (layer {layer})" if layer else "") + ": red is where the model found the most evidence for it."
-            if tiles else f"{wrong} misclassified test photos."
+            + (f" (layer {layer})" if layer else "")
+            + ": red is where the model found the most evidence for it."
+            if tiles
+            else f"{wrong} misclassified test photos."
         )
         info = {
             "title": f"convnets report: {run.get('experiment') or run.get('commit') or 'workspace'}",
-            "header": header_rows(run, preset, raw_params, preprocess_report, classes, train_dir, timings,
-                                  device, precision, seconds, exact),
+            "header": header_rows(
+                run,
+                preset,
+                raw_params,
+                preprocess_report,
+                classes,
+                train_dir,
+                timings,
+                device,
+                precision,
+                seconds,
+                exact,
+            ),
             "cards": headline_cards(test, classes, best_epoch, epochs),
             "per_class": per_class_table(test, predictions, classes),
             "curves": curves,
@@ -484,18 +522,20 @@ def report(params: Params, prepared_dir, train_dir, eval_dir, out_dir, *, raw_pa
     return Path(out_dir) / "report.html"
 
 
-def header_rows(run, preset, raw_params, preprocess_report, classes, train_dir, timings, device, precision,
-                seconds, exact) -> list[tuple[str, str]]:
+def header_rows(
+    run, preset, raw_params, preprocess_report, classes, train_dir, timings, device, precision, seconds, exact
+) -> list[tuple[str, str]]:
     fetch = raw_params.get("fetch", {}) if isinstance(raw_params.get("fetch"), dict) else {}
     size = preprocess_report.get("image_size") or raw_params.get("preprocess", {}).get("image_size")
     channels = preprocess_report.get("channels") or raw_params.get("preprocess", {}).get("channels")
     shape = f"{size[0]}×{size[1]}×{channels}" if isinstance(size, list) and len(size) == 2 else ""
-    dataset = ", ".join(filter(None, [preset["dataset"] or "", f"source {fetch.get('source', '')}", shape,
-                                      f"{len(classes)} classes"]))
+    dataset = ", ".join(
+        filter(None, [preset["dataset"] or "", f"source {fetch.get('source', '')}", shape, f"{len(classes)} classes"])
+    )
     changed = ", ".join(f"<code>{esc(k)}={esc(json.dumps(v))}</code>" for k, v, _ in preset["changed"]) or "none"
     rows = [
         ("Experiment", esc(run.get("experiment")) or "— (a workspace run)"),
-        ("Commit", esc(run.get("commit"))),
+        ("Commit", esc(run.get("commit")) or "— (the workspace: see `git log -1`)"),
         ("Data set", esc(dataset)),
         ("Preset", esc(preset["preset"]) + (" (conf/model/)" if preset["preset"] else "")),
         ("Params changed from the preset", changed),
@@ -526,8 +566,15 @@ def per_class_table(test: dict, predictions: pd.DataFrame, classes: list[str]) -
     rows = []
     for name in classes:
         figures = per_class.get(name, {})
-        rows.append([name, number(figures.get("precision"), 3), number(figures.get("recall"), 3),
-                     number(figures.get("f1-score"), 3), int(support.get(name, 0))])
+        rows.append(
+            [
+                name,
+                number(figures.get("precision"), 3),
+                number(figures.get("recall"), 3),
+                number(figures.get("f1-score"), 3),
+                int(support.get(name, 0)),
+            ]
+        )
     rows.append(["macro F1", "", "", number(test.get("macro_f1"), 3), int(support.sum())])
     return table(["class", "precision", "recall", "F1", "support"], rows)
 
@@ -551,8 +598,16 @@ def _run(params: Params, args: argparse.Namespace) -> None:
     raw = yaml.safe_load(params_file.read_text()) if params_file.is_file() else None
     conf_dir = params_file.resolve().parent / "conf"
     timings = read_json(TIMINGS) if Path(TIMINGS).is_file() else None
-    path = report(params, args.prepared_dir, args.train_dir, args.eval_dir, args.out_dir, raw_params=raw,
-                  conf_dir=conf_dir if conf_dir.is_dir() else None, timings=timings if isinstance(timings, dict) else None)
+    path = report(
+        params,
+        args.prepared_dir,
+        args.train_dir,
+        args.eval_dir,
+        args.out_dir,
+        raw_params=raw,
+        conf_dir=conf_dir if conf_dir.is_dir() else None,
+        timings=timings if isinstance(timings, dict) else None,
+    )
     print(f"report: open {path} in a browser")
 
 

@@ -47,11 +47,11 @@ from pathlib import Path
 
 import keras
 
+from convnets.layout import RESUME_URL_ENV, user_cache_dir
 from convnets.outputs import write_json
 
 log = logging.getLogger(__name__)
 
-RESUME_URL_ENV = "CONVNETS_RESUME_URL"
 LATEST = "LATEST"  # on the mirror: the name of the last complete epoch folder, written last
 
 STATE = "state.weights.h5"
@@ -75,12 +75,6 @@ class Progress:
 
     def best_record(self) -> dict:
         return self.history[self.best_epoch]
-
-
-def user_cache_dir() -> Path:
-    """Where convnets keeps machine-local state: $XDG_CACHE_HOME/convnets, else ~/.cache/convnets."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "convnets"
 
 
 def default_resume_root(fingerprint: str) -> Path:

@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import keras
@@ -84,7 +85,9 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-def make_optimizer(name: str, learning_rate: float, schedule: str = "constant", steps: int = 0) -> keras.optimizers.Optimizer:
+def make_optimizer(
+    name: str, learning_rate: float, schedule: str = "constant", steps: int = 0
+) -> keras.optimizers.Optimizer:
     """The optimizer of params; with schedule "cosine" the rate decays to 0 over `steps` steps.
 
     The schedule reads the optimizer's step counter, which a resumed run restores
@@ -139,7 +142,9 @@ def train(params: Params, prepared_dir, model_dir, live_dir, resume_dir=None, ti
 def run_fingerprint(params: Params, prepared_dir) -> str:
     shaping = {"seed": params.seed, "model": params.model.model_dump(), "train": params.train.model_dump()}
     prepared_dir = Path(prepared_dir)
-    files = [prepared_dir / CLASSES] + [prepared_dir / name(s) for s in ("train", "val") for name in (images_file, labels_file)]
+    files = [prepared_dir / CLASSES] + [
+        prepared_dir / name(s) for s in ("train", "val") for name in (images_file, labels_file)
+    ]
     return fingerprint(json.dumps(shaping, sort_keys=True), files)
 
 
@@ -154,7 +159,9 @@ class TrainingData:
         if not phase.features:
             return self.images
         if self._features is None:
-            self._features = {subset: (self.base_outputs(subset), labels) for subset, (_, labels) in self.images.items()}
+            self._features = {
+                subset: (self.base_outputs(subset), labels) for subset, (_, labels) in self.images.items()
+            }
         return self._features
 
     def base_outputs(self, subset: str) -> np.ndarray:
@@ -199,7 +206,10 @@ def run_phase(run: Run, phase: Phase) -> None:
         if run.net.base is not None:
             set_trainable_layers(run.net.base, phase.trainable_layers)
         optimizer = make_optimizer(
-            train_params.optimizer, phase.learning_rate, train_params.lr_schedule, steps_per_epoch * (phase.end - phase.start)
+            train_params.optimizer,
+            phase.learning_rate,
+            train_params.lr_schedule,
+            steps_per_epoch * (phase.end - phase.start),
         )
         trained.compile(
             optimizer=optimizer,
@@ -269,7 +279,15 @@ def best_summary(progress: Progress) -> dict:
     return {"epoch": record["epoch"], **record["logs"]}
 
 
-def write_model(net: Convnet, model_params: ModelParams, input_shape, classes: list[str], progress: Progress, phases: list[Phase], model_dir) -> None:
+def write_model(
+    net: Convnet,
+    model_params: ModelParams,
+    input_shape,
+    classes: list[str],
+    progress: Progress,
+    phases: list[Phase],
+    model_dir,
+) -> None:
     """Save the best epoch's weights in a float32 model outside any distribution strategy.
 
     A model trained in mixed precision or on several GPUs then loads and
@@ -302,7 +320,11 @@ def finish_live(live: Live, best: dict, devices: dict, plan: DevicePlan) -> None
 
 def report_timings(progress: Progress, timings_file=None) -> dict:
     seconds = [record["seconds"] for record in progress.history]
-    timings = {"seconds_per_epoch": round(float(np.mean(seconds)), 3), "seconds": round(float(np.sum(seconds)), 1)}
+    timings = {
+        "seconds_per_epoch": round(float(np.mean(seconds)), 3),
+        "seconds": round(float(np.sum(seconds)), 1),
+        "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
     print(f"train: {timings['seconds_per_epoch']} s per epoch, {timings['seconds']} s in all")
     if timings_file is not None:
         write_json(timings_file, timings)
@@ -314,7 +336,10 @@ def _run(params: Params, args: argparse.Namespace) -> None:
     timings_file = TIMINGS if os.environ.get("DVC_EXP_BASELINE_REV") else None
     best = train(params, args.prepared_dir, args.model_dir, args.live_dir, timings_file=timings_file)
     # Counted from 1 here, as Keras's progress bar counts; best.epoch in the metrics is dvclive's 0-based step.
-    print(f"train: best epoch {best['epoch'] + 1} (step {best['epoch']}) val_loss={best['val_loss']:.4f} -> {args.model_dir}/{MODEL_FILE}")
+    print(
+        f"train: best epoch {best['epoch'] + 1} (step {best['epoch']}) val_loss={best['val_loss']:.4f} "
+        f"-> {args.model_dir}/{MODEL_FILE}"
+    )
 
 
 def main(argv=None) -> int:
@@ -323,7 +348,7 @@ def main(argv=None) -> int:
         [
             ("prepared_dir", "preprocessed arrays (data/prepared)"),
             ("model_dir", "output folder for model.keras (data/model)"),
-            ("live_dir", "output folder for training metrics (data/train); the resume state waits in the user cache folder"),
+            ("live_dir", "output folder for training metrics (data/train); the resume state waits in the user cache"),
         ],
         _run,
         argv,
