@@ -20,6 +20,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
         description="Run the DVC pipeline one stage at a time as a Prefect flow (see docs/orchestration.md).",
+        epilog="`python -m pipeline sweep --help`: a -S grid as DVC experiments on a Prefect work pool.",
     )
     parser.add_argument(
         "-S",
