@@ -58,6 +58,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("-n", "--name", help="name of the DVC experiment")
     parser.add_argument("--local", action="store_true", help="run every stage here, even with a gpu work pool")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="give up on a stage sent to a work pool no worker polls for this long (default: %(default)s)",
+    )
     parser.add_argument("--project", help="the DVC project (default: the one containing the working directory)")
     parser.add_argument("--list", action="store_true", help="print the stages in run order and exit")
     return parser.parse_args(argv)
@@ -159,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             experiment_name=args.name,
             local_only=args.local,
             project_dir=args.project,
+            timeout=args.timeout,
         )
     except Exception as exc:  # the flow run's log has the details; the user gets the cause
         print(f"error: {exc}", file=sys.stderr)

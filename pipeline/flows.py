@@ -35,6 +35,7 @@ def dvc_pipeline(
     local_only: bool = False,
     project_dir: str | None = None,
     report_dir: str = REPORT_DIR,
+    timeout: float = sweep.DEFAULT_TIMEOUT_S,
 ) -> dict:
     """Run the DVC pipeline one stage at a time, in the order of `dvc dag`.
 
@@ -42,7 +43,8 @@ def dvc_pipeline(
     stages: run these and their upstream stages (all stages when empty); single_item: only these.
     experiment: save the run as a DVC experiment (default: when there are overrides).
     remote_stages: stage -> deployment to run it on (default: train -> dvc-stage/train-gpu),
-        used when that deployment and its work pool exist; local_only: never send a stage away.
+        used when that deployment and its work pool exist; local_only: never send a stage away;
+        timeout: how long a stage sent away waits for a worker to poll its pool.
     """
     logger = get_run_logger()
     project = project_root(project_dir)
@@ -60,7 +62,7 @@ def dvc_pipeline(
     for stage in plan:
         target = None if local_only else remote_target(stage, remote_stages)
         if target is not None and tasks.stage_changed(project, stage):
-            tasks.run_on_worker(project, stage, graph.predecessors(stage), target)
+            tasks.run_on_worker(project, stage, graph.predecessors(stage), target, timeout)
             tasks.reproduce_stage(project, stage, restore_only=True)
             outcomes[stage] = f"ran on {target.pool}"
         else:

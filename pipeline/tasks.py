@@ -32,7 +32,6 @@ from pipeline.workspace import without_credentials
 
 STAGE_RETRIES = 3
 STAGE_BACKOFF_S = 5  # waits of about 5, 10, 20 s between tries
-POLL_S = 2  # how often the parent checks on the worker's flow run
 
 
 def retry_if_transient(task, task_run, state) -> bool:
@@ -96,20 +95,27 @@ def stage_changed(project: Path, stage: str) -> bool:
 
 
 @task(name="run-on-worker", task_run_name="{stage}-on-{target.pool}", cache_policy=NO_CACHE)
-def run_on_worker(project: Path, stage: str, upstream: list[str], target: remote.RemoteTarget) -> str:
-    """Push the stage's inputs, run it on the target's work pool and wait for it."""
+def run_on_worker(project: Path, stage: str, upstream: list[str], target: remote.RemoteTarget, timeout_s: float) -> str:
+    """Push the stage's inputs, run it on the target's work pool and wait for it.
+
+    If no worker polls the pool for timeout_s, the run is cancelled and the task fails.
+    """
+    from pipeline import sweep
+    from pipeline.grid import Point
+
     logger = get_run_logger()
     commit = remote.check_can_send(project)
     if upstream:
         logger.info("pushing the outputs '%s' reads: %s", stage, ", ".join(upstream))
         check_dvc(project, ["push", *upstream], on_line=logger.info)
     if not target.pool_ready:
-        logger.warning("no worker has polled pool '%s' lately; the run waits until one does", target.pool)
+        logger.warning("no worker has polled pool '%s' lately; waiting up to %.0f s for one", target.pool, timeout_s)
     logger.info(
         "running '%s' on pool '%s' (deployment %s) at commit %s", stage, target.pool, target.deployment, commit[:7]
     )
     flow_run: FlowRun = run_deployment(
         target.deployment,
+        timeout=0,
         parameters={
             "stage": stage,
             "commit": commit,
@@ -117,14 +123,13 @@ def run_on_worker(project: Path, stage: str, upstream: list[str], target: remote
             "repository": without_credentials(remote.git_remote_url(project)),
             "dvc_remote": remote.dvc_remote_url(project),
         },
-        poll_interval=POLL_S,
     )
-    state = flow_run.state
-    if state is None or not state.is_completed():
-        name = state.name if state else "unknown"
+    outcome = sweep.Outcome(Point((), stage), flow_run_id=flow_run.id, attempts=1)
+    where = sweep.Target("", commit, None, target.pool)
+    sweep.wait_for([outcome], target.deployment, where, timeout_s, retries=0, log=logger.info)
+    if outcome.status != "done":
         raise remote.RemoteStageError(
-            f"'{stage}' on pool '{target.pool}' ended {name} (flow run {flow_run.name}): "
-            f"{state.message if state else ''}".rstrip(": ")
+            f"'{stage}' on pool '{target.pool}' ended {outcome.status} (flow run {flow_run.name}): {outcome.message}"
         )
     return flow_run.name
 
