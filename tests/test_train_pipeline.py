@@ -118,6 +118,34 @@ def test_device_plan(tmp_path):
     assert not cpu_has_bfloat16(tmp_path / "missing")
 
 
+@pytest.mark.parametrize(
+    ("flags", "setting", "policy", "reason"),
+    [
+        ("avx2 avx512f avx512_bf16", "auto", "mixed_bfloat16", "is auto and this CPU has bfloat16 units"),
+        ("avx2 amx_tile amx_bf16", "auto", "mixed_bfloat16", "is auto and this CPU has bfloat16 units"),
+        ("avx2 avx512f", "auto", "float32", "is auto and this CPU has no bfloat16 units"),
+        ("avx2 amx_bf16", True, "mixed_bfloat16", "is true and this CPU has bfloat16 units"),
+        ("avx2", True, "float32", "is true but this CPU has no bfloat16 units (AMX / AVX512-BF16): falling back"),
+        ("avx2 amx_bf16", False, "float32", "train.cpu_bfloat16 is false"),
+    ],
+)
+def test_cpu_bfloat16_follows_the_cpu(tmp_path, monkeypatch, flags, setting, policy, reason):
+    """auto / true / false against a faked /proc/cpuinfo: the plan, and the line the train stage prints."""
+    import convnets.devices
+    from convnets.devices import plan_devices, precision_line
+    from convnets.params import TrainParams
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nflags\t\t: fpu sse {flags}\n")
+    monkeypatch.setattr(convnets.devices, "CPUINFO", str(info))
+    plan = plan_devices(TrainParams(cpu_bfloat16=setting), gpus=[])
+    assert plan.dtype_policy == policy and reason in plan.reason
+    line = precision_line(plan)
+    assert line.startswith(f"train: precision {policy}: ") and reason in line and "\n" not in line
+    # With a GPU the CPU's units do not matter: float16 as train.mixed_precision says.
+    assert plan_devices(TrainParams(cpu_bfloat16=setting), gpus=["g"]).dtype_policy == "mixed_float16"
+
+
 def test_dtype_policy_is_restored():
     import keras
 
@@ -130,7 +158,7 @@ def test_dtype_policy_is_restored():
     assert keras.config.dtype_policy().name == before
 
 
-def test_mixed_precision_training_logs_devices_and_saves_a_float32_model(tmp_path, monkeypatch):
+def test_mixed_precision_training_logs_devices_and_saves_a_float32_model(tmp_path, monkeypatch, capsys):
     """CPU bfloat16 stands in for a GPU's float16: same code path (policy, float32 save)."""
     import keras
 
@@ -143,14 +171,18 @@ def test_mixed_precision_training_logs_devices_and_saves_a_float32_model(tmp_pat
     params = Params.model_validate(
         {
             "model": {"conv_filters": [8, 16], "pooled_blocks": 2},
-            "train": {"epochs": 2, "batch_size": 16, "cpu_bfloat16": True},
+            "train": {"epochs": 2, "batch_size": 16, "cpu_bfloat16": "auto"},
         }
     )
     train(params, prepared, tmp_path / "model", tmp_path / "train")
+    assert "train: precision mixed_bfloat16: train.cpu_bfloat16 is auto and this CPU has bfloat16 units" in (
+        capsys.readouterr().out
+    )
     devices = json.loads((tmp_path / "train" / "devices.json").read_text())
     assert devices["dtype_policy"] == "mixed_bfloat16" and devices["gpu_count"] == 0 and devices["replicas"] == 1
+    assert devices["cpu_bfloat16"] == "auto" and "has bfloat16 units" in devices["precision_reason"]
     summary = json.loads((tmp_path / "train" / "metrics.json").read_text())
-    assert summary["devices"] == {"gpu_count": 0, "replicas": 1, "mixed_precision": 1}
+    assert summary["devices"] == {"gpu_count": 0, "replicas": 1, "mixed_precision": 1, "bfloat16": 1}
     model = keras.models.load_model(tmp_path / "model" / "model.keras")
     assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
     assert model.predict(np.load(prepared / "test_images.npy")[:4], verbose=0).dtype == np.float32

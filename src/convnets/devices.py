@@ -1,18 +1,18 @@
 """Where training runs: the same code and params on a CPU, one GPU or several.
 
 - no GPU: TensorFlow's default strategy on the CPU, float32, or mixed_bfloat16
-  if train.cpu_bfloat16 and the CPU has bfloat16 units (AMX / AVX512-BF16);
+  if train.cpu_bfloat16 is true or auto and the CPU has bfloat16 units
+  (AMX / AVX512-BF16); true on another CPU falls back to float32 and says so;
 - one GPU: the default strategy on it, mixed_float16 if train.mixed_precision;
 - several GPUs: tf.distribute.MirroredStrategy over all of them (the batch of
   params is the global batch, split between them), mixed precision likewise.
 
-`describe()` gives what was used, for data/train/devices.json and the metrics.
+`describe()` gives what was used, and why, for data/train/devices.json and the metrics.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,17 +22,19 @@ import tensorflow as tf
 
 from convnets.params import TrainParams
 
-log = logging.getLogger(__name__)
 GPU_MIXED = "mixed_float16"
 CPU_MIXED = "mixed_bfloat16"
 # /proc/cpuinfo flags of CPUs that compute in bfloat16 natively (oneDNN uses them).
 BF16_FLAGS = {"amx_bf16", "avx512_bf16"}
+CPUINFO = "/proc/cpuinfo"
+BF16_UNITS = "bfloat16 units (AMX / AVX512-BF16)"
 
 
 @dataclass(frozen=True)
 class DevicePlan:
     gpus: tuple[str, ...]
     dtype_policy: str  # float32, mixed_float16 (GPUs) or mixed_bfloat16 (CPUs with bfloat16 units)
+    reason: str = ""  # why this precision, for the train stage's output and devices.json
 
     @property
     def strategy_name(self) -> str:
@@ -52,10 +54,10 @@ def visible_gpus() -> list[str]:
     return [gpu.name for gpu in gpus]
 
 
-def cpu_has_bfloat16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+def cpu_has_bfloat16(cpuinfo: str | Path | None = None) -> bool:
     """Whether the CPU computes in bfloat16 natively (elsewhere bfloat16 is emulated: slower)."""
     try:
-        text = Path(cpuinfo).read_text()
+        text = Path(CPUINFO if cpuinfo is None else cpuinfo).read_text()
     except OSError:  # not Linux: assume not
         return False
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
@@ -67,13 +69,26 @@ def plan_devices(params: TrainParams, gpus: list[str] | None = None, cpu_bfloat1
     gpus = visible_gpus() if gpus is None else gpus
     if gpus:
         # float16 pays on GPUs (tensor cores); bfloat16 is the CPU's fast format.
-        return DevicePlan(tuple(gpus), GPU_MIXED if params.mixed_precision else "float32")
-    if params.cpu_bfloat16:
-        native = cpu_has_bfloat16() if cpu_bfloat16 is None else cpu_bfloat16
-        if native:
-            return DevicePlan((), CPU_MIXED)
-        log.info("train.cpu_bfloat16: this CPU has no bfloat16 units (AMX / AVX512-BF16); training in float32")
-    return DevicePlan((), "float32")
+        if params.mixed_precision:
+            return DevicePlan(tuple(gpus), GPU_MIXED, "train.mixed_precision is true and a GPU is used")
+        return DevicePlan(tuple(gpus), "float32", "train.mixed_precision is false")
+    setting = params.cpu_bfloat16
+    if setting is False:
+        return DevicePlan((), "float32", "train.cpu_bfloat16 is false")
+    key = f"train.cpu_bfloat16 is {'auto' if setting == 'auto' else 'true'}"
+    native = cpu_has_bfloat16() if cpu_bfloat16 is None else cpu_bfloat16
+    if native:
+        return DevicePlan((), CPU_MIXED, f"{key} and this CPU has {BF16_UNITS}")
+    if setting == "auto":
+        return DevicePlan((), "float32", f"{key} and this CPU has no {BF16_UNITS}")
+    return DevicePlan(
+        (), "float32", f"{key} but this CPU has no {BF16_UNITS}: falling back to float32 (emulated bfloat16 is slower)"
+    )
+
+
+def precision_line(plan: DevicePlan) -> str:
+    """The train stage's one line on the precision it chose, and why."""
+    return f"train: precision {plan.dtype_policy}: {plan.reason}"
 
 
 def make_strategy(plan: DevicePlan) -> tf.distribute.Strategy:
@@ -97,13 +112,15 @@ def dtype_policy(name: str) -> Iterator[None]:
         keras.config.set_dtype_policy(previous)
 
 
-def describe(plan: DevicePlan, strategy: tf.distribute.Strategy, deterministic: bool) -> dict:
+def describe(plan: DevicePlan, strategy: tf.distribute.Strategy, deterministic: bool, params: TrainParams) -> dict:
     return {
         "gpus": list(plan.gpus),
         "gpu_count": len(plan.gpus),
         "replicas": strategy.num_replicas_in_sync,
         "strategy": plan.strategy_name,
         "dtype_policy": plan.dtype_policy,
+        "cpu_bfloat16": params.cpu_bfloat16,  # the setting: true, false or "auto"
+        "precision_reason": plan.reason,
         "deterministic": deterministic,
         "tensorflow": tf.__version__,
         "keras": keras.__version__,

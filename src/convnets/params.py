@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from convnets.errors import ParamsError
 
@@ -163,9 +172,19 @@ class TrainParams(_Section):
     fine_tune_learning_rate: float = Field(default=1e-5, gt=0.0)
     # mixed_float16 compute on a GPU (ignored on a CPU, where float16 is slower).
     mixed_precision: bool = True
-    # mixed_bfloat16 compute on a CPU with bfloat16 units (Intel AMX / AVX512-BF16):
-    # about 2x faster training there; ignored on other CPUs and when a GPU is used.
-    cpu_bfloat16: bool = False
+    # mixed_bfloat16 compute on a CPU without a GPU: about 2x faster training on CPUs with
+    # bfloat16 units (Intel AMX / AVX512-BF16). true: there, and float32 with a printed line
+    # elsewhere (emulated bfloat16 is slower); auto: the same, quietly, as the CPU decides;
+    # false: float32. Ignored when a GPU is used.
+    cpu_bfloat16: Literal[True, False, "auto"] = False
+
+    @field_validator("cpu_bfloat16", mode="before")
+    @classmethod
+    def _true_false_or_auto(cls, value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # 1 == True for Literal
+            raise ValueError(f"Input should be True, False or 'auto', not the number {value!r}")
+        return value
+
     # Deterministic TensorFlow ops: same params + data + machine -> same weights. Some
     # GPU kernels have no deterministic version (TensorFlow then says which); set false there.
     deterministic: bool = True

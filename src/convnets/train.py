@@ -36,7 +36,7 @@ from dvclive.utils import standardize_metric_name
 
 from convnets.cli import stage_main
 from convnets.datasets import ordered_batches, training_batches
-from convnets.devices import DevicePlan, describe, dtype_policy, make_strategy, plan_devices
+from convnets.devices import CPU_MIXED, DevicePlan, describe, dtype_policy, make_strategy, plan_devices, precision_line
 from convnets.layout import CLASSES, DEVICES_FILE, MODEL_FILE, TIMINGS, images_file, labels_file
 from convnets.models import Convnet, build_convnet, loss_for
 from convnets.outputs import atomic_file, staged_dir, write_json
@@ -114,8 +114,9 @@ def train(params: Params, prepared_dir, model_dir, live_dir, resume_dir=None, ti
     seed_everything(params.seed, params.train.deterministic)
     plan = plan_devices(params.train)
     strategy = make_strategy(plan)
-    devices = describe(plan, strategy, params.train.deterministic)
+    devices = describe(plan, strategy, params.train.deterministic, params.train)
     print(f"train: {devices['replicas']} replica(s) on {', '.join(plan.gpus) or 'the CPU'} ({plan.dtype_policy})")
+    print(precision_line(plan))
 
     resume = ResumeDir(resume_dir, run_fingerprint(params, prepared_dir), ResumeMirror.from_environment())
     progress = resume.open()
@@ -314,6 +315,7 @@ def finish_live(live: Live, best: dict, devices: dict, plan: DevicePlan) -> None
         "gpu_count": devices["gpu_count"],
         "replicas": devices["replicas"],
         "mixed_precision": int(plan.mixed_precision),
+        "bfloat16": int(plan.dtype_policy == CPU_MIXED),  # mixed_bfloat16 on the CPU (else float16 or float32)
     }
     live.end()
 
