@@ -1,6 +1,7 @@
 """Benchmark of the dogs-vs-cats data stages (issue 3): run by hand, prints figures; not a test.
 
     python benchmarks/bench_data.py [--replica PATH] [--only book-128,all-180]
+    python benchmarks/bench_data.py --only all-180 --workers 1,all --repeat 2
 
 Runs fetch + split + preprocess (the work functions, without DVC) on the
 offline replica for each configuration below, each in a fresh process and a
@@ -12,6 +13,11 @@ and of file-backed resident pages (the page cache of the files it maps).
     book-128 / book-180   the book's subset: per class indices 0-999 / 1000-1499 /
                           1500-2499 (2,000 + 1,000 + 2,000 photos), at 128 and 180 px
     all-128 / all-180     all 23,000 photos (per class 0-8999 / 9000-9999 / 10000-11499)
+
+--workers compares preprocess with that many decoding processes ("all": every
+usable core), the arms alternating --repeat times (the best run of each counts,
+as the machine may be shared); "workers MiB" is the largest peak RSS of one
+worker process, so the stage's peak is about RSS + workers x that.
 """
 
 from __future__ import annotations
@@ -71,11 +77,11 @@ class MemorySampler:
         self.sample()
 
 
-def child(name: str, replica: Path, workdir: Path) -> dict:
+def child(name: str, replica: Path, workdir: Path, workers: int | None = None) -> dict:
     """One configuration, in this process: the three stages, timed."""
     from convnets.fetch import fetch
     from convnets.params import FetchParams, PreprocessParams, SplitParams
-    from convnets.preprocess import preprocess
+    from convnets.preprocess import preprocess, worker_count
     from convnets.split import read_catalog, split
 
     ranges, size = CONFIGS[name]
@@ -89,15 +95,18 @@ def child(name: str, replica: Path, workdir: Path) -> dict:
         manifest = split(read_catalog(data / "raw"), SplitParams(method="index_ranges", **ranges), seed=42)
         times["split_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        report = preprocess(manifest, data / "raw", PreprocessParams(image_size=size, channels=3), data / "prepared")
+        params = PreprocessParams(image_size=size, channels=3)
+        report = preprocess(manifest, data / "raw", params, data / "prepared", workers=workers)
         times["preprocess_s"] = time.perf_counter() - start
     prepared_bytes = sum(p.stat().st_size for p in (data / "prepared").iterdir())
     return {
         "config": name,
+        "workers": workers or worker_count(),
         "images": sum(report["kept"].values()),
         **{key: round(value, 2) for key, value in times.items()},
         "total_s": round(sum(times.values()), 2),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+        "worker_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024,
         "peak_anon_mib": memory.peak["RssAnon"],
         "peak_file_mib": memory.peak["RssFile"],
         "prepared_mib": round(prepared_bytes / 2**20),
@@ -108,37 +117,74 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replica", type=Path, default=REPLICA)
     parser.add_argument("--only", default=",".join(CONFIGS), help="comma-separated configurations")
+    parser.add_argument("--workers", default="", help='decoding processes to compare, e.g. "1,all"')
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each configuration and arm, alternating")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-workers", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.replica, args.workdir)))
+        print(json.dumps(child(args.child, args.replica, args.workdir, args.child_workers)))
         return
     if not args.replica.is_file():
         sys.exit(f"replica not found: {args.replica}")
-    print(f"replica {args.replica}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+    print(
+        f"replica {args.replica.name}, {len(os.sched_getaffinity(0))} usable CPUs ({cpu_model()}), "
+        f"Python {sys.version.split()[0]}"
+    )
     header = (
-        f"{'config':9} {'images':>6} {'fetch s':>8} {'split s':>8} {'prep s':>8} {'total s':>8} "
-        f"{'RSS MiB':>8} {'anon MiB':>9} {'file MiB':>9} {'npy MiB':>8}"
+        f"{'config':9} {'workers':>7} {'images':>6} {'fetch s':>8} {'split s':>8} {'prep s':>8} {'total s':>8} "
+        f"{'RSS MiB':>8} {'workers MiB':>11} {'anon MiB':>9} {'file MiB':>9} {'npy MiB':>8}"
     )
     print(header)
+    arms = [None if w == "all" else int(w) for w in args.workers.split(",")] if args.workers else [None]
     for name in args.only.split(","):
-        with tempfile.TemporaryDirectory(prefix=f"bench-data-{name}-") as workdir:
-            result = subprocess.run(
-                [sys.executable, __file__, "--child", name, "--replica", str(args.replica), "--workdir", workdir],
-                capture_output=True,
-                text=True,
-                env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        best: dict = {}
+        for _ in range(args.repeat):
+            for workers in arms:
+                r = run_child(name, args.replica, workers)
+                print(row(r), flush=True)
+                if r["workers"] not in best or r["preprocess_s"] < best[r["workers"]]["preprocess_s"]:
+                    best[r["workers"]] = r
+        if args.repeat > 1 or len(best) > 1:
+            print(f"best of {args.repeat}:")
+            for r in best.values():
+                print(row(r))
+        if len(best) > 1:
+            one, most = best[min(best)], best[max(best)]
+            print(
+                f"{name}: preprocess on {most['workers']} processes {one['preprocess_s'] / most['preprocess_s']:.2f}x "
+                f"as fast as on 1 ({one['preprocess_s']} s -> {most['preprocess_s']} s)"
             )
-        if result.returncode != 0:
-            sys.exit(f"{name} failed:\n{result.stderr[-3000:]}")
-        r = json.loads(result.stdout.strip().splitlines()[-1])
-        print(
-            f"{r['config']:9} {r['images']:>6} {r['fetch_s']:>8} {r['split_s']:>8} {r['preprocess_s']:>8} "
-            f"{r['total_s']:>8} {r['peak_rss_mib']:>8} {r['peak_anon_mib']:>9} "
-            f"{r['peak_file_mib']:>9} {r['prepared_mib']:>8}",
-            flush=True,
+
+
+def run_child(name: str, replica: Path, workers: int | None) -> dict:
+    with tempfile.TemporaryDirectory(prefix=f"bench-data-{name}-") as workdir:
+        command = [sys.executable, __file__, "--child", name, "--replica", str(replica), "--workdir", workdir]
+        result = subprocess.run(
+            command + ([] if workers is None else ["--child-workers", str(workers)]),
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
         )
+    if result.returncode != 0:
+        sys.exit(f"{name} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def row(r: dict) -> str:
+    return (
+        f"{r['config']:9} {r['workers']:>7} {r['images']:>6} {r['fetch_s']:>8} {r['split_s']:>8} "
+        f"{r['preprocess_s']:>8} {r['total_s']:>8} {r['peak_rss_mib']:>8} {r['worker_rss_mib']:>11} "
+        f"{r['peak_anon_mib']:>9} {r['peak_file_mib']:>9} {r['prepared_mib']:>8}"
+    )
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "CPU model unknown"
 
 
 if __name__ == "__main__":

@@ -112,13 +112,14 @@ def messy_archive(tmp_path):
     return source, project, members
 
 
-def run_stages(source, project, **preprocess_changes) -> dict:
+def run_stages(source, project, workers=None, **preprocess_changes) -> dict:
     data = project / "data"
     fetch(FetchParams(source="archive", archive=str(source), classes=["cat", "dog"]), data / "raw")
     manifest = split(read_catalog(data / "raw"), RANGES, seed=0)
     manifest.to_csv(project / "manifest.csv", index=False)
     params = PreprocessParams(image_size=SIZE, channels=3, max_pixels=MAX_PIXELS, max_bad_fraction=0.25)
-    return preprocess(manifest, data / "raw", params.model_copy(update=preprocess_changes), data / "prepared")
+    changed = params.model_copy(update=preprocess_changes)
+    return preprocess(manifest, data / "raw", changed, data / "prepared", workers=workers)
 
 
 def test_bad_files_are_set_aside_with_their_reason(messy_archive, tmp_path, monkeypatch):
@@ -205,19 +206,54 @@ def photo_as_decoded(data: bytes) -> Image.Image:
         return image.convert("RGB").resize((SIZE[1], SIZE[0]), Image.Resampling.BILINEAR)
 
 
-def test_too_many_bad_files_in_a_class_stop_the_stage(messy_archive):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_too_many_bad_files_in_a_class_stop_the_stage(messy_archive, workers):
     source, project, _ = messy_archive
     prepared = project / "data" / "prepared"
     prepared.mkdir(parents=True)
     (prepared / "report.json").write_text('{"previous": "run"}')
     with pytest.raises(DataError) as info:
-        run_stages(source, project, max_bad_fraction=0.15)  # cat: 4 of 20 bad = 20 %
+        run_stages(source, project, workers=workers, max_bad_fraction=0.15)  # cat: 4 of 20 bad = 20 %
     message = str(info.value)
     assert message.startswith("4 of the 20 'cat' images are bad already, more than preprocess.max_bad_fraction (0.15)")
     assert "empty_file 1" in message and "raise preprocess.max_bad_fraction" in message and "\n" not in message
     # The previous output is untouched and no half-written folder is left behind.
     assert (prepared / "report.json").read_text() == '{"previous": "run"}'
     assert sorted(p.name for p in (project / "data").iterdir()) == ["prepared", "raw"]
+
+
+def test_one_worker_and_several_write_the_same_bytes(messy_archive):
+    """Decoding in worker processes changes nothing in the outputs, bad files included."""
+    source, project, _ = messy_archive
+    run_stages(source, project, workers=1)
+    manifest = pd.read_csv(project / "manifest.csv", dtype=str, keep_default_na=False)
+    params = PreprocessParams(image_size=SIZE, channels=3, max_pixels=MAX_PIXELS, max_bad_fraction=0.25)
+    # 3 workers on 10 / 4 / 6 files: chunks of 1 or 2 files, several in flight, finishing out of order.
+    preprocess(manifest, project / "data" / "raw", params, project / "parallel", workers=3)
+
+    def contents(folder):
+        return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+    one, several = contents(project / "data" / "prepared"), contents(project / "parallel")
+    assert {"train_images.npy", "test_labels.npy", "rejected.csv", "report.json", "classes.json"} <= set(one)
+    assert b"truncated" in one["rejected.csv"] and b"not_an_image" in one["rejected.csv"]
+    assert sorted(one) == sorted(several)
+    assert [name for name in one if one[name] != several[name]] == []
+
+
+def test_worker_count_is_every_usable_core_unless_the_variable_says(monkeypatch):
+    import os
+
+    from convnets.preprocess import WORKERS_VARIABLE, worker_count
+
+    monkeypatch.delenv(WORKERS_VARIABLE, raising=False)
+    assert worker_count() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv(WORKERS_VARIABLE, "3")
+    assert worker_count() == 3
+    for wrong in ("0", "-1", "two"):
+        monkeypatch.setenv(WORKERS_VARIABLE, wrong)
+        with pytest.raises(DataError, match=f"CONVNETS_PREPROCESS_WORKERS={wrong!r}"):
+            worker_count()
 
 
 def test_a_class_exactly_at_the_limit_passes(messy_archive):

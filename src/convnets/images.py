@@ -136,3 +136,18 @@ def decode_and_resize(image: Image.Image, mode: str, width: int, height: int) ->
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.BILINEAR)
     return image
+
+
+def load_chunk(paths: list[str], size, channels: int, max_pixels: int) -> list[LoadedImage | tuple[str, str]]:
+    """`load_image` over several files, for a worker process: a bad file gives (reason, detail).
+
+    BadImage is not returned as such: an exception whose __init__ takes other
+    arguments than its message does not survive pickling back to the parent.
+    """
+    results: list[LoadedImage | tuple[str, str]] = []
+    for path in paths:
+        try:
+            results.append(load_image(path, size, channels, max_pixels))
+        except BadImage as exc:
+            results.append((exc.reason, exc.detail))
+    return results
