@@ -17,7 +17,10 @@ and of file-backed resident pages (the page cache of the files it maps).
 --workers compares preprocess with that many decoding processes ("all": every
 usable core), the arms alternating --repeat times (the best run of each counts,
 as the machine may be shared); "workers MiB" is the largest peak RSS of one
-worker process, so the stage's peak is about RSS + workers x that.
+worker process, so the stage's peak is about RSS + workers x that (less the
+pages a forked worker shares with its parent). "prep CPU s" is the CPU time of
+preprocess, its workers included: on a busy machine it shows what parallel
+decoding costs in all even when the wall time cannot.
 """
 
 from __future__ import annotations
@@ -77,6 +80,12 @@ class MemorySampler:
         self.sample()
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its ended children (the decoding workers), user + system."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def child(name: str, replica: Path, workdir: Path, workers: int | None = None) -> dict:
     """One configuration, in this process: the three stages, timed."""
     from convnets.fetch import fetch
@@ -94,10 +103,11 @@ def child(name: str, replica: Path, workdir: Path, workers: int | None = None) -
         start = time.perf_counter()
         manifest = split(read_catalog(data / "raw"), SplitParams(method="index_ranges", **ranges), seed=42)
         times["split_s"] = time.perf_counter() - start
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         params = PreprocessParams(image_size=size, channels=3)
         report = preprocess(manifest, data / "raw", params, data / "prepared", workers=workers)
         times["preprocess_s"] = time.perf_counter() - start
+        preprocess_cpu_s = cpu_seconds() - cpu
     prepared_bytes = sum(p.stat().st_size for p in (data / "prepared").iterdir())
     return {
         "config": name,
@@ -105,6 +115,7 @@ def child(name: str, replica: Path, workdir: Path, workers: int | None = None) -
         "images": sum(report["kept"].values()),
         **{key: round(value, 2) for key, value in times.items()},
         "total_s": round(sum(times.values()), 2),
+        "preprocess_cpu_s": round(preprocess_cpu_s, 1),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
         "worker_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024,
         "peak_anon_mib": memory.peak["RssAnon"],
@@ -133,8 +144,8 @@ def main() -> None:
         f"Python {sys.version.split()[0]}"
     )
     header = (
-        f"{'config':9} {'workers':>7} {'images':>6} {'fetch s':>8} {'split s':>8} {'prep s':>8} {'total s':>8} "
-        f"{'RSS MiB':>8} {'workers MiB':>11} {'anon MiB':>9} {'file MiB':>9} {'npy MiB':>8}"
+        f"{'config':9} {'workers':>7} {'images':>6} {'fetch s':>8} {'split s':>8} {'prep s':>8} {'prep CPU s':>10} "
+        f"{'total s':>8} {'RSS MiB':>8} {'workers MiB':>11} {'anon MiB':>9} {'file MiB':>9} {'npy MiB':>8}"
     )
     print(header)
     arms = [None if w == "all" else int(w) for w in args.workers.split(",")] if args.workers else [None]
@@ -175,8 +186,8 @@ def run_child(name: str, replica: Path, workers: int | None) -> dict:
 def row(r: dict) -> str:
     return (
         f"{r['config']:9} {r['workers']:>7} {r['images']:>6} {r['fetch_s']:>8} {r['split_s']:>8} "
-        f"{r['preprocess_s']:>8} {r['total_s']:>8} {r['peak_rss_mib']:>8} {r['worker_rss_mib']:>11} "
-        f"{r['peak_anon_mib']:>9} {r['peak_file_mib']:>9} {r['prepared_mib']:>8}"
+        f"{r['preprocess_s']:>8} {r['preprocess_cpu_s']:>10} {r['total_s']:>8} {r['peak_rss_mib']:>8} "
+        f"{r['worker_rss_mib']:>11} {r['peak_anon_mib']:>9} {r['peak_file_mib']:>9} {r['prepared_mib']:>8}"
     )
 
 

@@ -37,7 +37,7 @@ import pandas as pd
 
 from convnets.cli import stage_main
 from convnets.errors import DataError
-from convnets.images import BadImage, LoadedImage, load_chunk
+from convnets.images import BadImage, LoadedImage, load_chunk, load_image
 from convnets.layout import CLASSES, MANIFEST, REJECTED, REPORT, SET_ASIDE, SUBSETS, images_file, labels_file
 from convnets.outputs import atomic_file, staged_dir, write_json
 from convnets.params import Params, PreprocessParams
@@ -95,7 +95,10 @@ class Decoder:
         """One result per path, in the order of `paths`; a bad file gives its BadImage."""
         if self.pool is None:
             for path in paths:
-                yield from self._results(load_chunk([path], *self.args))
+                try:
+                    yield load_image(path, *self.args)
+                except BadImage as exc:
+                    yield exc
             return
         # Small subsets still go to every worker, in chunks of at most CHUNK_FILES.
         size = max(1, min(CHUNK_FILES, -(-len(paths) // (self.workers * CHUNKS_AHEAD))))
@@ -112,10 +115,16 @@ class Decoder:
                 pending.append(self.pool.submit(load_chunk, chunk, *self.args))
             yield from self._results(results)
 
-    @staticmethod
-    def _results(results: list) -> Iterator[LoadedImage | BadImage]:
-        for result in results:
-            yield result if isinstance(result, LoadedImage) else BadImage(*result)
+    def _results(self, chunk: tuple[bytes, list[tuple]]) -> Iterator[LoadedImage | BadImage]:
+        pixels, entries = chunk
+        shape = (*self.args[0], self.args[1])
+        row_bytes, offset = int(np.prod(shape)), 0
+        for entry in entries:
+            if entry[0] == "bad":
+                yield BadImage(*entry[1:])
+                continue
+            yield LoadedImage(np.frombuffer(pixels, np.uint8, row_bytes, offset).reshape(shape), entry[1])
+            offset += row_bytes
 
 
 class BadFiles:
@@ -250,7 +259,7 @@ class NpyAppender:
 
     def append(self, row: np.ndarray) -> None:
         assert row.shape == self.row_shape and row.dtype == np.uint8
-        self.file.write(np.ascontiguousarray(row).tobytes())
+        self.file.write(np.ascontiguousarray(row).data)  # no copy when the row is contiguous already
         self.rows += 1
 
     def __enter__(self) -> NpyAppender:
