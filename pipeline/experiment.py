@@ -17,16 +17,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pipeline.dvc import DvcError, check_dvc, run_dvc, stage_failure
-from pipeline.workspace import DVC_REMOTE_NAME, KeepCheckout, host, redact
+from pipeline.workspace import DVC_REMOTE_NAME, KeepCheckout, host, machine_dvc_cache, redact
 
 RUNNING = re.compile(r"^Running stage '([^']+)'")
 GIT_REMOTE = "origin"  # the clone's origin is the repository the run was asked to clone
 
 
-def use_dvc_remote(checkout: Path, url: str | None) -> None:
-    """Point the clone's DVC at the shared remote (config.local: never committed)."""
-    if url:
-        check_dvc(checkout, ["remote", "add", "--local", "--default", "--force", DVC_REMOTE_NAME, url])
+def configure_dvc(checkout: Path, remote_url: str | None) -> None:
+    """The clone's DVC: the shared remote, and this machine's DVC cache (config.local: never committed).
+
+    One cache per machine for all runs' clones: data pulled for one experiment is not pulled
+    again for the next one on the same worker (DVC supports several projects on one cache).
+    """
+    if remote_url:
+        check_dvc(checkout, ["remote", "add", "--local", "--default", "--force", DVC_REMOTE_NAME, remote_url])
+    check_dvc(checkout, ["cache", "dir", "--local", str(machine_dvc_cache())])
 
 
 def set_flags(overrides: Sequence[str]) -> list[str]:

@@ -107,7 +107,7 @@ def dvc_stage(
     logger = get_run_logger()
     with workspace.clean_checkout(repository, commit, f"stage-{stage}") as checkout:
         workspace.check_dependencies(checkout, commit)
-        experiment.use_dvc_remote(checkout, dvc_remote)
+        experiment.configure_dvc(checkout, dvc_remote)
         remote.write_shipped_files(checkout, files)
         upstream = read_stage_graph(checkout).predecessors(stage)
         if upstream:
@@ -136,7 +136,7 @@ def dvc_experiment(
     started = time.monotonic()
     with workspace.clean_checkout(repository, commit, name) as checkout:
         workspace.check_dependencies(checkout, commit)
-        experiment.use_dvc_remote(checkout, dvc_remote)
+        experiment.configure_dvc(checkout, dvc_remote)
         env = workspace.run_environment(dvc_remote)
         logger.info("%s at %s on %s: %s", name, commit[:7], workspace.host(), " ".join(overrides) or "defaults")
         if data_stages:

@@ -24,6 +24,7 @@ from pathlib import Path
 from convnets.layout import RESUME_URL_ENV, user_cache_dir
 
 WORK_DIR_ENV = "CONVNETS_WORK_DIR"  # where the per-run clones go (default: the user cache)
+DVC_CACHE_ENV = "CONVNETS_DVC_CACHE"  # the DVC cache the clones of one machine share
 DVC_REMOTE_NAME = "convnets-run"  # the remote a run's clone pushes to (config.local only)
 PACKAGE = "convnets"
 
@@ -40,6 +41,11 @@ def work_root() -> Path:
     root = Path(os.environ.get(WORK_DIR_ENV) or user_cache_dir() / "runs").expanduser()
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def machine_dvc_cache() -> Path:
+    """The DVC cache every run's clone on this machine uses ($CONVNETS_DVC_CACHE, else the user cache)."""
+    return Path(os.environ.get(DVC_CACHE_ENV) or user_cache_dir() / "dvc-cache").expanduser()
 
 
 def enter_work_folder() -> dict[str, str]:
