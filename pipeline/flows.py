@@ -154,7 +154,7 @@ def dvc_experiment(
         "seconds": round(time.monotonic() - started, 1),
     }
     create_table_artifact(
-        key=sweep.artifact_key(commit, name),
+        key=sweep.artifact_key("experiment", commit[:7], name),
         table=[summary],
         description=f"DVC experiment {name} of {commit[:7]} (`dvc exp pull origin {name}`)",
     )

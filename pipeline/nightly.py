@@ -6,34 +6,20 @@ every version of a keyed artifact, so the latest one is the previous run's.
 
 from __future__ import annotations
 
-import json
-import re
-
+from pipeline import sweep
 from pipeline.sweep import Outcome, duration, number
 
-METRICS = (("test_accuracy", "test accuracy"), ("roc_auc", "ROC AUC"), ("best_epoch", "best epoch"))
+METRICS = ("test_accuracy", "roc_auc", "best_epoch")
 
 
 def artifact_key(branch: str, suffix: str = "metrics") -> str:
-    return re.sub(r"[^a-z0-9]+", "-", f"nightly-{branch}-{suffix}".lower()).strip("-")
+    return sweep.artifact_key("nightly", branch, suffix)
 
 
 def previous_run(branch: str) -> dict | None:
-    """{"commit": ..., metric: value} of the last nightly run of `branch` that trained, or None."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.client.schemas.sorting import ArtifactSort
-
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(branch)])),
-            sort=ArtifactSort.UPDATED_DESC,
-            limit=1,
-        )
-    if not found:
-        return None
-    rows = json.loads(found[0].data) if isinstance(found[0].data, str) else found[0].data
-    return {row["metric"]: row.get("value") for row in rows or [] if "metric" in row}
+    """{"commit": ..., metric: value} of the last nightly run of `branch`, or None."""
+    rows = sweep.latest_table(artifact_key(branch))
+    return {row["metric"]: row.get("value") for row in rows if "metric" in row} or None
 
 
 def comparison_rows(outcome: Outcome, commit: str, previous: dict | None) -> list[dict]:
@@ -62,7 +48,7 @@ def comparison_rows(outcome: Outcome, commit: str, previous: dict | None) -> lis
             "change": "",
         },
     ]
-    for key, label in METRICS:
+    for key in METRICS:
         now, then = outcome.figures.get(key), before.get(key)
         change = number(now - then) if isinstance(now, (int, float)) and isinstance(then, (int, float)) else ""
         rows.append(

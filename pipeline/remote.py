@@ -173,17 +173,12 @@ def installed_checkout() -> Path:
 
 def branch_head(repository: str, branch: str) -> str:
     """The commit at the head of `branch` in the git remote, asked of the remote itself."""
-    from pipeline.workspace import redact
+    from pipeline.workspace import WorkspaceError, ls_remote, redact
 
-    proc = subprocess.run(
-        ["git", "ls-remote", "--heads", repository, branch],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
-    )
-    heads = [line.split("\t") for line in proc.stdout.splitlines()]
-    found = [sha for sha, ref in heads if ref == f"refs/heads/{branch}"]
-    if proc.returncode != 0 or not found:
-        detail = redact(proc.stderr.strip()) or "no such branch"
-        raise RemoteStageError(f"cannot find branch {branch!r} in {redact(repository)}: {detail}")
+    try:
+        found = [sha for sha, ref in ls_remote(repository, f"refs/heads/{branch}") if ref == f"refs/heads/{branch}"]
+    except WorkspaceError as exc:
+        raise RemoteStageError(f"cannot read branch {branch!r} of {redact(repository)}: {exc}") from None
+    if not found:
+        raise RemoteStageError(f"no branch {branch!r} in {redact(repository)}")
     return found[0]

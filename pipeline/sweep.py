@@ -13,9 +13,8 @@ Nothing is kept here that a restart would lose: finished experiments are in the 
 
 from __future__ import annotations
 
-import os
+import json
 import re
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from datetime import timedelta
 from uuid import UUID
 
 from pipeline.grid import Point, SweepError
-from pipeline.workspace import redact
+from pipeline.workspace import KeepCheckout, WorkspaceError, ls_remote, redact
 
 EXPERIMENT_FLOW = "dvc-experiment"
 PULL_STEPS = [{"pipeline.workspace.enter_work_folder": {}}]
@@ -82,20 +81,12 @@ class Outcome:
 
 def experiments_on_remote(repository: str, commit: str) -> set[str]:
     """Names of the experiments of `commit` in the git remote (DVC keeps them as refs/exps/...)."""
-    proc = subprocess.run(
-        ["git", "ls-remote", repository, "refs/exps/*"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
-    )
-    if proc.returncode != 0:
-        raise SweepError(f"cannot list the experiments in {redact(repository)}: {redact(proc.stderr.strip())}")
-    names = set()
-    for line in proc.stdout.splitlines():
-        match = EXP_REF.match(line.split("\t")[-1])
-        if match and match.group(1) + match.group(2) == commit:
-            names.add(match.group(3))
-    return names
+    try:
+        refs = ls_remote(repository, "refs/exps/*")
+    except WorkspaceError as exc:
+        raise SweepError(f"cannot list the experiments in {redact(repository)}: {exc}") from None
+    matches = (EXP_REF.match(ref) for _, ref in refs)
+    return {m.group(3) for m in matches if m and m.group(1) + m.group(2) == commit}
 
 
 # --- Prefect: pool, deployment, crash detection -------------------------------------------
@@ -216,14 +207,14 @@ def submit(deployment: str, target: Target, point: Point, data_stages: Sequence[
 
 def wait_for(
     outcomes: list[Outcome],
-    deployment: str,
-    target: Target,
+    pool: str,
     timeout_s: float,
-    retries: int,
     log: Callable[[str], None],
-    data_stages: Sequence[str] | None = None,
+    retries: int = 0,
+    resubmit: Callable[[Point], UUID] | None = None,
 ) -> None:
-    """Poll the flow runs until each has ended; resubmit crashed ones; give up on an empty pool."""
+    """Poll the flow runs until each has ended; resubmit crashed ones (up to `retries` times,
+    with `resubmit`); give up when no worker polls `pool` for timeout_s."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -235,7 +226,7 @@ def wait_for(
         try:
             with get_client(sync_client=True) as client:
                 runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(pending))))
-                workers = online_workers(client, target.pool)
+                workers = online_workers(client, pool)
             api_down_since = None
         except Exception as exc:  # a restarting server: finished experiments are safe in git
             api_down_since = api_down_since or time.monotonic()
@@ -252,13 +243,13 @@ def wait_for(
             state = run.state.type.value if run.state else "SCHEDULED"
             if state in NOT_STARTED:
                 waiting = True
-            elif state == "CRASHED" and outcome.attempts <= retries:
+            elif state == "CRASHED" and resubmit is not None and outcome.attempts <= retries:
                 del pending[run.id]
                 log(
                     f"{outcome.point.name}: flow run {run.name} crashed ({run.state.message}); "
                     f"submitting it again (attempt {outcome.attempts + 1})"
                 )
-                outcome.flow_run_id = submit(deployment, target, outcome.point, data_stages)
+                outcome.flow_run_id = resubmit(outcome.point)
                 outcome.attempts += 1
                 pending[outcome.flow_run_id] = outcome
             elif run.state and run.state.is_final():
@@ -268,7 +259,7 @@ def wait_for(
         if waiting and workers == 0:
             no_worker_since = no_worker_since or time.monotonic()
             if time.monotonic() - no_worker_since > timeout_s:
-                give_up_waiting(pending, target.pool, timeout_s)
+                give_up_waiting(pending, pool, timeout_s)
                 return
         else:
             no_worker_since = None
@@ -281,7 +272,7 @@ def finish(outcome: Outcome, run) -> None:
         outcome.status = "done"
         return
     message = state.message or state.name
-    outcome.status = "not pushed" if "kept on" in message else state.name.lower()
+    outcome.status = "not pushed" if f"{KeepCheckout.__name__}:" in message else state.name.lower()
     outcome.message = message
 
 
@@ -302,36 +293,37 @@ def give_up_waiting(pending: dict, pool: str, timeout_s: float) -> None:
 
 def read_summaries(outcomes: list[Outcome], commit: str) -> None:
     """Host and figures of each experiment, from the table artifact its flow run published."""
-    import json
+    for outcome in outcomes:
+        if not outcome.ok:
+            continue
+        rows = latest_table(artifact_key("experiment", commit[:7], outcome.point.name))
+        if rows:
+            row = rows[0]
+            outcome.host = outcome.host or row.get("worker", "")
+            outcome.figures = {k: row.get(k) for k in ("test_accuracy", "roc_auc", "best_epoch", "epochs")}
+            if outcome.seconds is None and isinstance(row.get("seconds"), (int, float)):
+                outcome.seconds = row["seconds"]
 
+
+def latest_table(key: str) -> list[dict]:
+    """The rows of the newest version of a keyed table artifact ([] if there is none)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.client.schemas.sorting import ArtifactSort
 
     with get_client(sync_client=True) as client:
-        for outcome in outcomes:
-            if not outcome.ok:
-                continue
-            found = client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(commit, outcome.point.name)])),
-                sort=ArtifactSort.UPDATED_DESC,
-                limit=1,
-            )
-            if not found:
-                continue
-            data = found[0].data
-            rows = json.loads(data) if isinstance(data, str) else data
-            if rows:
-                row = rows[0]
-                outcome.host = outcome.host or row.get("worker", "")
-                outcome.figures = {k: row.get(k) for k in ("test_accuracy", "roc_auc", "best_epoch", "epochs")}
-                if outcome.seconds is None and isinstance(row.get("seconds"), (int, float)):
-                    outcome.seconds = row["seconds"]
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.UPDATED_DESC, limit=1
+        )
+    if not found:
+        return []
+    data = found[0].data
+    return (json.loads(data) if isinstance(data, str) else data) or []
 
 
-def artifact_key(commit: str, name: str) -> str:
+def artifact_key(*parts: str) -> str:
     """Prefect artifact keys take lowercase letters, digits and dashes only."""
-    return re.sub(r"[^a-z0-9]+", "-", f"experiment-{commit[:7]}-{name}".lower()).strip("-")
+    return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
 
 
 def run_points(
@@ -370,7 +362,7 @@ def run_points(
             outcome.flow_run_id = submit(deployment, target, outcome.point)
             outcome.attempts = 1
     log(f"submitted {sum(o.flow_run_id is not None for o in todo)} experiment(s) to pool {target.pool!r}")
-    wait_for(todo, deployment, target, timeout_s, retries, log)
+    wait_for(todo, target.pool, timeout_s, log, retries, lambda point: submit(deployment, target, point))
     read_summaries(outcomes, target.commit)
     return outcomes
 
@@ -392,7 +384,14 @@ def prepare_data(
         run = Outcome(first, flow_run_id=submit(deployment, target, first, data_stages), attempts=1)
         runs.append((run, group))
     log(f"running the data stages ({', '.join(data_stages)}) once for {len(groups)} group(s) of experiments")
-    wait_for([run for run, _ in runs], deployment, target, timeout_s, retries, log, data_stages)
+    wait_for(
+        [run for run, _ in runs],
+        target.pool,
+        timeout_s,
+        log,
+        retries,
+        lambda point: submit(deployment, target, point, data_stages),
+    )
     by_name = {o.point.name: o for o in outcomes}
     for run, group in runs:
         if run.status == "done":

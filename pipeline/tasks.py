@@ -125,8 +125,7 @@ def run_on_worker(project: Path, stage: str, upstream: list[str], target: remote
         },
     )
     outcome = sweep.Outcome(Point((), stage), flow_run_id=flow_run.id, attempts=1)
-    where = sweep.Target("", commit, None, target.pool)
-    sweep.wait_for([outcome], target.deployment, where, timeout_s, retries=0, log=logger.info)
+    sweep.wait_for([outcome], target.pool, timeout_s, log=logger.info)
     if outcome.status != "done":
         raise remote.RemoteStageError(
             f"'{stage}' on pool '{target.pool}' ended {outcome.status} (flow run {flow_run.name}): {outcome.message}"

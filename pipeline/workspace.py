@@ -76,6 +76,12 @@ def git(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProces
     return proc
 
 
+def ls_remote(repository: str, *patterns: str) -> list[tuple[str, str]]:
+    """(commit, ref) pairs the git remote itself reports, never a stale local view of it."""
+    proc = git(Path.cwd(), "ls-remote", repository, *patterns)
+    return [tuple(line.split("\t", 1)) for line in proc.stdout.splitlines() if "\t" in line]
+
+
 @contextlib.contextmanager
 def clean_checkout(repository: str, commit: str, label: str) -> Iterator[Path]:
     """A fresh clone of `repository` at `commit`, removed on exit unless KeepCheckout is raised."""

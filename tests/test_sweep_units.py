@@ -207,6 +207,6 @@ def test_a_restarting_prefect_server_is_waited_for_and_loses_nothing(monkeypatch
     monkeypatch.setattr(sweep, "POLL_S", 0)
     logs: list[str] = []
     outcome = sweep.Outcome(Point(("seed=1",), "a"), flow_run_id=run_id, attempts=1)
-    sweep.wait_for([outcome], "dvc-experiment/gpu", sweep.Target("r", "c" * 40, None, "gpu"), 60, 0, logs.append)
+    sweep.wait_for([outcome], "gpu", 60, logs.append)
     assert outcome.status == "done" and outcome.seconds == 42
     assert sum("did not answer" in line for line in logs) == 2
