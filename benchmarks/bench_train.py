@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py throughput [--epochs 8] [--source-size 500x375] [--work /tmp/bench-train]
     python benchmarks/bench_train.py accuracy --clone /tmp/exp-clone [--skip-run] [--experiments scratch,augmented]
+    python benchmarks/bench_train.py precision --clone /tmp/exp-clone [--seeds 1,2,3] [--experiments scratch,augmented]
 
 throughput: first each input pipeline alone (no model), then the same model (the
 `scratch` preset, 128 x 128 RGB, batch 32) trained on the book's 2,000 training
@@ -23,6 +24,12 @@ accuracy: runs each experiment's one documented command,
 `dvc exp run -n NAME -S +experiment=NAME -S preprocess.image_size=[128,128]`,
 in a clone of the repository (these take hours on 2 cores), then prints the test
 accuracy of each from `dvc exp show --json`, side by side.
+
+precision: the same commands with `-S seed=S -S train.cpu_bfloat16=false|true` for
+each seed, float32 and bfloat16 in turn (so both see the same machine load), then
+each experiment's test accuracy as mean +- standard deviation over the seeds, and
+whether the bfloat16 mean lies within the float32 runs' spread (their min..max):
+the rule issue 13 set for making `cpu_bfloat16: auto` the default.
 """
 
 from __future__ import annotations
@@ -353,37 +360,62 @@ def throughput(args: argparse.Namespace) -> None:
 # --- accuracy ---------------------------------------------------------------------------
 
 
+def venv_env() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def ensure_clone(clone: Path) -> None:
+    if not clone.exists():
+        subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+        shared = clone.parent / "shared"
+        if not shared.exists():
+            shared.symlink_to(REPO.parent / "shared")  # fetch finds the replica at ../shared
+
+
+def run_experiment(clone: Path, name: str, preset: str, *overrides: str) -> None:
+    print(f"running experiment {name} ...", flush=True)
+    command = [
+        "dvc",
+        "exp",
+        "run",
+        "-n",
+        name,
+        "-S",
+        f"+experiment={preset}",
+        "-S",
+        f"preprocess.image_size=[{SIZE},{SIZE}]",
+    ]
+    for override in overrides:
+        command += ["-S", override]
+    subprocess.run(command, cwd=clone, check=True, env=venv_env())
+
+
+def shown_experiments(clone: Path) -> dict[str, dict]:
+    """Finished experiments by name: their metrics files' data, from `dvc exp show --json`."""
+    shown = json.loads(
+        subprocess.run(
+            ["dvc", "exp", "show", "--json"], cwd=clone, check=True, capture_output=True, text=True, env=venv_env()
+        ).stdout
+    )
+    found = {}
+    for row in shown:
+        for exp in row.get("experiments") or []:
+            for revision in exp.get("revs") or []:
+                if revision.get("name") and revision.get("rev") != "workspace":
+                    found[revision["name"]] = {k: v["data"] for k, v in revision["data"]["metrics"].items()}
+    return found
+
+
 def accuracy(args: argparse.Namespace) -> None:
     clone = Path(args.clone)
     names = args.experiments.split(",")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     if not args.skip_run:
-        if not clone.exists():
-            subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
-            shared = clone.parent / "shared"
-            if not shared.exists():
-                shared.symlink_to(REPO.parent / "shared")  # fetch finds the replica at ../shared
+        ensure_clone(clone)
         for name in names:
-            print(f"running experiment {name} ...", flush=True)
-            subprocess.run(
-                [
-                    "dvc",
-                    "exp",
-                    "run",
-                    "-n",
-                    name,
-                    "-S",
-                    f"+experiment={name}",
-                    "-S",
-                    f"preprocess.image_size=[{SIZE},{SIZE}]",
-                ],
-                cwd=clone,
-                check=True,
-                env=env,
-            )
+            run_experiment(clone, name, name)
     shown = json.loads(
         subprocess.run(
-            ["dvc", "exp", "show", "--json"], cwd=clone, check=True, capture_output=True, text=True, env=env
+            ["dvc", "exp", "show", "--json"], cwd=clone, check=True, capture_output=True, text=True, env=venv_env()
         ).stdout
     )
     print(
@@ -409,6 +441,51 @@ def accuracy(args: argparse.Namespace) -> None:
                 )
 
 
+PRECISIONS = {"float32": "false", "bfloat16": "true"}
+
+
+def precision(args: argparse.Namespace) -> None:
+    clone = Path(args.clone)
+    names = args.experiments.split(",")
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    runs = [(name, seed, label) for name in names for seed in seeds for label in PRECISIONS]
+    if not args.skip_run:
+        ensure_clone(clone)
+        done = shown_experiments(clone)
+        for name, seed, label in runs:
+            exp = f"{name}-{label}-s{seed}"
+            if exp not in done:
+                run_experiment(clone, exp, name, f"seed={seed}", f"train.cpu_bfloat16={PRECISIONS[label]}")
+    done = shown_experiments(clone)
+    rows = []
+    for name, seed, label in runs:
+        metrics = done.get(f"{name}-{label}-s{seed}")
+        if metrics:
+            timings = metrics.get("timings/train.json", {})
+            rows.append(
+                {
+                    "experiment": name,
+                    "precision": label,
+                    "seed": seed,
+                    "test_accuracy": metrics["data/eval/metrics.json"]["test"]["accuracy"],
+                    "train_minutes": timings.get("seconds", float("nan")) / 60,
+                }
+            )
+    table = pd.DataFrame(rows)
+    print(table.to_string(index=False, float_format="%.4f"))
+    summary = table.groupby(["experiment", "precision"])["test_accuracy"].agg(["mean", "std", "min", "max", "count"])
+    summary["train_minutes"] = table.groupby(["experiment", "precision"])["train_minutes"].mean()
+    print("\n" + summary.to_string(float_format="%.4f"))
+    for name in names:
+        if (name, "float32") in summary.index and (name, "bfloat16") in summary.index:
+            fp32, bf16 = summary.loc[(name, "float32")], summary.loc[(name, "bfloat16")]
+            inside = fp32["min"] <= bf16["mean"] <= fp32["max"]
+            print(
+                f"{name}: bfloat16 mean {bf16['mean']:.4f} is {'inside' if inside else 'OUTSIDE'} "
+                f"the float32 spread [{fp32['min']:.4f}, {fp32['max']:.4f}]"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -430,6 +507,12 @@ def main() -> None:
     acc.add_argument("--experiments", default="scratch,augmented,mini_xception")
     acc.add_argument("--skip-run", action="store_true", help="only print the table of experiments already run")
     acc.set_defaults(func=accuracy)
+    prec = sub.add_parser("precision", help="float32 against bfloat16 training, several seeds each")
+    prec.add_argument("--clone", required=True, help="clone of the repository to run them in (made if missing)")
+    prec.add_argument("--experiments", default="scratch,augmented")
+    prec.add_argument("--seeds", default="1,2,3")
+    prec.add_argument("--skip-run", action="store_true", help="only print the table of experiments already run")
+    prec.set_defaults(func=precision)
     args = parser.parse_args()
     args.func(args)
 
