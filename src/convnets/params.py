@@ -102,10 +102,15 @@ class AugmentationParams(_Section):
     flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "none"
     rotation: float = Field(default=0.0, ge=0.0, le=1.0)  # RandomRotation: +- this fraction of a full turn
     zoom: float = Field(default=0.0, ge=0.0, lt=1.0)  # RandomZoom: +- this fraction of the size
+    # RandomTranslation: shifted by up to +- this fraction of the height and of the width
+    # (the edge reflected into the gap).
+    translation: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # RandomContrast: each photo's contrast scaled by a factor drawn from [1 - c, 1 + c].
+    contrast: float = Field(default=0.0, ge=0.0, lt=1.0)
 
     @property
     def enabled(self) -> bool:
-        return self.flip != "none" or self.rotation > 0 or self.zoom > 0
+        return self.flip != "none" or any((self.rotation, self.zoom, self.translation, self.contrast))
 
 
 class ModelParams(_Section):
@@ -161,11 +166,35 @@ class ModelParams(_Section):
 class TrainParams(_Section):
     epochs: PositiveInt = 10
     batch_size: PositiveInt = 64  # global batch: split across GPUs when there are several
-    optimizer: Literal["rmsprop", "adam", "sgd"] = "rmsprop"
+    # adamw: Adam with weight decay decoupled from the gradient (Loshchilov & Hutter).
+    optimizer: Literal["rmsprop", "adam", "sgd", "adamw"] = "rmsprop"
     learning_rate: float = Field(default=0.001, gt=0.0)
+    # adamw only (another optimizer with a decay > 0 is refused): each step shrinks every
+    # weight by weight_decay x the step's learning rate. 0 = none.
+    weight_decay: float = Field(default=0.0, ge=0.0, lt=1.0)
     # constant: the book's fixed rate. cosine: decays from learning_rate to 0 over
     # each phase (steadier late epochs, so the best validation loss comes later and lower).
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    # The first N epochs of the first phase raise the rate linearly from 0 to learning_rate
+    # (full-size steps on a fresh network, before Adam's statistics settle, can throw it
+    # off); then constant holds learning_rate, cosine decays it to 0 over the other epochs.
+    # A first phase of fewer epochs (a quick -S train.epochs=3) warms up throughout. A
+    # fine-tuning phase starts at its own rate, without warm-up. 0 = none.
+    warmup_epochs: int = Field(default=0, ge=0)
+    # Targets of 1 - s for the true class plus s shared equally by all classes (two
+    # classes: 1 - s/2 and s/2), so the model stops pushing its outputs to 0 and 1. The
+    # training and validation losses are then the smoothed ones (evaluate's is not). 0 = off.
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
+    # MixUp: each training photo is blended with another of its batch, pixels and labels,
+    # by a weight drawn from Beta(mixup, mixup) (0.2-0.4 is usual; 1 = uniform). Validation
+    # and test photos are never mixed. With soft labels the *training* accuracy compares
+    # blends with blends and means little; val_accuracy is the one to read. 0 = off.
+    mixup: float = Field(default=0.0, ge=0.0, le=1.0)
+    # Exponential moving average of the weights, with this momentum (e.g. 0.999: the
+    # average of about the last 1,000 steps). Validation, the best epoch kept and the saved
+    # model all use the averaged weights; BatchNorm's moving statistics stay the trained
+    # model's (Keras averages the trainable weights only). 0 = off.
+    ema: float = Field(default=0.0, ge=0.0, lt=1.0)
     # Fine-tuning phase after `epochs`: the base's last model.trainable_layers layers
     # are unfrozen and training goes on at fine_tune_learning_rate. 0 = no such phase.
     fine_tune_epochs: int = Field(default=0, ge=0)
@@ -194,6 +223,10 @@ class EvaluateParams(_Section):
     batch_size: PositiveInt = 256
     # Grad-CAM heatmaps of the N most confident test mistakes (the photos the report shows); 0 = none
     heatmaps: int = Field(default=25, ge=0, le=400)
+    # Test-time augmentation: each test photo's probabilities averaged with its mirror
+    # image's (left-right flip); for photos whose mirror shows the same class (dogs vs.
+    # cats), not for digits. metrics.json records test.tta: 1 or 0.
+    tta: bool = False
 
 
 class ReportParams(_Section):
@@ -239,6 +272,7 @@ def cross_section_problems(params: Params) -> list[tuple[tuple[str, ...], str]]:
                 "or train.fine_tune_epochs > 0 to unfreeze it afterwards",
             )
         )
+    problems += training_recipe_problems(model, train)
     if model.base == "vgg16" and preprocess.channels != 3:
         problems.append((("model.base", "preprocess.channels"), "VGG16 needs RGB images: set preprocess.channels: 3"))
     if model.base == "vgg16" and min(preprocess.image_size) < 32:
@@ -252,6 +286,28 @@ def cross_section_problems(params: Params) -> list[tuple[tuple[str, ...], str]]:
     if train_images is not None and train.batch_size > train_images:
         keys = ("train.batch_size", "split.train_size" if split.method == "stratified" else "split.train_range")
         problems.append((keys, f"a batch of {train.batch_size} is larger than the {train_images} training images"))
+    return problems
+
+
+def training_recipe_problems(model: ModelParams, train: TrainParams) -> list[tuple[tuple[str, ...], str]]:
+    """The optimizer and MixUp keys that cannot work together."""
+    problems = []
+    if train.weight_decay and train.optimizer != "adamw":
+        problems.append(
+            (
+                ("train.weight_decay", "train.optimizer"),
+                f"weight decay is applied by the adamw optimizer only, not {train.optimizer}; "
+                "set train.optimizer: adamw or train.weight_decay: 0",
+            )
+        )
+    if train.mixup and model.cached_features:
+        problems.append(
+            (
+                ("train.mixup", "model.cached_features"),
+                "MixUp blends photos, but with cached features the classifier trains on the base's outputs; "
+                "set train.mixup: 0 or model.cached_features: false",
+            )
+        )
     return problems
 
 
