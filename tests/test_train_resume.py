@@ -56,13 +56,37 @@ def history(live_dir, split="eval", metric="loss") -> pd.DataFrame:
     return pd.read_csv(live_dir / "plots" / "metrics" / split / f"{metric}.tsv", sep="\t")
 
 
-@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+# The record preset's training ingredients without random layers: AdamW, a warm-up into the
+# cosine decay (the step counter must resume), label smoothing, MixUp (its blends are keyed
+# by seed, epoch and batch) and the moving average of the weights (its averages must resume).
+RECORD_TRAINING = {
+    "optimizer": "adamw",
+    "weight_decay": 0.05,
+    "lr_schedule": "cosine",
+    "warmup_epochs": 1,
+    "label_smoothing": 0.1,
+    "mixup": 0.2,
+    "ema": 0.9,
+}
+
+
+def saved_weights(model_dir) -> list[np.ndarray]:
+    import keras
+
+    return keras.models.load_model(model_dir / "model.keras").get_weights()
+
+
+@pytest.mark.parametrize(
+    "training",
+    [{"lr_schedule": "constant"}, {"lr_schedule": "cosine"}, {"ema": 0.9}, RECORD_TRAINING],
+    ids=["constant", "cosine", "ema", "record"],
+)
 def test_interrupted_run_ends_exactly_like_an_uninterrupted_one(
-    tmp_path, interrupt_after, capsys, schedule, user_cache
+    tmp_path, interrupt_after, capsys, training, user_cache
 ):
-    """Weights, optimizer state (with the schedule's step count) and data order all resume."""
+    """Weights, optimizer state (with the schedule's step count and the EMA) and data order all resume."""
     prepared = make_prepared(tmp_path / "prepared")
-    params = Params.model_validate({**PLAIN, "train": {**PLAIN["train"], "lr_schedule": schedule}})
+    params = Params.model_validate({**PLAIN, "train": {**PLAIN["train"], **training}})
     straight = train(params, prepared, tmp_path / "a" / "model", tmp_path / "a" / "train")
 
     interrupt_after(2)
@@ -80,6 +104,8 @@ def test_interrupted_run_ends_exactly_like_an_uninterrupted_one(
         pd.testing.assert_frame_equal(
             history(tmp_path / "a" / "train", split), history(tmp_path / "b" / "train", split)
         )
+    for a, b in zip(saved_weights(tmp_path / "a" / "model"), saved_weights(tmp_path / "b" / "model"), strict=True):
+        np.testing.assert_array_equal(a, b)
     assert json.loads((tmp_path / "b" / "train" / "metrics.json").read_text())["step"] == 3
     assert not resume_dir.exists()  # removed after success
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["model", "train"]

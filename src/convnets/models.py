@@ -74,13 +74,19 @@ def _pretrained_convnet(params: ModelParams, input_shape: tuple[int, int, int], 
 
 
 def augmentation(x, params: AugmentationParams):
-    """The book's data augmentation; the layers are no-ops outside training."""
+    """The book's data augmentation, and shifts and contrast; the layers are no-ops outside training."""
     if params.flip != "none":
         x = layers.RandomFlip(params.flip)(x)
     if params.rotation:
         x = layers.RandomRotation(params.rotation)(x)
     if params.zoom:
         x = layers.RandomZoom(params.zoom)(x)
+    if params.translation:
+        x = layers.RandomTranslation(params.translation, params.translation)(x)
+    if params.contrast:
+        # Before Rescaling: the pixels still span 0-255, RandomContrast's default value_range.
+        # A pair: from one number c Keras 3.15 draws the factor from [1, 1 + c] only.
+        x = layers.RandomContrast((params.contrast, params.contrast))(x)
     return x
 
 
@@ -126,5 +132,28 @@ def classifier_head(x, params: ModelParams, num_classes: int):
     return layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(x)
 
 
-def loss_for(num_classes: int) -> str:
-    return "binary_crossentropy" if num_classes == 2 else "sparse_categorical_crossentropy"
+def loss_for(num_classes: int, label_smoothing: float = 0.0, one_hot: bool = False) -> str | keras.losses.Loss:
+    """Cross-entropy for the model's output; `one_hot`: the labels arrive one-hot (or soft) per class.
+
+    Keras 3's SparseCategoricalCrossentropy takes no label_smoothing, so smoothing
+    more than two classes needs one-hot labels (see one_hot_classes).
+    """
+    if num_classes == 2:
+        if label_smoothing:
+            return keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing)
+        return "binary_crossentropy"
+    if one_hot:
+        return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+    if label_smoothing:
+        raise ValueError("label smoothing of more than two classes needs one-hot labels")
+    return "sparse_categorical_crossentropy"
+
+
+def one_hot_classes(num_classes: int, label_smoothing: float, mixup: float) -> int:
+    """How many classes to one-hot encode the labels into; 0 keeps the integer labels.
+
+    Soft targets of more than two classes (smoothed, or blended by MixUp) need a
+    probability per class. Two classes have one sigmoid output whose target is
+    already a probability, so their labels stay as they are.
+    """
+    return num_classes if num_classes > 2 and (label_smoothing or mixup) else 0

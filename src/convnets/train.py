@@ -38,13 +38,14 @@ from convnets.cli import stage_main
 from convnets.datasets import ordered_batches, training_batches
 from convnets.devices import CPU_MIXED, DevicePlan, describe, dtype_policy, make_strategy, plan_devices, precision_line
 from convnets.layout import CLASSES, DEVICES_FILE, MODEL_FILE, TIMINGS, images_file, labels_file
-from convnets.models import Convnet, build_convnet, loss_for
+from convnets.models import Convnet, build_convnet, loss_for, one_hot_classes
 from convnets.outputs import atomic_file, staged_dir, write_json
 from convnets.params import ModelParams, Params, TrainParams
 from convnets.prepared import load_classes, load_subset
 from convnets.pretrained import VGG16Preprocess, set_trainable_layers
 from convnets.resume import (
     BEST,
+    AveragedWeights,
     EpochBackup,
     Progress,
     ResumeDir,
@@ -65,15 +66,19 @@ class Phase:
     learning_rate: float
     trainable_layers: int  # of the pretrained base; 0 = frozen
     features: bool  # train the classifier alone on cached base outputs
+    warmup_epochs: int = 0  # its first epochs raise the rate linearly from 0
 
 
 def plan_phases(model: ModelParams, train: TrainParams) -> list[Phase]:
     """The phases of params that Params accepted (it refuses the plans that cannot work)."""
+    warmup = min(train.warmup_epochs, train.epochs)  # a shorter first phase warms up throughout
     if not train.fine_tune_epochs:
-        return [Phase("train", 0, train.epochs, train.learning_rate, model.trainable_layers, model.cached_features)]
+        return [
+            Phase("train", 0, train.epochs, train.learning_rate, model.trainable_layers, model.cached_features, warmup)
+        ]
     end = train.epochs + train.fine_tune_epochs
     return [
-        Phase("train", 0, train.epochs, train.learning_rate, 0, model.cached_features),
+        Phase("train", 0, train.epochs, train.learning_rate, 0, model.cached_features, warmup),
         Phase("fine_tune", train.epochs, end, train.fine_tune_learning_rate, model.trainable_layers, False),
     ]
 
@@ -85,18 +90,54 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
+OPTIMIZERS = {
+    "rmsprop": keras.optimizers.RMSprop,
+    "adam": keras.optimizers.Adam,
+    "sgd": keras.optimizers.SGD,
+    "adamw": keras.optimizers.AdamW,
+}
+
+
 def make_optimizer(
-    name: str, learning_rate: float, schedule: str = "constant", steps: int = 0
+    name: str,
+    learning_rate: float,
+    schedule: str = "constant",
+    steps: int = 0,
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    ema: float = 0.0,
 ) -> keras.optimizers.Optimizer:
-    """The optimizer of params; with schedule "cosine" the rate decays to 0 over `steps` steps.
+    """The optimizer of params, over `steps` steps (the phase), the first `warmup_steps` warming up.
 
     The schedule reads the optimizer's step counter, which a resumed run restores
-    with the rest of its state, so resuming does not restart the decay.
+    with the rest of its state, so resuming does not restart the warm-up or the
+    decay. With `ema` the optimizer also keeps the weights' moving average
+    (AveragedWeights swaps it in for validation and the backup).
     """
-    classes = {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
+    options = {"learning_rate": learning_rate_schedule(learning_rate, schedule, steps, warmup_steps)}
+    if ema:
+        options.update(use_ema=True, ema_momentum=ema)
+    if name == "adamw":
+        options["weight_decay"] = weight_decay  # Keras's own default (0.004) would apply otherwise
+    return OPTIMIZERS[name](**options)
+
+
+def learning_rate_schedule(learning_rate: float, schedule: str, steps: int, warmup_steps: int = 0):
+    """The rate, or a schedule of the step: linear from 0 over `warmup_steps`, then the schedule.
+
+    cosine: decays to 0 at step `steps` (after the warm-up when there is one).
+    """
+    schedules = keras.optimizers.schedules
+    if schedule == "cosine" and warmup_steps:
+        return schedules.CosineDecay(
+            0.0, decay_steps=max(steps - warmup_steps, 1), warmup_target=learning_rate, warmup_steps=warmup_steps
+        )
     if schedule == "cosine":
-        learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(steps, 1))
-    return classes[name](learning_rate=learning_rate)
+        return schedules.CosineDecay(learning_rate, decay_steps=max(steps, 1))
+    if warmup_steps:
+        # A linear "decay" from 0 up to the rate, which then stays there: warm-up, then constant.
+        return schedules.PolynomialDecay(0.0, decay_steps=warmup_steps, end_learning_rate=learning_rate, power=1.0)
+    return learning_rate
 
 
 def train(params: Params, prepared_dir, model_dir, live_dir, resume_dir=None, timings_file=None) -> dict:
@@ -202,20 +243,14 @@ def run_phase(run: Run, phase: Phase) -> None:
         return  # a later phase's state holds everything this one did
     trained = run.net.classifier if phase.features else run.net.model
     train_params = run.params.train
-    steps_per_epoch = math.ceil(len(run.data.images["train"][1]) / train_params.batch_size)
+    classes = one_hot_classes(run.num_classes, train_params.label_smoothing, train_params.mixup)
     with run.strategy.scope():
         if run.net.base is not None:
             set_trainable_layers(run.net.base, phase.trainable_layers)
-        optimizer = make_optimizer(
-            train_params.optimizer,
-            phase.learning_rate,
-            train_params.lr_schedule,
-            steps_per_epoch * (phase.end - phase.start),
-        )
         trained.compile(
-            optimizer=optimizer,
-            loss=loss_for(run.num_classes),
-            metrics=["accuracy"],
+            optimizer=phase_optimizer(train_params, phase, len(run.data.images["train"][1])),
+            loss=loss_for(run.num_classes, train_params.label_smoothing, one_hot=bool(classes)),
+            metrics=["accuracy"],  # Keras picks the binary, sparse or one-hot accuracy from the labels' shape
         )
         if done > phase.start:  # the checkpoint was written in this phase
             restore_training_state(trained, run.progress.folder)
@@ -225,18 +260,41 @@ def run_phase(run: Run, phase: Phase) -> None:
     if first > phase.start:
         print(f"train: resuming {phase.name} at epoch {first + 1} of {phase.end}")
     arrays = run.data.arrays(phase)
-    batch = run.params.train.batch_size
-    train_ds, steps = training_batches(*arrays["train"], batch, run.params.seed, first, phase.end)
+    batch = train_params.batch_size
+    train_ds, steps = training_batches(
+        *arrays["train"], batch, run.params.seed, first, phase.end, classes=classes, mixup=train_params.mixup
+    )
     trained.fit(
         train_ds,
         steps_per_epoch=steps,
-        validation_data=ordered_batches(*arrays["val"], batch_size=batch, cache=True),
+        validation_data=ordered_batches(*arrays["val"], batch_size=batch, cache=True, classes=classes),
         initial_epoch=first,
         epochs=phase.end,
         shuffle=False,  # the dataset shuffles itself, per epoch
-        callbacks=[EpochBackup(run.data.resume, run.progress, phase.name), LiveEpochs(run.live)],
+        callbacks=phase_callbacks(run, phase, resumed=first > phase.start),
         verbose=keras_verbosity(),
     )
+
+
+def phase_optimizer(train_params: TrainParams, phase: Phase, train_images: int) -> keras.optimizers.Optimizer:
+    steps_per_epoch = math.ceil(train_images / train_params.batch_size)
+    return make_optimizer(
+        train_params.optimizer,
+        phase.learning_rate,
+        train_params.lr_schedule,
+        steps_per_epoch * (phase.end - phase.start),
+        warmup_steps=steps_per_epoch * phase.warmup_epochs,
+        weight_decay=train_params.weight_decay,
+        ema=train_params.ema,
+    )
+
+
+def phase_callbacks(run: Run, phase: Phase, resumed: bool) -> list[keras.callbacks.Callback]:
+    callbacks = [EpochBackup(run.data.resume, run.progress, phase.name), LiveEpochs(run.live)]
+    if run.params.train.ema:
+        # First in the list: the backup must find the averaged weights in the model (resume.py).
+        callbacks.insert(0, AveragedWeights(in_model=resumed))
+    return callbacks
 
 
 def keras_verbosity() -> int:
