@@ -101,6 +101,23 @@ def test_predictions_are_the_models_on_preprocess_decoded_pixels(model_dir, phot
     assert rows.loc["1.jpg", "label"] == "dog" and rows.loc["2.png", "label"] == "cat"
 
 
+def test_tta_averages_each_photo_with_its_mirror_image(model_dir, photo_folder, tmp_path):
+    """--tta: the probabilities are the mean of the photo's and its left-right flip's, as evaluate.tta."""
+    plain, tta = tmp_path / "plain.csv", tmp_path / "tta.csv"
+    assert main([str(model_dir), str(photo_folder), str(plain)]) == 0
+    assert main([str(model_dir), str(photo_folder), str(tta), "--tta", "--batch-size", "2"]) == 0
+    model = keras.models.load_model(model_dir / "model.keras")
+    rows, plain_rows = read(tta).set_index("file"), read(plain).set_index("file")
+    assert list(rows.index) == list(plain_rows.index)
+    changed = 0
+    for name in rows.index:
+        pixels = decode_image(photo_folder / name, (32, 32), 3)
+        p_dog = float(model.predict(np.stack([pixels, pixels[:, ::-1]]), verbose=0).mean())
+        assert rows.loc[name, "probability"] == pytest.approx(max(p_dog, 1 - p_dog), abs=1e-5)
+        changed += rows.loc[name, "probability"] != plain_rows.loc[name, "probability"]
+    assert changed  # the mirror images moved some probabilities: the flag did something
+
+
 def test_one_file_and_no_stale_rejected_list(model_dir, photo_folder, tmp_path):
     out = tmp_path / "one.csv"
     stale = tmp_path / "one.rejected.csv"

@@ -1,8 +1,8 @@
 """The training ingredients of a from-scratch record (issue 13): what each one changes, and that off is off.
 
 Augmentation layers (translation, contrast), AdamW with weight decay, warm-up,
-label smoothing, MixUp and a moving average of the weights (EMA), on tiny
-synthetic photos. Resuming with them: test_train_resume.py.
+label smoothing, MixUp, a moving average of the weights (EMA) and test-time
+augmentation, on tiny synthetic photos. Resuming with them: test_train_resume.py.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import log_loss
 
 from convnets.datasets import ordered_batches, training_batches
 from convnets.models import build_model, loss_for, one_hot_classes
@@ -218,3 +219,52 @@ def test_ema_weights_are_validated_kept_and_saved(tmp_path):
     ]
     assert first_loss[0] == first_loss[1]
     assert not all(np.array_equal(a, b) for a, b in zip(weights["ema"], weights["raw"]))
+
+
+# --- test-time augmentation ------------------------------------------------------------------
+
+
+@pytest.fixture
+def untrained_model(tmp_path):
+    """A saved model with random weights (its outputs differ under a flip) and prepared test photos."""
+    from convnets.trained import save_model
+
+    prepared = make_prepared(tmp_path / "prepared", sizes=(16, 16, 40))
+    keras.utils.set_random_seed(1)
+    model = build_model(ModelParams.model_validate(SMALL), (32, 32, 3), 2)
+    (tmp_path / "model").mkdir()
+    save_model(model, tmp_path / "model" / "model.keras")
+    (tmp_path / "model" / "classes.json").write_text(json.dumps(["cat", "dog"]) + "\n")
+    return tmp_path, prepared, model
+
+
+def test_tta_averages_each_photo_with_its_mirror(untrained_model):
+    from convnets.evaluate import class_probabilities
+
+    _, prepared, model = untrained_model
+    images = np.load(prepared / "test_images.npy")
+    p_dog = model.predict(images, verbose=0)[:, 0]
+    p_mirror = model.predict(images[:, :, ::-1], verbose=0)[:, 0]
+    assert not np.allclose(p_dog, p_mirror)  # else the test could not tell
+    with_tta = class_probabilities(model, images, batch_size=16, tta=True)
+    np.testing.assert_allclose(with_tta[:, 1], (p_dog + p_mirror) / 2, rtol=1e-5)
+    np.testing.assert_allclose(class_probabilities(model, images, batch_size=16)[:, 1], p_dog, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_evaluate_records_whether_tta_ran(untrained_model, tta):
+    from convnets.evaluate import evaluate
+
+    root, prepared, model = untrained_model
+    params = Params.model_validate({"evaluate": {"tta": tta, "heatmaps": 0}})
+    metrics = evaluate(params, prepared, root / "model", root / f"eval-{tta}")
+    images, labels = np.load(prepared / "test_images.npy"), np.load(prepared / "test_labels.npy")
+    p_dog = model.predict(images, verbose=0)[:, 0].astype(np.float64)
+    if tta:
+        p_dog = (p_dog + model.predict(images[:, :, ::-1], verbose=0)[:, 0]) / 2
+    assert metrics["loss"] == pytest.approx(log_loss(labels, p_dog, labels=[0, 1]), rel=1e-5)
+    assert metrics["accuracy"] == pytest.approx(((p_dog > 0.5) == labels).mean())
+    logged = json.loads((root / f"eval-{tta}" / "metrics.json").read_text())["test"]
+    assert logged["tta"] == int(tta) and isinstance(logged["tta"], int)
+    predictions = pd.read_csv(root / f"eval-{tta}" / "predictions.csv")
+    np.testing.assert_allclose(predictions["confidence"], np.maximum(p_dog, 1 - p_dog), atol=2e-6)

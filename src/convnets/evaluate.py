@@ -2,7 +2,8 @@
 
 Writes data/eval/ with dvclive: metrics.json (test accuracy and loss,
 per-class precision/recall/F1; for two classes also ROC AUC and the precision
-and recall of the second class, "dog" for dogs vs. cats), plots/sklearn/*.json
+and recall of the second class, "dog" for dogs vs. cats; tta: 1 when
+evaluate.tta averaged each photo with its mirror image, else 0), plots/sklearn/*.json
 (confusion matrix; ROC and precision-recall curves, of the second class
 for two classes, micro-averaged one-vs-rest for more; dvc.yaml draws them)
 and predictions.csv (one row per test image) for the report.
@@ -19,7 +20,7 @@ from dvclive import Live
 from sklearn.metrics import accuracy_score, classification_report, log_loss, roc_auc_score
 
 from convnets.cli import stage_main
-from convnets.datasets import ordered_batches
+from convnets.datasets import mirrored, ordered_batches
 from convnets.errors import DataError
 from convnets.gradcam import HEATMAPS, write_mistake_heatmaps
 from convnets.layout import PREDICTIONS
@@ -29,13 +30,17 @@ from convnets.prepared import load_classes, load_subset
 from convnets.trained import class_columns, load_trained
 
 
-def class_probabilities(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
+def class_probabilities(model: keras.Model, images: np.ndarray, batch_size: int, tta: bool = False) -> np.ndarray:
     """Probabilities [n, classes]; a sigmoid output becomes two columns (p(0), p(1)).
 
     The images stream from the (memory-mapped) array batch by batch, so the
-    test set never has to fit in memory at once.
+    test set never has to fit in memory at once. With `tta`, each photo's
+    probabilities are the mean of its own and its left-right mirror image's.
     """
-    probs = class_columns(model.predict(ordered_batches(images, batch_size=batch_size), verbose=0))
+    batches = ordered_batches(images, batch_size=batch_size)
+    probs = class_columns(model.predict(batches, verbose=0))
+    if tta:
+        probs = (probs + class_columns(model.predict(mirrored(batches), verbose=0))) / 2
     # float32 softmax rows sum to 1 only within float32's precision; sklearn checks in float64.
     return probs / probs.sum(axis=1, keepdims=True)
 
@@ -71,8 +76,9 @@ def evaluate(params: Params, prepared_dir, model_dir, out_dir) -> dict:
             f"the model takes images of shape {model.input_shape[1:]} but data/prepared holds "
             f"{images.shape[1:]}: rerun the train stage on these data (dvc repro)"
         )
-    probs = class_probabilities(model, images, params.evaluate.batch_size)
-    metrics = compute_metrics(labels, probs, classes)
+    probs = class_probabilities(model, images, params.evaluate.batch_size, params.evaluate.tta)
+    # A number, not a string: DVC metrics are numbers, and `dvc exp show` then tells the runs apart.
+    metrics = {**compute_metrics(labels, probs, classes), "tta": int(params.evaluate.tta)}
     with staged_dir(out_dir) as tmp:
         live = Live(dir=str(tmp), dvcyaml=None, save_dvc_exp=False, report=None)
         log_nested(live, "test", metrics)

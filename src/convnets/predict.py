@@ -16,6 +16,9 @@ decoded, OUT.rejected.csv with file, reason and detail.
 sampleSubmission.csv): id,label with id the number of test1/<id>.jpg and label
 the probability that the photo shows a dog. A test photo that cannot be decoded
 gets 0.5 (a guess), so the file stays complete; the command says how many.
+
+--tta averages each photo's probabilities with its left-right mirror image's, as
+evaluate.tta does (for photos whose mirror shows the same class, not digits).
 """
 
 from __future__ import annotations
@@ -78,7 +81,11 @@ def decoded_batches(
 
 
 def predict(
-    model_dir: str | Path, source: str | Path, batch_size: int = 64, heatmaps: str | Path | None = None
+    model_dir: str | Path,
+    source: str | Path,
+    batch_size: int = 64,
+    heatmaps: str | Path | None = None,
+    tta: bool = False,
 ) -> Predictions:
     model, classes = load_trained(model_dir)
     _, height, width, channels = model.input_shape
@@ -89,7 +96,7 @@ def predict(
         rejected += [{"file": relative(path, root), "reason": exc.reason, "detail": exc.detail} for path, exc in bad]
         if not good:
             continue
-        probs = class_columns(model.predict_on_batch(pixels))
+        probs = probabilities(model, pixels, tta)
         chosen = probs.argmax(axis=1)
         if heatmaps is not None:
             write_overlays(model, good, pixels, chosen, root, Path(heatmaps))
@@ -107,6 +114,14 @@ def predict(
         pd.DataFrame(rejected, columns=["file", "reason", "detail"]),
         classes,
     )
+
+
+def probabilities(model, pixels: np.ndarray, tta: bool = False) -> np.ndarray:
+    """[n, classes]; with `tta` the mean of each photo's and its left-right mirror image's."""
+    probs = class_columns(model.predict_on_batch(pixels))
+    if tta:
+        probs = (probs + class_columns(model.predict_on_batch(np.ascontiguousarray(pixels[:, :, ::-1])))) / 2
+    return probs
 
 
 def write_overlays(model, files: list[Path], pixels: np.ndarray, chosen: np.ndarray, root: Path, out: Path) -> None:
@@ -160,7 +175,7 @@ def rejected_path(out: Path) -> Path:
 
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    predictions = predict(args.model_dir, args.input, args.batch_size, args.heatmaps)
+    predictions = predict(args.model_dir, args.input, args.batch_size, args.heatmaps, args.tta)
     if predictions.rows.empty:
         raise DataError(f"{args.input}: none of the {len(predictions.rejected)} file(s) could be decoded")
     submission = None
@@ -195,6 +210,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=64, help="images per prediction batch (default: %(default)s)")
     parser.add_argument(
         "--heatmaps", metavar="DIR", help="also write DIR/<file>.png: each photo with its Grad-CAM heatmap"
+    )
+    parser.add_argument(
+        "--tta", action="store_true", help="average each photo's probabilities with its mirror image's (left-right)"
     )
     args = parser.parse_args(argv)
     if args.batch_size < 1:
