@@ -155,6 +155,27 @@ def test_mini_xception_has_residual_separable_blocks():
     assert model.output_shape == (None, 1)
 
 
+def test_record_is_mini_xception_with_the_training_ingredients(tmp_path):
+    """The candidate recipe of issue 13: composes and validates as it is meant to run, at 128 px."""
+    params = load_params(compose(tmp_path, "+experiment=record", "preprocess.image_size=[128,128]"))
+    xception = model_params("mini_xception")
+    assert params.model.model_dump(exclude={"augmentation"}) == xception.model_dump(exclude={"augmentation"})
+    augmentation = params.model.augmentation
+    assert augmentation.model_dump(exclude={"translation", "contrast"}) == xception.augmentation.model_dump(
+        exclude={"translation", "contrast"}
+    )
+    assert augmentation.translation > 0 and augmentation.contrast > 0
+    train = params.train
+    assert (train.optimizer, train.lr_schedule, train.cpu_bfloat16, train.epochs) == ("adamw", "cosine", True, 100)
+    assert train.weight_decay > 0 and 0 < train.warmup_epochs < train.epochs
+    assert 0 < train.label_smoothing < 0.5 and 0 < train.mixup <= 1 and 0 < train.ema < 1
+    assert params.evaluate.tta  # set by the experiment, on top of the model preset
+    kinds = layer_kinds(build_model(params.model, (128, 128, 3), 2))
+    assert kinds[1:6] == ["RandomFlip", "RandomRotation", "RandomZoom", "RandomTranslation", "RandomContrast"]
+    # No figure is claimed for it until a run has measured one.
+    assert "HAS NOT BEEN MEASURED YET" in (MODEL_DIR / "record.yaml").read_text()
+
+
 def test_feature_extraction_is_vgg16_with_the_books_classifier():
     net = build_convnet(model_params("feature_extraction", weights="none"), BOOK_180, 2)
     assert net.base.name == "vgg16" and not net.base.trainable
