@@ -11,6 +11,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from pipeline import experiment, grid, nightly, remote, sweep, tasks, workspace
 from pipeline.dag import read_stage_graph
+from pipeline.dvc import ReproRun
 
 REPORT_DIR = "data/report"
 
@@ -58,19 +59,27 @@ def dvc_pipeline(
     if overrides or record:
         tasks.write_params(project, overrides)
 
+    targets = {} if local_only else {stage: remote_target(stage, remote_stages) for stage in plan}
     outcomes: dict[str, str] = {}
-    for stage in plan:
-        target = None if local_only else remote_target(stage, remote_stages)
-        if target is not None and tasks.stage_changed(project, stage):
+    for stages in local_runs(plan, targets):
+        target = targets.get(stages[0])
+        if target is not None and tasks.stage_changed(project, stages[0]):
+            stage = stages[0]
             tasks.run_on_worker(project, stage, graph.predecessors(stage), target, timeout)
-            tasks.reproduce_stage(project, stage, restore_only=True)
+            with ReproRun(project, [stage], pull=True) as repro:
+                tasks.reproduce_stage(repro, stage)
             outcomes[stage] = f"ran on {target.pool}"
         else:
-            outcomes[stage] = tasks.reproduce_stage(project, stage)
+            with ReproRun(project, stages) as repro:
+                for stage in stages:
+                    outcomes[stage] = tasks.reproduce_stage(repro, stage)
 
-    tasks.publish_metrics(project)
+    # Both ask DVC to compare with the baseline; side by side they take the time of one.
+    published = [tasks.publish_metrics.submit(project)]
     if (project / report_dir).is_dir():
-        tasks.publish_report(project, report_dir)
+        published.append(tasks.publish_report.submit(project, report_dir))
+    for future in published:
+        future.result()
     saved = None
     if record and any(outcome != "skipped" for outcome in outcomes.values()):
         saved = tasks.save_experiment(project, experiment_name)
@@ -79,6 +88,21 @@ def dvc_pipeline(
     elif record:
         logger.info("every stage was up to date: no new experiment")
     return {"stages": outcomes, "experiment": saved}
+
+
+def local_runs(plan: list[str], targets: dict[str, remote.RemoteTarget | None]) -> list[list[str]]:
+    """The plan cut into runs of consecutive stages for one `dvc repro` each.
+
+    A stage that may go to a worker (it has a target) stands alone: whether it goes is
+    decided only once the stages before it have run.
+    """
+    runs: list[list[str]] = []
+    for stage in plan:
+        if targets.get(stage) is not None or not runs or targets.get(runs[-1][0]) is not None:
+            runs.append([stage])
+        else:
+            runs[-1].append(stage)
+    return runs
 
 
 def remote_target(stage: str, remote_stages: dict[str, str]) -> remote.RemoteTarget | None:
@@ -112,7 +136,8 @@ def dvc_stage(
         upstream = read_stage_graph(checkout).predecessors(stage)
         if upstream:
             tasks.pull_inputs(checkout, upstream)
-        outcome = tasks.reproduce_stage(checkout, stage, env=workspace.run_environment(dvc_remote))
+        with ReproRun(checkout, [stage], env=workspace.run_environment(dvc_remote)) as repro:
+            outcome = tasks.reproduce_stage(repro, stage)
         tasks.push_outputs(checkout, stage)
         logger.info("'%s' %s at %s in a clean clone on %s", stage, outcome, commit[:7], workspace.host())
     return {"stage": stage, "outcome": outcome, "commit": commit, "host": workspace.host()}

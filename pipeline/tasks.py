@@ -18,11 +18,11 @@ from prefect.tasks import exponential_backoff
 
 from pipeline import artifacts, remote
 from pipeline.dvc import (
+    ReproRun,
     StageRanLocally,
     TransientStageError,
     check_dvc,
     dvc_json,
-    run_dvc,
     stage_failure,
     stage_outcome,
     starts_running,
@@ -60,19 +60,15 @@ def write_params(project: Path, overrides: list[str]) -> list[str]:
     retry_jitter_factor=0.2,
     retry_condition_fn=retry_if_transient,
 )
-def reproduce_stage(project: Path, stage: str, restore_only: bool = False, env: dict[str, str] | None = None) -> str:
-    """`dvc repro <stage> --single-item`: 'ran', 'restored' or 'skipped', as DVC decided.
+def reproduce_stage(repro: ReproRun, stage: str) -> str:
+    """`stage`'s part of a `dvc repro --single-item`: 'ran', 'restored' or 'skipped', as DVC decided.
 
-    restore_only: the stage ran on a worker; DVC must restore it from the run cache
-    (with `--pull`), and starting its command here is an error, not a fallback.
-    env: variables added to the stage's environment.
+    With repro.pull the stage ran on a worker: DVC must restore it from the run cache,
+    and starting its command here is an error, not a fallback.
     """
     logger = get_run_logger()
-    args = ["repro", stage, "--single-item", *(["--pull"] if restore_only else [])]
     try:
-        run = run_dvc(
-            project, args, on_line=logger.info, stop_on=starts_running(stage) if restore_only else None, env=env
-        )
+        run = repro.stage(stage, on_line=logger.info, stop_on=starts_running(stage) if repro.pull else None)
     except StageRanLocally:
         raise remote.RemoteStageError(
             f"DVC found no result of '{stage}' from the worker in the remote's run cache and "

@@ -31,6 +31,8 @@ from prefect.client.schemas.filters import (  # noqa: E402
     ArtifactFilter,
     ArtifactFilterFlowRunId,
     ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
     LogFilter,
     LogFilterFlowRunId,
 )
@@ -85,15 +87,17 @@ FAKE_DVC = textwrap.dedent("""
         lines += [f'"{a}" -> "{b}";' for a, b in state["edges"]] + ["}"]
         done(out="\\n".join(lines))
     if args[0] == "repro":
-        stage = args[1]
-        failures = state["failures"].get(stage, [])
-        if failures:
-            failure = failures.pop(0)
-            done(failure.get("code", 1), failure["output"])
-        if stage in state["up_to_date"]:
-            done(out=f"Stage '{stage}' didn't change, skipping\\nData and pipelines are up to date.")
-        ran = f"Running stage '{stage}':\\n> python -m convnets.{stage}\\n{stage}: done"
-        done(out=f"{ran}\\nUpdating lock file 'dvc.lock'")
+        for stage in [arg for arg in args[1:] if not arg.startswith("--")]:
+            failures = state["failures"].get(stage, [])
+            if failures:
+                failure = failures.pop(0)
+                done(failure.get("code", 1), failure["output"])
+            if stage in state["up_to_date"]:
+                print(f"Stage '{stage}' didn't change, skipping", flush=True)
+            else:
+                print(f"Running stage '{stage}':\\n> python -m convnets.{stage}\\n{stage}: done", flush=True)
+                print("Updating lock file 'dvc.lock'\\n", flush=True)
+        done(out="Use `dvc push` to send your updates to remote storage.")
     if args[0] == "status":
         done(out="{}")
     if args[:2] == ["metrics", "diff"]:
@@ -126,8 +130,9 @@ class FakeDvc:
     def calls(self) -> list[list[str]]:
         return json.loads(self.state_path.read_text())["calls"]
 
-    def repro_calls(self) -> list[str]:
-        return [call[1] for call in self.calls if call[0] == "repro"]
+    def repro_calls(self) -> list[list[str]]:
+        """The stages of each `dvc repro` call."""
+        return [[arg for arg in call[1:] if not arg.startswith("--")] for call in self.calls if call[0] == "repro"]
 
 
 @pytest.fixture
@@ -184,17 +189,26 @@ def artifact(flow_run_id, key: str):
 # --- the flow, with the fake dvc ----------------------------------------------------------
 
 
-def test_stages_run_one_by_one_in_dag_order(fake_dvc, fake_project):
-    result = dvc_pipeline(project_dir=str(fake_project))
-    assert fake_dvc.repro_calls() == STAGES
-    assert all(call[2:] == ["--single-item"] for call in fake_dvc.calls if call[0] == "repro")
+def test_stages_run_in_dag_order_in_one_dvc_process_one_task_each(fake_dvc, fake_project):
+    state = dvc_pipeline(project_dir=str(fake_project), return_state=True)
+    assert fake_dvc.repro_calls() == [STAGES]  # one DVC start for the six stages
+    assert all(call[-1] == "--single-item" for call in fake_dvc.calls if call[0] == "repro")
+    result = state.result()
     assert result["stages"] == {stage: "ran" for stage in STAGES}
     assert result["experiment"] is None  # no overrides: like `dvc repro`, no experiment
+    logs = flow_logs(state.state_details.flow_run_id)
+    for stage in STAGES:  # each task logged its own stage's output, and only that
+        assert f"stage '{stage}': ran" in logs
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    assert sorted(run.name for run in runs if run.name in STAGES) == sorted(STAGES)
 
 
 def test_stage_targets_bring_their_upstream(fake_dvc, fake_project):
     dvc_pipeline(project_dir=str(fake_project), stages=["train"])
-    assert fake_dvc.repro_calls() == ["fetch", "split", "preprocess", "train"]
+    assert fake_dvc.repro_calls() == [["fetch", "split", "preprocess", "train"]]
 
 
 def test_unknown_stage_is_named(fake_dvc, fake_project):
@@ -209,39 +223,48 @@ def test_stops_at_the_first_failing_stage_with_its_message(fake_dvc, fake_projec
     assert state.is_failed()
     with pytest.raises(dvc.StageFailed) as failed:
         state.result()
+    assert failed.value.stage == "split"
     assert not isinstance(failed.value, dvc.TransientStageError)
     assert "split.train_size: Input should be greater than 0" in str(failed.value)
-    assert fake_dvc.repro_calls() == ["fetch", "split"]  # not retried, nothing after it
+    assert fake_dvc.repro_calls() == [STAGES]  # not retried, nothing after it
     logs = flow_logs(state.state_details.flow_run_id)
     assert "error: invalid parameters\nsplit.train_size: Input should be greater than 0" in logs
+    assert "stage 'fetch': ran" in logs and "stage 'preprocess'" not in logs
 
 
 def test_a_held_lock_is_retried(fake_dvc, fake_project):
     fake_dvc.set(failures={"fetch": [{"output": LOCKED}, {"output": LOCKED}]})
     result = dvc_pipeline(project_dir=str(fake_project))
-    assert fake_dvc.repro_calls() == ["fetch"] * 3 + STAGES[1:]
+    assert fake_dvc.repro_calls() == [STAGES] * 3
     assert result["stages"]["fetch"] == "ran"
+
+
+def test_a_retry_in_mid_pipeline_starts_dvc_again_at_that_stage(fake_dvc, fake_project):
+    fake_dvc.set(failures={"preprocess": [{"output": NETWORK.replace("'fetch'", "'preprocess'")}]})
+    result = dvc_pipeline(project_dir=str(fake_project))
+    assert fake_dvc.repro_calls() == [STAGES, STAGES[2:]]
+    assert result["stages"] == {stage: "ran" for stage in STAGES}
 
 
 def test_network_errors_are_retried_then_fail_with_the_message(fake_dvc, fake_project):
     fake_dvc.set(failures={"fetch": [{"output": NETWORK}] * 10})
     with pytest.raises(dvc.TransientStageError, match="could not download .* after 4 tries"):
         dvc_pipeline(project_dir=str(fake_project))
-    assert fake_dvc.repro_calls() == ["fetch"] * (1 + tasks.STAGE_RETRIES)
+    assert fake_dvc.repro_calls() == [STAGES] * (1 + tasks.STAGE_RETRIES)
 
 
 def test_bad_params_are_not_retried_even_with_a_lock_message(fake_dvc, fake_project):
     fake_dvc.set(failures={"fetch": [{"output": BAD_PARAMS + "\n" + LOCKED}] * 5})
     with pytest.raises(dvc.StageFailed):
         dvc_pipeline(project_dir=str(fake_project))
-    assert fake_dvc.repro_calls() == ["fetch"]
+    assert fake_dvc.repro_calls() == [STAGES]
 
 
 def test_up_to_date_stages_are_dvcs_call(fake_dvc, fake_project):
     fake_dvc.set(up_to_date=["fetch", "split", "preprocess"])
     result = dvc_pipeline(project_dir=str(fake_project), experiment=True)
     # DVC was asked about every stage: Prefect's cache never skipped one
-    assert fake_dvc.repro_calls() == STAGES
+    assert fake_dvc.repro_calls() == [STAGES]
     assert [result["stages"][s] for s in STAGES] == ["skipped"] * 3 + ["ran"] * 3
     assert result["experiment"] == "fake-exp"
     assert ["exp", "save"] in fake_dvc.calls
@@ -251,7 +274,7 @@ def test_a_retried_flow_asks_dvc_again_for_every_stage(fake_dvc, fake_project):
     """Prefect's task cache (same flow run, same inputs) must not stand in for DVC."""
     fake_dvc.set(failures={"report": [{"output": "error: disk full"}]})
     result = dvc_pipeline.with_options(retries=1, retry_delay_seconds=0)(project_dir=str(fake_project))
-    assert fake_dvc.repro_calls() == STAGES + STAGES
+    assert fake_dvc.repro_calls() == [STAGES, STAGES]
     assert result["stages"]["report"] == "ran"
 
 
@@ -574,3 +597,22 @@ def test_a_sweep_with_an_unknown_key_names_it_and_submits_nothing(project_copy, 
     assert main(["sweep", "-S", "train.nope=1,2", "--project", str(project_copy)]) == 2
     err = capsys.readouterr().err
     assert "Could not override 'train.nope'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_stage_that_may_go_to_a_worker_gets_a_dvc_run_of_its_own():
+    from pipeline.flows import local_runs
+
+    worker = object()
+    assert local_runs(STAGES, {}) == [STAGES]
+    assert local_runs(STAGES, {"train": worker, "fetch": None}) == [STAGES[:3], ["train"], STAGES[4:]]
+    assert local_runs(["train", "evaluate"], {"train": worker}) == [["train"], ["evaluate"]]
+
+
+def test_stage_started_reads_the_line_dvc_starts_each_stage_with():
+    assert dvc.stage_started("Running stage 'train':") == "train"
+    assert dvc.stage_started("Stage 'split' didn't change, skipping") == "split"
+    assert dvc.stage_started("Stage 'train' is cached - skipping run, checking out outputs") == "train"
+    assert dvc.stage_started("'data.dvc' didn't change, skipping") == "data.dvc"
+    assert dvc.stage_started("Pulling data for stage: 'evaluate'") == "evaluate"
+    assert dvc.stage_started("train: epoch 3 of 'train' done") is None
+    assert dvc.stage_started("Updating lock file 'dvc.lock'") is None
