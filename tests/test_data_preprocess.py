@@ -325,8 +325,8 @@ def test_preprocess_stage_command_line(messy_archive, capsys):
 
 
 @pytest.mark.parametrize("header_grows", [False, True])
-def test_npy_appender_writes_what_np_load_reads(tmp_path, monkeypatch, header_grows):
-    """Rows stream to disk; the header is corrected to the rows kept, in place or (rarely) by a copy."""
+def test_npy_rows_writes_what_np_load_reads(tmp_path, monkeypatch, header_grows):
+    """Rows land in any order, bad ones are dropped; the header is corrected in place or (rarely) by a copy."""
     import convnets.preprocess as prep
 
     if header_grows:  # make the capacity's header longer than the final one, as a numpy change could
@@ -340,10 +340,13 @@ def test_npy_appender_writes_what_np_load_reads(tmp_path, monkeypatch, header_gr
             return header[:8] + struct.pack("<H", len(body)) + body
 
         monkeypatch.setattr(prep, "npy_header", padded)
-    rows = [np.full((2, 3, 3), i, dtype=np.uint8) for i in range(7)]
-    with prep.NpyAppender(tmp_path / "x.npy", (2, 3, 3), capacity=10) as out:
-        for row in rows:
-            out.append(row)
+    rows = [np.full((2, 3, 3), i, dtype=np.uint8) for i in range(10)]
+    with prep.NpyRows(tmp_path / "x.npy", (2, 3, 3), capacity=10) as out:
+        for index in [9, 0, 4, 2, 5, 7]:  # any order, as the workers finish
+            out.put(index, rows[index])
+        for index in [1, 3, 6, 8]:  # bad files: their rows are dropped
+            out.skip(index)
     loaded = np.load(tmp_path / "x.npy")
-    assert loaded.shape == (7, 2, 3, 3) and np.array_equal(loaded, np.stack(rows))
+    kept = [0, 2, 4, 5, 7, 9]
+    assert loaded.shape == (6, 2, 3, 3) and np.array_equal(loaded, np.stack([rows[i] for i in kept]))
     assert [p.name for p in tmp_path.iterdir()] == ["x.npy"]

@@ -10,10 +10,10 @@ report.json (a DVC metric: images kept per subset, files set aside by reason
 and by class, conversions made) and rejected.csv (every file set aside, by
 this stage or by fetch, with its reason). Images are decoded in worker
 processes, one per usable core (CONVNETS_PREPROCESS_WORKERS overrides), a
-chunk of files at a time, and appended to the .npy files in the manifest's
-order as they come back, a bounded number of chunks ahead: the outputs are
-byte-identical whatever the number of workers, and memory does not grow with
-the data.
+chunk of files at a time, a bounded number of chunks ahead; each worker writes
+the pixels straight to their row of the .npy file (the manifest's order), and
+the gaps of bad files are closed at the end: the outputs are byte-identical
+whatever the number of workers, and memory does not grow with the data.
 
 Bad files never stop the stage; but when more than preprocess.max_bad_fraction
 of a class is bad it fails, rather than train on what is left of the class.
@@ -37,7 +37,7 @@ import pandas as pd
 
 from convnets.cli import stage_main
 from convnets.errors import DataError
-from convnets.images import BadImage, LoadedImage, load_chunk, load_image
+from convnets.images import BadImage, load_chunk_into, load_image
 from convnets.layout import CLASSES, MANIFEST, REJECTED, REPORT, SET_ASIDE, SUBSETS, images_file, labels_file
 from convnets.outputs import atomic_file, staged_dir, write_json
 from convnets.params import Params, PreprocessParams
@@ -91,40 +91,38 @@ class Decoder:
         if self.pool is not None:  # on an error, drop the chunks not started yet
             self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def decode(self, paths: list[str]) -> Iterator[LoadedImage | BadImage]:
-        """One result per path, in the order of `paths`; a bad file gives its BadImage."""
+    def decode_into(self, paths: list[str], rows: NpyRows) -> Iterator[tuple[str, ...] | BadImage]:
+        """Decode `paths` into `rows` (file i into row i), in order; yield each file's notes, or its BadImage."""
         if self.pool is None:
-            for path in paths:
+            for index, path in enumerate(paths):
                 try:
-                    yield load_image(path, *self.args)
+                    loaded = load_image(path, *self.args)
                 except BadImage as exc:
                     yield exc
+                    continue
+                rows.put(index, loaded.array)
+                yield loaded.notes
             return
         # Small subsets still go to every worker, in chunks of at most CHUNK_FILES.
         size = max(1, min(CHUNK_FILES, -(-len(paths) // (self.workers * CHUNKS_AHEAD))))
-        chunks = iter([paths[i : i + size] for i in range(0, len(paths), size)])
+        chunks = iter(range(0, len(paths), size))
         pending: deque[Future] = deque()
-        for chunk in chunks:
-            pending.append(self.pool.submit(load_chunk, chunk, *self.args))
+
+        def submit(start: int) -> None:
+            target = (str(rows.path), rows.offset(start))
+            pending.append(self.pool.submit(load_chunk_into, paths[start : start + size], *target, *self.args))
+
+        for start in chunks:
+            submit(start)
             if len(pending) >= self.workers * CHUNKS_AHEAD:
                 break
         while pending:
-            results = pending.popleft().result()
-            chunk = next(chunks, None)
-            if chunk is not None:
-                pending.append(self.pool.submit(load_chunk, chunk, *self.args))
-            yield from self._results(results)
-
-    def _results(self, chunk: tuple[bytes, list[tuple]]) -> Iterator[LoadedImage | BadImage]:
-        pixels, entries = chunk
-        shape = (*self.args[0], self.args[1])
-        row_bytes, offset = int(np.prod(shape)), 0
-        for entry in entries:
-            if entry[0] == "bad":
-                yield BadImage(*entry[1:])
-                continue
-            yield LoadedImage(np.frombuffer(pixels, np.uint8, row_bytes, offset).reshape(shape), entry[1])
-            offset += row_bytes
+            entries = pending.popleft().result()
+            start = next(chunks, None)
+            if start is not None:
+                submit(start)
+            for entry in entries:
+                yield BadImage(*entry[1:]) if entry[0] == "bad" else entry[1]
 
 
 class BadFiles:
@@ -226,63 +224,83 @@ def write_subset(
     labels = np.empty(len(rows), dtype=np.int64)
     kept = 0
     files, names = [str(raw_dir / file) for file in rows["file"]], rows["label"].tolist()
-    decoded = zip(rows["file"].tolist(), names, decoder.decode(files), strict=True)
-    with NpyAppender(out_dir / images_file(subset), (height, width, params.channels), len(rows)) as images:
-        for file, label, loaded in progress(decoded, f"preprocess: {subset}", total=len(rows)):
-            if isinstance(loaded, BadImage):
-                bad.add(file, label, subset, loaded)
+    with NpyRows(out_dir / images_file(subset), (height, width, params.channels), len(rows)) as images:
+        decoded = zip(rows["file"].tolist(), names, decoder.decode_into(files, images), strict=True)
+        for index, (file, label, result) in enumerate(progress(decoded, f"preprocess: {subset}", total=len(rows))):
+            if isinstance(result, BadImage):
+                bad.add(file, label, subset, result)
+                images.skip(index)
                 continue
-            images.append(loaded.array)
-            conversions.update(loaded.notes)
+            conversions.update(result)
             labels[kept] = class_ids[label]
             kept += 1
     np.save(out_dir / labels_file(subset), labels[:kept])
     return kept
 
 
-class NpyAppender:
-    """Write a uint8 .npy file one row at a time, with plain sequential writes.
+class NpyRows:
+    """A uint8 .npy file of `capacity` rows, row i for the manifest's file i; bad files' rows are dropped on close.
 
-    Not a memory map: the pages of a mapped output stay in the process's
-    resident memory until it ends (2 GB for 23,000 photos at 180 px), while
-    written pages go to the page cache, which the kernel flushes and frees as
-    it needs. The header first claims `capacity` rows and is corrected on close
-    to the rows written (bad files are skipped).
+    Rows are written in place (os.pwrite), by this process or by the decoding
+    workers, in any order. Not a memory map: the pages of a mapped output stay
+    in the process's resident memory until it ends (2 GB for 23,000 photos at
+    180 px), while written pages go to the page cache, which the kernel flushes
+    and frees as it needs. On close the rows after each skipped one move up
+    (only when files were bad) and the header is corrected to the rows kept.
     """
 
     def __init__(self, path: Path, row_shape: tuple[int, ...], capacity: int):
-        self.path, self.row_shape, self.rows = path, row_shape, 0
+        self.path, self.row_shape, self.capacity = path, row_shape, capacity
         self.row_bytes = int(np.prod(row_shape))
-        self.file = open(path, "wb")
         self.header = npy_header((capacity, *row_shape))
-        self.file.write(self.header)
+        self.skipped: list[int] = []
+        with open(path, "wb") as file:
+            file.write(self.header)
+            file.truncate(self.offset(capacity))
 
-    def append(self, row: np.ndarray) -> None:
+    def offset(self, index: int) -> int:
+        """Where row `index` starts in the file."""
+        return len(self.header) + index * self.row_bytes
+
+    def put(self, index: int, row: np.ndarray) -> None:
         assert row.shape == self.row_shape and row.dtype == np.uint8
-        self.file.write(np.ascontiguousarray(row).data)  # no copy when the row is contiguous already
-        self.rows += 1
+        with open(self.path, "r+b") as file:
+            os.pwrite(file.fileno(), np.ascontiguousarray(row).data, self.offset(index))
 
-    def __enter__(self) -> NpyAppender:
+    def skip(self, index: int) -> None:
+        """Row `index` stays empty (a bad file): it is dropped on close."""
+        self.skipped.append(index)
+
+    def __enter__(self) -> NpyRows:
         return self
 
     def __exit__(self, *exc) -> None:
-        header = npy_header((self.rows, *self.row_shape))
-        data_end = len(header) + self.rows * self.row_bytes
-        if len(header) == len(self.header):  # the usual case: rewrite the header in place
-            self.file.seek(0)
-            self.file.write(header)
-            self.file.truncate(data_end)
-            self.file.close()
-            return
-        self.file.close()  # the padded header changed length: copy the rows behind a new one
+        rows = self.capacity - len(self.skipped)
+        with open(self.path, "r+b") as file:
+            self.close_gaps(file.fileno())
+            header = npy_header((rows, *self.row_shape))
+            if len(header) == len(self.header):  # the usual case: rewrite the header in place
+                os.pwrite(file.fileno(), header, 0)
+                file.truncate(self.offset(rows))
+                return
+        # The padded header changed length: copy the rows behind a new one.
         with atomic_file(self.path) as moved, open(self.path, "rb") as source, open(moved, "wb") as target:
             target.write(header)
             source.seek(len(self.header))
-            remaining = self.rows * self.row_bytes
+            remaining = rows * self.row_bytes
             while remaining:
                 chunk = source.read(min(remaining, 1 << 24))
                 target.write(chunk)
                 remaining -= len(chunk)
+
+    def close_gaps(self, fd: int) -> None:
+        """Move each kept row after the first skipped one up to its place among the kept rows."""
+        if not self.skipped:
+            return
+        skipped = set(self.skipped)
+        kept = [i for i in range(min(skipped), self.capacity) if i not in skipped]
+        for place, index in enumerate(kept, start=min(skipped)):
+            os.pwrite(fd, os.pread(fd, self.row_bytes, self.offset(index)), self.offset(place))
 
 
 def npy_header(shape: tuple[int, ...]) -> bytes:
