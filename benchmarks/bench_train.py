@@ -147,7 +147,8 @@ def compiled_model(params, policy: str = "float32"):
 
 
 def our_datasets(prepared: Path, params, epochs: int):
-    from convnets.datasets import load_subset, ordered_batches, training_batches
+    from convnets.datasets import ordered_batches, training_batches
+    from convnets.prepared import load_subset
 
     x_train, y_train = load_subset(prepared, "train")
     x_val, y_val = load_subset(prepared, "val")
