@@ -374,6 +374,47 @@ def test_run_dvc_stops_a_stage_that_must_not_run_here(monkeypatch, tmp_path):
         dvc.run_dvc(tmp_path, [], stop_on=dvc.starts_running("train"))
 
 
+def test_a_repro_run_that_starts_a_stage_it_must_restore_is_stopped(monkeypatch, tmp_path):
+    script = tmp_path / "slow.py"
+    pid_file = tmp_path / "pid"
+    script.write_text(
+        "import os, sys, time\n"
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "print(' '.join(sys.argv[1:]), flush=True)\n"
+        "print(\"Running stage 'train':\", flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    monkeypatch.setattr(dvc, "DVC_COMMAND", (sys.executable, str(script)))
+    started = time.monotonic()
+    lines: list[str] = []
+    with dvc.ReproRun(tmp_path, ["train"], pull=True) as repro, pytest.raises(dvc.StageRanLocally):
+        repro.stage("train", on_line=lines.append, stop_on=dvc.starts_running("train"))
+    assert lines[0] == "repro train --single-item --pull"
+    assert time.monotonic() - started < 30  # stopped, not waited for
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
+
+
+def test_leaving_a_repro_run_stops_the_dvc_still_running(monkeypatch, tmp_path):
+    """A flow cancelled between two stages leaves no DVC (nor the stage it started) behind."""
+    script = tmp_path / "slow.py"
+    pid_file = tmp_path / "pid"
+    script.write_text(
+        "import os, time\n"
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "print(\"Running stage 'a':\", flush=True)\n"
+        "print(\"Running stage 'b':\", flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    monkeypatch.setattr(dvc, "DVC_COMMAND", (sys.executable, str(script)))
+    with pytest.raises(RuntimeError), dvc.ReproRun(tmp_path, ["a", "b"]) as repro:
+        assert repro.stage("a").tail == ("Running stage 'a':",)  # returns at b's first line
+        raise RuntimeError("the flow was cancelled")
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
+
+
 def test_metrics_rows_show_missing_baseline_as_dash():
     rows = artifacts.metrics_rows({"m.json": {"acc": {"old": None, "new": 0.123456}}})
     assert rows == [{"file": "m.json", "metric": "acc", "baseline": "-", "this run": "0.1235", "change": "-"}]
