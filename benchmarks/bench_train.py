@@ -414,32 +414,23 @@ def accuracy(args: argparse.Namespace) -> None:
         ensure_clone(clone)
         for name in names:
             run_experiment(clone, name, name)
-    shown = json.loads(
-        subprocess.run(
-            ["dvc", "exp", "show", "--json"], cwd=clone, check=True, capture_output=True, text=True, env=venv_env()
-        ).stdout
-    )
+    done = shown_experiments(clone)
     print(
         f"\n{'experiment':16s} {'test acc':>8s} {'test loss':>9s} {'ROC AUC':>8s} "
         f"{'epochs':>6s} {'best epoch':>10s} {'s/epoch':>8s}"
     )
-    for row in shown:
-        for exp in row.get("experiments") or []:
-            for revision in exp.get("revs") or []:
-                if revision.get("name") not in names:
-                    continue
-                if revision.get("rev") == "workspace":  # still running: its metrics are the workspace's
-                    print(f"{revision['name']:16s} (running)")
-                    continue
-                files = revision["data"]["metrics"]
-                test = files["data/eval/metrics.json"]["data"]["test"]
-                trained = files["data/train/metrics.json"]["data"]
-                timings = files.get("timings/train.json", {}).get("data", {})  # wall clock: outside the outputs
-                print(
-                    f"{revision['name']:16s} {test['accuracy']:8.4f} {test['loss']:9.4f} {test['roc_auc']:8.4f} "
-                    f"{trained['step'] + 1:6d} {trained['best']['epoch'] + 1:10d} "
-                    f"{timings.get('seconds_per_epoch', float('nan')):8.1f}"
-                )
+    for name in names:
+        if name not in done:  # not run, or still running
+            print(f"{name:16s} (not finished)")
+            continue
+        test = done[name]["data/eval/metrics.json"]["test"]
+        trained = done[name]["data/train/metrics.json"]
+        timings = done[name].get("timings/train.json", {})  # wall clock: outside the outputs
+        print(
+            f"{name:16s} {test['accuracy']:8.4f} {test['loss']:9.4f} {test['roc_auc']:8.4f} "
+            f"{trained['step'] + 1:6d} {trained['best']['epoch'] + 1:10d} "
+            f"{timings.get('seconds_per_epoch', float('nan')):8.1f}"
+        )
 
 
 PRECISIONS = {"float32": "false", "bfloat16": "true"}

@@ -223,9 +223,10 @@ class ReproRun:
 
         stop_on: as for run_dvc (DVC is stopped and StageRanLocally raised).
         """
+        position = self.stages.index(stage)
         if self._proc is None:
-            self._start(self.stages[self.stages.index(stage) :])
-        later = set(self.stages[self.stages.index(stage) + 1 :])
+            self._start(self.stages[position:])
+        later = set(self.stages[position + 1 :])
         tail: deque[str] = deque(maxlen=TAIL_LINES)
         assert self._proc is not None and self._proc.stdout is not None
         pending = [self._next_line] if self._next_line is not None else []

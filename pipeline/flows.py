@@ -62,9 +62,8 @@ def dvc_pipeline(
     targets = {} if local_only else {stage: remote_target(stage, remote_stages) for stage in plan}
     outcomes: dict[str, str] = {}
     for stages in local_runs(plan, targets):
-        target = targets.get(stages[0])
-        if target is not None and tasks.stage_changed(project, stages[0]):
-            stage = stages[0]
+        stage, target = stages[0], targets.get(stages[0])
+        if target is not None and tasks.stage_changed(project, stage):
             tasks.run_on_worker(project, stage, graph.predecessors(stage), target, timeout)
             with ReproRun(project, [stage], pull=True) as repro:
                 tasks.reproduce_stage(repro, stage)

@@ -254,9 +254,9 @@ class NpyRows:
         self.row_bytes = int(np.prod(row_shape))
         self.header = npy_header((capacity, *row_shape))
         self.skipped: list[int] = []
-        with open(path, "wb") as file:
-            file.write(self.header)
-            file.truncate(self.offset(capacity))
+        self.file = open(path, "w+b")  # kept open: the one-process path writes every row through it
+        self.file.write(self.header)
+        self.file.truncate(self.offset(capacity))
 
     def offset(self, index: int) -> int:
         """Where row `index` starts in the file."""
@@ -264,8 +264,7 @@ class NpyRows:
 
     def put(self, index: int, row: np.ndarray) -> None:
         assert row.shape == self.row_shape and row.dtype == np.uint8
-        with open(self.path, "r+b") as file:
-            os.pwrite(file.fileno(), np.ascontiguousarray(row).data, self.offset(index))
+        os.pwrite(self.file.fileno(), np.ascontiguousarray(row).data, self.offset(index))
 
     def skip(self, index: int) -> None:
         """Row `index` stays empty (a bad file): it is dropped on close."""
@@ -276,7 +275,7 @@ class NpyRows:
 
     def __exit__(self, *exc) -> None:
         rows = self.capacity - len(self.skipped)
-        with open(self.path, "r+b") as file:
+        with self.file as file:
             self.close_gaps(file.fileno())
             header = npy_header((rows, *self.row_shape))
             if len(header) == len(self.header):  # the usual case: rewrite the header in place
