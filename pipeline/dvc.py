@@ -18,7 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-# `python -m dvc` of this interpreter, so the flow, DVC and the stages share one venv.
+# `python -m dvc` of this interpreter, so the flow, DVC and the stages share one venv,
+# unless the run names another environment (VIRTUAL_ENV, as `activate` sets it: a worker's
+# environment built from the run's own uv.lock, pipeline.environments).
 DVC_COMMAND: tuple[str, ...] = (sys.executable, "-m", "dvc")
 
 # A stage that fails prints "error: ..." (convnets.cli.stage_main); DVC then adds "ERROR: ...".
@@ -69,6 +71,12 @@ class DvcRun:
         return self.returncode == 0
 
 
+def dvc_command(env: dict[str, str] | None = None) -> list[str]:
+    """`python -m dvc` of the environment `env` activates (VIRTUAL_ENV), else of this interpreter."""
+    venv = (env or {}).get("VIRTUAL_ENV")
+    return [str(Path(venv) / "bin" / "python"), "-m", "dvc"] if venv else list(DVC_COMMAND)
+
+
 def dvc_env() -> dict[str, str]:
     """The environment for `dvc`: this venv's bin first, since stage commands call `python`."""
     bin_dir = str(Path(sys.executable).parent)
@@ -115,7 +123,7 @@ def run_dvc(
 def start_dvc(project: Path, args: Sequence[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     """`dvc <args>` in its own process group, stdout and stderr merged into one text pipe."""
     return subprocess.Popen(
-        [*DVC_COMMAND, *args],
+        [*dvc_command(env), *args],
         cwd=project,
         env={**dvc_env(), **(env or {})},
         text=True,
@@ -146,21 +154,22 @@ def check_dvc(
     args: Sequence[str],
     on_line: Callable[[str], None] = lambda line: None,
     keep: int | None = TAIL_LINES,
+    env: dict[str, str] | None = None,
 ) -> DvcRun:
-    """Run `dvc <args>`; DvcError with its output if it fails."""
-    run = run_dvc(project, args, on_line, keep=keep)
+    """Run `dvc <args>` (`env` as for run_dvc); DvcError with its output if it fails."""
+    run = run_dvc(project, args, on_line, keep=keep, env=env)
     if not run.ok:
         output = "\n".join(run.tail[-FALLBACK_LINES:])
         raise DvcError(f"`dvc {' '.join(args)}` exited with {run.returncode}:\n{output}")
     return run
 
 
-def dvc_json(project: Path, args: Sequence[str]) -> object:
+def dvc_json(project: Path, args: Sequence[str], env: dict[str, str] | None = None) -> object:
     """Run a `dvc ... --json` command and parse its stdout (its warnings go to stderr)."""
     proc = subprocess.run(
-        [*DVC_COMMAND, *args, "--json"],
+        [*dvc_command(env), *args, "--json"],
         cwd=project,
-        env=dvc_env(),
+        env={**dvc_env(), **(env or {})},
         text=True,
         capture_output=True,
     )
