@@ -30,6 +30,8 @@ BAD_PARAMS = "error: invalid parameters"
 
 # Failures worth another try: DVC's lock held by another DVC process, and the network
 # errors the fetch stage reports once its own retries are spent (convnets.downloads).
+# The fetch stage says "after N tries" only of a transient error it did retry: a missing
+# local file (file://), tried once, reads "...: the file does not exist" and fails at once.
 TRANSIENT_PATTERNS = (
     re.compile(r"Unable to acquire lock"),
     re.compile(r"could not download .+ after \d+ tries"),

@@ -34,6 +34,8 @@ T = TypeVar("T")
 CHUNK = 1 << 20
 TIMEOUT_S = 60
 TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
+# What urllib reports (as URLError reasons) for a file:// URL it cannot read: no retry helps.
+LOCAL_FILE_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 class IncompleteDownload(Exception):
@@ -162,8 +164,11 @@ def download_url(url: str, downloads_dir: Path, retries: int, backoff_s: float, 
         return target
     forget(target)
     partial = target.with_name(target.name + ".partial")
+    tries = 0
 
     def attempt() -> None:
+        nonlocal tries
+        tries += 1
         try:
             fetch_to(url, partial)
             verify_download(partial, sha256)
@@ -176,11 +181,24 @@ def download_url(url: str, downloads_dir: Path, retries: int, backoff_s: float, 
     except urllib.error.HTTPError as exc:
         raise DataError(f"could not download {redact(url)}: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException, IncompleteDownload) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise DataError(f"could not download {redact(url)} after {retries + 1} tries: {reason}") from None
+        raise DataError(download_failure(url, exc, tries)) from None
     partial.replace(target)
     note_path(partial).replace(note_path(target))
     return target
+
+
+def download_failure(url: str, exc: BaseException, tries: int) -> str:
+    """What went wrong; "after N tries" only when a transient error outlasted N > 1 tries.
+
+    The flow retries a stage whose message says "after N tries" (pipeline.dvc): a missing
+    local file or a full disk, tried once, must not read as a network hiccup.
+    """
+    reason = getattr(exc, "reason", None) or exc
+    if isinstance(exc, urllib.error.URLError) and isinstance(reason, FileNotFoundError):
+        return f"could not download {redact(url)}: the file does not exist"
+    if tries > 1 and is_transient_url_error(exc):
+        return f"could not download {redact(url)} after {tries} tries: {reason}"
+    return f"could not download {redact(url)}: {reason}"
 
 
 def fetch_to(url: str, path: Path) -> None:
@@ -215,8 +233,8 @@ def is_transient_url_error(exc: BaseException) -> bool:
     if isinstance(exc, urllib.error.HTTPError):
         return exc.code in TRANSIENT_STATUS
     if isinstance(exc, urllib.error.URLError):
-        # Refused or reset connections and timeouts pass; a missing local file does not.
-        return not isinstance(exc.reason, FileNotFoundError)
+        # Refused or reset connections and timeouts pass; a missing or unreadable local file does not.
+        return not isinstance(exc.reason, LOCAL_FILE_ERRORS)
     return isinstance(
         exc, (IncompleteDownload, TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException)
     )
