@@ -1,4 +1,5 @@
-"""fetch from the dogs-vs-cats replica in every accepted layout, from a URL, and its refusals."""
+"""fetch from Kaggle's dogs-vs-cats layouts (generated photos; the replica itself when ../shared has it),
+from a URL, and its refusals."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import threading
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -22,7 +24,7 @@ from convnets.params import FetchParams
 
 REPLICA = SHARED_DIR / "data" / "dogs-vs-cats-128" / "dogs-vs-cats.zip"
 needs_replica = pytest.mark.skipif(not REPLICA.is_file(), reason=f"the offline replica {REPLICA} is not there")
-PER_CLASS = 30  # photos per class in the small layouts built from the replica
+PER_CLASS = 30  # photos per class in the small layouts below
 
 
 def archive_params(archive, **changes) -> FetchParams:
@@ -30,13 +32,21 @@ def archive_params(archive, **changes) -> FetchParams:
 
 
 @pytest.fixture(scope="module")
-def replica_photos() -> dict[str, bytes]:
-    """The first PER_CLASS cats and dogs of the replica, by file name."""
-    if not REPLICA.is_file():
-        pytest.skip(f"the offline replica {REPLICA} is not there")
-    with zipfile.ZipFile(REPLICA) as outer, outer.open("train.zip") as inner, zipfile.ZipFile(inner) as train:
-        names = [f"train/{label}.{i}.jpg" for label in ("cat", "dog") for i in range(PER_CLASS)]
-        return {name: train.read(name) for name in names}
+def photos() -> dict[str, bytes]:
+    """PER_CLASS cats and dogs named as in Kaggle's train.zip: small generated JPEGs, no two alike.
+
+    fetch copies the files' bytes and never decodes them, so any distinct JPEGs will do; the
+    layouts built from them below are the ones of the real archive (see test_the_replica_itself).
+    """
+    rng = np.random.default_rng(0)
+    generated = {}
+    for label in ("cat", "dog"):
+        for i in range(PER_CLASS):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=90)
+            generated[f"train/{label}.{i}.jpg"] = buffer.getvalue()
+    assert len(set(generated.values())) == len(generated)
+    return generated
 
 
 def write_zip(path: Path, members: dict[str, bytes]) -> Path:
@@ -96,39 +106,39 @@ def test_the_replica_itself(tmp_path):
         assert photo.format == "JPEG" and photo.size == (128, 128)
 
 
-def test_competition_zip(tmp_path, replica_photos):
+def test_competition_zip(tmp_path, photos):
     out = tmp_path / "data" / "raw"
-    fetch(archive_params(competition_zip(tmp_path / "in" / "dogs-vs-cats.zip", replica_photos)), out)
-    check_catalog(out, replica_photos)
+    fetch(archive_params(competition_zip(tmp_path / "in" / "dogs-vs-cats.zip", photos)), out)
+    check_catalog(out, photos)
 
 
-def test_bare_train_zip(tmp_path, replica_photos):
+def test_bare_train_zip(tmp_path, photos):
     out = tmp_path / "data" / "raw"
-    fetch(archive_params(write_zip(tmp_path / "in" / "train.zip", replica_photos)), out)
-    check_catalog(out, replica_photos)
+    fetch(archive_params(write_zip(tmp_path / "in" / "train.zip", photos)), out)
+    check_catalog(out, photos)
 
 
-def test_extracted_train_folder(tmp_path, replica_photos):
+def test_extracted_train_folder(tmp_path, photos):
     folder = tmp_path / "in" / "dogs-vs-cats"
-    for name, data in replica_photos.items():
+    for name, data in photos.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
     (folder / "test1").mkdir()
     (folder / "test1" / "1.jpg").write_bytes(b"unlabelled")
     out = tmp_path / "data" / "raw"
     fetch(archive_params(folder), out)
-    check_catalog(out, replica_photos)
+    check_catalog(out, photos)
     assert pd.read_csv(out / SET_ASIDE).empty  # test1/ is not read at all
 
 
-def test_extracted_competition_folder(tmp_path, replica_photos):
+def test_extracted_competition_folder(tmp_path, photos):
     """Unzipping dogs-vs-cats.zip gives a folder holding train.zip."""
     folder = tmp_path / "in"
-    with zipfile.ZipFile(competition_zip(tmp_path / "c.zip", replica_photos)) as archive:
+    with zipfile.ZipFile(competition_zip(tmp_path / "c.zip", photos)) as archive:
         archive.extractall(folder)
     out = tmp_path / "data" / "raw"
     fetch(archive_params(folder), out)
-    check_catalog(out, replica_photos)
+    check_catalog(out, photos)
 
 
 def test_the_dogs_vs_cats_preset_finds_the_replica_from_the_repo_root(monkeypatch, repo_root):
@@ -189,13 +199,13 @@ def serve():
         server.server_close()
 
 
-def test_url_with_a_transient_error_is_retried_then_reused(tmp_path, replica_photos, serve, caplog):
-    payload = write_zip(tmp_path / "train.zip", replica_photos).read_bytes()
+def test_url_with_a_transient_error_is_retried_then_reused(tmp_path, photos, serve, caplog):
+    payload = write_zip(tmp_path / "train.zip", photos).read_bytes()
     server = serve(payload, failures=2)
     params = archive_params(server.url(), archive_sha256=hashlib.sha256(payload).hexdigest(), download_retries=3)
     out = tmp_path / "data" / "raw"
     fetch(params, out)
-    check_catalog(out, replica_photos)
+    check_catalog(out, photos)
     assert server.requests == 3
     assert (downloads_dir() / "train.zip").read_bytes() == payload
     assert "retry 2 of 3" in caplog.text and "HTTP 503" in caplog.text
@@ -217,8 +227,8 @@ def test_url_gives_up_after_the_retries_and_keeps_the_old_output(tmp_path, serve
     assert (out / "catalog.csv").read_text() == "old\n"
 
 
-def test_url_download_cut_short_is_not_kept(tmp_path, replica_photos, serve):
-    payload = write_zip(tmp_path / "train.zip", replica_photos).read_bytes()
+def test_url_download_cut_short_is_not_kept(tmp_path, photos, serve):
+    payload = write_zip(tmp_path / "train.zip", photos).read_bytes()
     server = serve(payload, truncate=True)
     with pytest.raises(DataError, match="after 2 tries"):
         fetch(archive_params(server.url(), download_retries=1), tmp_path / "data" / "raw")
@@ -226,16 +236,83 @@ def test_url_download_cut_short_is_not_kept(tmp_path, replica_photos, serve):
     assert list(downloads_dir().iterdir()) == []
 
 
-def test_url_that_is_not_found_fails_at_once(tmp_path):
-    with pytest.raises(DataError, match="could not download file:///nonexistent/train.zip"):
-        fetch(archive_params("file:///nonexistent/train.zip", download_retries=3), tmp_path / "data" / "raw")
+@pytest.fixture
+def download_tries(monkeypatch) -> list[str]:
+    """The URLs convnets.downloads fetched, one entry per try."""
+    from convnets import downloads
+
+    tries, real = [], downloads.fetch_to
+
+    def counted(url, path):
+        tries.append(url)
+        return real(url, path)
+
+    monkeypatch.setattr(downloads, "fetch_to", counted)
+    return tries
+
+
+def test_url_that_is_not_found_fails_at_once(tmp_path, download_tries, caplog):
+    url = "file:///nonexistent/train.zip"
+    with pytest.raises(DataError) as info:
+        fetch(archive_params(url, download_retries=3), tmp_path / "data" / "raw")
+    assert str(info.value) == f"could not download {url}: the file does not exist"
+    assert download_tries == [url]  # tried once: no retry can make the file appear
+    assert "retry" not in caplog.text
+
+
+def stage_failure_of_fetch(tmp_path, capsys, fetch_params: dict):
+    """What the flow makes of the fetch stage's failure: its stderr as DVC's output, through pipeline.dvc."""
+    import yaml
+
+    from conftest import default_params
+    from convnets.fetch import main
+    from pipeline import dvc
+
+    params = default_params()
+    params["fetch"] = {"source": "archive", "retry_backoff_s": 0.0, **fetch_params}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main([str(tmp_path / "data" / "raw"), "--params", str(tmp_path / "params.yaml")]) == 1
+    printed = capsys.readouterr().err.splitlines()
+    lines = (
+        "Running stage 'fetch':",
+        "> python -m convnets.fetch data/raw",
+        *printed,
+        "ERROR: failed to reproduce 'fetch': failed to run: python -m convnets.fetch data/raw, exited with 1",
+    )
+    return dvc.stage_failure("fetch", dvc.DvcRun(("repro",), 1, lines))
+
+
+@pytest.mark.parametrize("where", ["missing", "a-folder"])
+def test_a_local_file_that_cannot_be_read_fails_the_flow_once(tmp_path, capsys, download_tries, where):
+    """Not a network hiccup: fetch tries it once and the flow does not retry the stage."""
+    from pipeline import dvc
+
+    url = "file:///nonexistent/train.zip" if where == "missing" else (tmp_path / "folder").as_uri()
+    (tmp_path / "folder").mkdir()
+    failure = stage_failure_of_fetch(tmp_path, capsys, {"archive": url, "download_retries": 3})
+    assert type(failure) is dvc.StageFailed
+    assert download_tries == [url]
+    assert f"could not download {url}: " in str(failure) and "tries" not in str(failure)
+    if where == "missing":
+        assert "the file does not exist" in str(failure)
+
+
+def test_a_download_that_failed_every_retry_is_retried_by_the_flow(tmp_path, capsys, download_tries, photos, serve):
+    payload = write_zip(tmp_path / "train.zip", photos).read_bytes()
+    server = serve(payload, truncate=True)
+    failure = stage_failure_of_fetch(tmp_path, capsys, {"archive": server.url(), "download_retries": 2})
+    from pipeline import dvc
+
+    assert type(failure) is dvc.TransientStageError
+    assert len(download_tries) == server.requests == 3
+    assert "after 3 tries: got" in str(failure)
 
 
 # --- refusals ------------------------------------------------------------------------
 
 
-def test_wrong_sha256_is_refused(tmp_path, replica_photos):
-    archive = write_zip(tmp_path / "train.zip", replica_photos)
+def test_wrong_sha256_is_refused(tmp_path, photos):
+    archive = write_zip(tmp_path / "train.zip", photos)
     with pytest.raises(DataError, match="not fetch.archive_sha256"):
         fetch(archive_params(archive, archive_sha256="0" * 64), tmp_path / "data" / "raw")
     assert not (tmp_path / "data" / "raw").exists()
@@ -267,9 +344,9 @@ def test_a_zip_without_labelled_images_says_what_it_found(tmp_path):
         fetch(archive_params(archive), tmp_path / "data" / "raw")
 
 
-def test_extraction_is_bounded(tmp_path, replica_photos):
-    archive = write_zip(tmp_path / "train.zip", replica_photos)
-    total = sum(len(data) for data in replica_photos.values())
+def test_extraction_is_bounded(tmp_path, photos):
+    archive = write_zip(tmp_path / "train.zip", photos)
+    total = sum(len(data) for data in photos.values())
     out = tmp_path / "data" / "raw"
     with pytest.raises(
         DataError, match=rf"would extract to {total:,} bytes, more than fetch.max_extract_bytes \(1,000\)"
@@ -290,8 +367,8 @@ def test_extraction_bound_holds_when_the_archive_lies_about_sizes(tmp_path):
     assert not target.exists()
 
 
-def test_entries_that_are_not_usable_are_set_aside_with_their_reason(tmp_path, replica_photos, monkeypatch):
-    photo = replica_photos["train/cat.0.jpg"]
+def test_entries_that_are_not_usable_are_set_aside_with_their_reason(tmp_path, photos, monkeypatch):
+    photo = photos["train/cat.0.jpg"]
     members = {
         "train/cat.0.jpg": photo,
         "train/dog.0.jpg": photo,
@@ -343,11 +420,11 @@ def test_entries_that_are_not_usable_are_set_aside_with_their_reason(tmp_path, r
     ]
 
 
-def test_folder_links_are_not_followed(tmp_path, replica_photos):
+def test_folder_links_are_not_followed(tmp_path, photos):
     folder = tmp_path / "in" / "train"
     folder.mkdir(parents=True)
-    (folder / "cat.0.jpg").write_bytes(replica_photos["train/cat.0.jpg"])
-    (folder / "dog.0.jpg").write_bytes(replica_photos["train/dog.0.jpg"])
+    (folder / "cat.0.jpg").write_bytes(photos["train/cat.0.jpg"])
+    (folder / "dog.0.jpg").write_bytes(photos["train/dog.0.jpg"])
     secret = tmp_path / "secret.txt"
     secret.write_text("outside")
     (folder / "dog.1.jpg").symlink_to(secret)
@@ -362,13 +439,13 @@ def test_folder_links_are_not_followed(tmp_path, replica_photos):
     ]
 
 
-def test_a_missing_class_is_an_error(tmp_path, replica_photos):
-    cats = {name: data for name, data in replica_photos.items() if "/cat." in name}
+def test_a_missing_class_is_an_error(tmp_path, photos):
+    cats = {name: data for name, data in photos.items() if "/cat." in name}
     with pytest.raises(DataError, match="holds no images of class dog"):
         fetch(archive_params(write_zip(tmp_path / "train.zip", cats)), tmp_path / "data" / "raw")
 
 
-def test_fetch_stage_command_line(tmp_path, replica_photos, capsys):
+def test_fetch_stage_command_line(tmp_path, photos, capsys):
     """The stage entry point: a summary line, no progress bar in a non-terminal, exit 0."""
     import yaml
 
@@ -376,7 +453,7 @@ def test_fetch_stage_command_line(tmp_path, replica_photos, capsys):
     from convnets.fetch import main
 
     params = default_params()
-    params["fetch"] = {"source": "archive", "archive": str(write_zip(tmp_path / "train.zip", replica_photos))}
+    params["fetch"] = {"source": "archive", "archive": str(write_zip(tmp_path / "train.zip", photos))}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert main([str(tmp_path / "data" / "raw"), "--params", str(tmp_path / "params.yaml")]) == 0
     captured = capsys.readouterr()
@@ -396,10 +473,10 @@ def test_params_file_errors_name_the_new_keys(tmp_path):
         load_params(path)
 
 
-def test_a_damaged_member_is_set_aside_and_the_rest_extracted(tmp_path, replica_photos):
-    archive = write_zip(tmp_path / "train.zip", replica_photos)
+def test_a_damaged_member_is_set_aside_and_the_rest_extracted(tmp_path, photos):
+    archive = write_zip(tmp_path / "train.zip", photos)
     data = bytearray(archive.read_bytes())
-    photo = replica_photos["train/cat.3.jpg"]
+    photo = photos["train/cat.3.jpg"]
     data[data.index(photo) + 100] ^= 0xFF  # one flipped bit in a stored member: its CRC fails
     archive.write_bytes(bytes(data))
     out = tmp_path / "data" / "raw"
@@ -411,7 +488,7 @@ def test_a_damaged_member_is_set_aside_and_the_rest_extracted(tmp_path, replica_
     assert not (out / "images" / "cat" / "cat.3.jpg").exists()
 
 
-def test_a_failing_write_stops_the_stage(tmp_path, replica_photos, monkeypatch):
+def test_a_failing_write_stops_the_stage(tmp_path, photos, monkeypatch):
     """Disk full is not a damaged photo: the stage stops instead of setting every file aside."""
     import builtins
 
@@ -427,7 +504,7 @@ def test_a_failing_write_stops_the_stage(tmp_path, replica_photos, monkeypatch):
             handle.write = write
         return handle
 
-    archive = write_zip(tmp_path / "train.zip", replica_photos)
+    archive = write_zip(tmp_path / "train.zip", photos)
     monkeypatch.setattr(builtins, "open", full_disk)
     with pytest.raises(OSError, match="No space left"):
         fetch(archive_params(archive), tmp_path / "data" / "raw")
