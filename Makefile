@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # uv itself, pinned and installed from the package index into a tools folder (no download script).
 UV_VERSION := 0.13.9
-UV_HOME := .tools/uv-$(UV_VERSION)
+UV_HOME ?= .tools/uv-$(UV_VERSION)
 UV := $(UV_HOME)/bin/uv
 EXTRAS ?= --extra test
 # Stage commands in dvc.yaml call `python`: make it the project's.
@@ -22,7 +22,7 @@ $(UV):
 
 # A lock that no longer matches pyproject.toml is refused, here and in CI: `make lock` refreshes it.
 $(STAMP): pyproject.toml uv.lock $(UV)
-	@$(UV) lock --check --quiet --python $(PYTHON) 2>/dev/null || { \
+	@$(UV) lock --check --offline --quiet --python $(PYTHON) 2>/dev/null || { \
 		echo "error: uv.lock does not match pyproject.toml: run \`make lock\` and commit uv.lock" >&2; exit 1; }
 	$(UV) sync --frozen --quiet --python $(PYTHON) $(EXTRAS)
 	$(BIN)/python -m convnets.environment stamp uv.lock

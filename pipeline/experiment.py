@@ -23,15 +23,15 @@ RUNNING = re.compile(r"^Running stage '([^']+)'")
 GIT_REMOTE = "origin"  # the clone's origin is the repository the run was asked to clone
 
 
-def configure_dvc(checkout: Path, remote_url: str | None) -> None:
+def configure_dvc(checkout: Path, remote_url: str | None, env: dict[str, str] | None = None) -> None:
     """The clone's DVC: the shared remote, and this machine's DVC cache (config.local: never committed).
 
     One cache per machine for all runs' clones: data pulled for one experiment is not pulled
     again for the next one on the same worker (DVC supports several projects on one cache).
     """
     if remote_url:
-        check_dvc(checkout, ["remote", "add", "--local", "--default", "--force", DVC_REMOTE_NAME, remote_url])
-    check_dvc(checkout, ["cache", "dir", "--local", str(machine_dvc_cache())])
+        check_dvc(checkout, ["remote", "add", "--local", "--default", "--force", DVC_REMOTE_NAME, remote_url], env=env)
+    check_dvc(checkout, ["cache", "dir", "--local", str(machine_dvc_cache())], env=env)
 
 
 def set_flags(overrides: Sequence[str]) -> list[str]:
@@ -65,7 +65,7 @@ def prepare_data(
     run = run_dvc(checkout, ["repro", "--pull", *stages], on_line, env=env)
     if not run.ok:
         raise stage_failure(failed_stage(run.tail), run)
-    check_dvc(checkout, ["push", "--run-cache", "--with-deps", *stages], on_line=on_line)
+    check_dvc(checkout, ["push", "--run-cache", "--with-deps", *stages], on_line=on_line, env=env)
 
 
 def failed_stage(lines: Sequence[str]) -> str:
@@ -73,10 +73,10 @@ def failed_stage(lines: Sequence[str]) -> str:
     return started[-1] if started else "pipeline"
 
 
-def push_home(checkout: Path, name: str, repository: str, on_line: Callable[[str], None]) -> None:
+def push_home(checkout: Path, name: str, repository: str, env: dict[str, str], on_line: Callable[[str], None]) -> None:
     """Push the experiment to the git remote and its data to the DVC remote; keep it if git refuses."""
     try:
-        check_dvc(checkout, ["exp", "push", "--run-cache", GIT_REMOTE, name], on_line=on_line)
+        check_dvc(checkout, ["exp", "push", "--run-cache", GIT_REMOTE, name], on_line=on_line, env=env)
     except DvcError as exc:
         raise KeepCheckout(
             f"experiment {name} ran, but pushing it to {redact(repository)} failed; it is kept on "

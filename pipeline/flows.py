@@ -9,7 +9,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pipeline import experiment, grid, nightly, remote, sweep, tasks, workspace
+from pipeline import environments, experiment, grid, nightly, remote, sweep, tasks, workspace
 from pipeline.dag import read_stage_graph
 from pipeline.dvc import ReproRun
 
@@ -128,18 +128,22 @@ def dvc_stage(
     files: the parent's params.yaml and dvc.lock; dvc_remote: the DVC remote both sides use.
     """
     logger = get_run_logger()
-    with workspace.clean_checkout(repository, commit, f"stage-{stage}") as checkout:
-        workspace.check_dependencies(checkout, commit)
-        experiment.configure_dvc(checkout, dvc_remote)
+    with (
+        workspace.clean_checkout(repository, commit, f"stage-{stage}") as checkout,
+        environments.run_environment(checkout, on_line=logger.debug) as runenv,
+    ):
+        logger.info(runenv.summary())
+        env = {**workspace.run_environment(dvc_remote), **runenv.variables(checkout)}
+        experiment.configure_dvc(checkout, dvc_remote, env)
         remote.write_shipped_files(checkout, files)
         upstream = read_stage_graph(checkout).predecessors(stage)
         if upstream:
-            tasks.pull_inputs(checkout, upstream)
-        with ReproRun(checkout, [stage], env=workspace.run_environment(dvc_remote)) as repro:
+            tasks.pull_inputs(checkout, upstream, env)
+        with ReproRun(checkout, [stage], env=env) as repro:
             outcome = tasks.reproduce_stage(repro, stage)
-        tasks.push_outputs(checkout, stage)
+        tasks.push_outputs(checkout, stage, env)
         logger.info("'%s' %s at %s in a clean clone on %s", stage, outcome, commit[:7], workspace.host())
-    return {"stage": stage, "outcome": outcome, "commit": commit, "host": workspace.host()}
+    return {"stage": stage, "outcome": outcome, "commit": commit, "host": workspace.host(), "lock": runenv.digest}
 
 
 @flow(name="dvc-experiment")
@@ -158,23 +162,27 @@ def dvc_experiment(
     """
     logger = get_run_logger()
     started = time.monotonic()
-    with workspace.clean_checkout(repository, commit, name) as checkout:
-        workspace.check_dependencies(checkout, commit)
-        experiment.configure_dvc(checkout, dvc_remote)
-        env = workspace.run_environment(dvc_remote)
+    with (
+        workspace.clean_checkout(repository, commit, name) as checkout,
+        environments.run_environment(checkout, on_line=logger.debug) as runenv,
+    ):
+        logger.info(runenv.summary())
+        env = {**workspace.run_environment(dvc_remote), **runenv.variables(checkout)}
+        experiment.configure_dvc(checkout, dvc_remote, env)
         logger.info("%s at %s on %s: %s", name, commit[:7], workspace.host(), " ".join(overrides) or "defaults")
         if data_stages:
             experiment.prepare_data(checkout, data_stages, overrides, env, logger.info)
-            return {"name": name, "data_stages": data_stages, "worker": workspace.host()}
+            return {"name": name, "data_stages": data_stages, "worker": workspace.host(), "lock": runenv.digest}
         experiment.run_experiment(checkout, name, overrides, env, logger.info)
         figures = experiment.read_figures(checkout)
-        experiment.push_home(checkout, name, repository, logger.info)
+        experiment.push_home(checkout, name, repository, env, logger.info)
     summary = {
         "experiment": name,
         "commit": commit,
         "overrides": " ".join(overrides),
         **figures,
         "worker": workspace.host(),
+        "lock": runenv.digest[:12],
         "seconds": round(time.monotonic() - started, 1),
     }
     create_table_artifact(

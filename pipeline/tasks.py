@@ -130,18 +130,18 @@ def run_on_worker(project: Path, stage: str, upstream: list[str], target: remote
 
 
 @task(name="pull-inputs", cache_policy=NO_CACHE)
-def pull_inputs(project: Path, upstream: list[str]) -> None:
+def pull_inputs(project: Path, upstream: list[str], env: dict[str, str] | None = None) -> None:
     """Worker side: the outputs of the upstream stages, as the parent's dvc.lock names them."""
     logger = get_run_logger()
     # --force: this checkout mirrors the parent; local edits to data/ are not kept.
-    check_dvc(project, ["pull", "--force", *upstream], on_line=logger.info)
+    check_dvc(project, ["pull", "--force", *upstream], on_line=logger.info, env=env)
 
 
 @task(name="push-outputs", cache_policy=NO_CACHE)
-def push_outputs(project: Path, stage: str) -> None:
+def push_outputs(project: Path, stage: str, env: dict[str, str] | None = None) -> None:
     """Worker side: the stage's outputs and DVC's run cache, so the parent can restore the run."""
     logger = get_run_logger()
-    check_dvc(project, ["push", "--run-cache", stage], on_line=logger.info)
+    check_dvc(project, ["push", "--run-cache", stage], on_line=logger.info, env=env)
 
 
 @task(name="pull-experiments", cache_policy=NO_CACHE)
@@ -211,9 +211,11 @@ def publish_leaderboard(project: Path, names: list[str] | None = None) -> int:
 
     logger = get_run_logger()
     show = compare.exp_show(project)
+    reader = compare.PlotReader(project)  # each experiment's devices.json and plots, one DVC file system each
     try:
-        rows = compare.leaderboard_rows(show, names=names, conf_dir=project / "conf")
-        charts = compare.charts_markdown(show, repo=project, names=names)
+        rows = compare.leaderboard_rows(show, names=names, conf_dir=project / "conf", reader=reader)
+        note = compare.leaderboard_note(show, reader, names=names)  # the environment, if the rows do not show it
+        charts = compare.charts_markdown(show, repo=project, names=names, reader=reader)
     except KeyError as exc:  # an experiment named but not in `dvc exp show`
         logger.warning("no leaderboard: %s", exc)
         return 0
@@ -221,7 +223,8 @@ def publish_leaderboard(project: Path, names: list[str] | None = None) -> int:
         create_table_artifact(
             key="dvc-leaderboard",
             table=rows,
-            description="Experiments side by side, best test accuracy first (convnets.compare)",
+            description="Experiments side by side, best test accuracy first (convnets.compare)"
+            + (f". {note}" if note else ""),
         )
     create_markdown_artifact(
         key="dvc-experiment-charts",

@@ -2,22 +2,21 @@
 
 A worker is started once, from any folder, in a venv where the project is installed. Each
 flow run it takes clones the git remote into its own folder under the work root, checks
-out the commit it was asked for, points DVC at the shared remote and works there; the
-folder is removed afterwards. So two runs on one machine never share a DVC workspace,
-a new commit needs no one to update the worker, and nobody's own checkout is touched.
+out the commit it was asked for, points DVC at the shared remote and works there, in the
+environment of that commit's uv.lock (pipeline.environments); the folder is removed
+afterwards. So two runs on one machine never share a DVC workspace, a new commit (new
+dependencies included) needs no one to update the worker, and nobody's own checkout is touched.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import os
 import re
 import shutil
 import socket
 import subprocess
 import tempfile
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,11 +25,10 @@ from convnets.layout import RESUME_URL_ENV, user_cache_dir
 WORK_DIR_ENV = "CONVNETS_WORK_DIR"  # where the per-run clones go (default: the user cache)
 DVC_CACHE_ENV = "CONVNETS_DVC_CACHE"  # the DVC cache the clones of one machine share
 DVC_REMOTE_NAME = "convnets-run"  # the remote a run's clone pushes to (config.local only)
-PACKAGE = "convnets"
 
 
 class WorkspaceError(RuntimeError):
-    """The run cannot get a workspace: unknown commit, a git remote refusing, other dependencies."""
+    """The run cannot get a workspace: an unknown commit, a git remote refusing."""
 
 
 class KeepCheckout(WorkspaceError):
@@ -104,44 +102,6 @@ def clean_checkout(repository: str, commit: str, label: str) -> Iterator[Path]:
 
 def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "run"
-
-
-# --- the dependencies of the commit against the worker's install ----------------------
-
-
-def requirement_key(text: str) -> str | None:
-    """A normalised requirement; None for one that belongs to an extra (tests, docs)."""
-    from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
-
-    req = Requirement(text)
-    if req.marker is not None and "extra" in str(req.marker):
-        return None
-    extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
-    marker = f"; {req.marker}" if req.marker else ""
-    return f"{canonicalize_name(req.name)}{extras}{req.specifier}{marker}"
-
-
-def declared_dependencies(pyproject: Path) -> set[str]:
-    data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
-    return {key for text in data.get("project", {}).get("dependencies", []) if (key := requirement_key(text))}
-
-
-def installed_dependencies() -> set[str]:
-    return {key for text in importlib.metadata.requires(PACKAGE) or [] if (key := requirement_key(text))}
-
-
-def check_dependencies(checkout: Path, commit: str) -> None:
-    """Fail at once if the commit declares other dependencies than this worker has installed."""
-    wanted, have = declared_dependencies(checkout / "pyproject.toml"), installed_dependencies()
-    if wanted == have:
-        return
-    changes = [f"+{d}" for d in sorted(wanted - have)] + [f"-{d}" for d in sorted(have - wanted)]
-    raise WorkspaceError(
-        f"commit {commit[:7]} declares other dependencies than the worker on {socket.gethostname()} has "
-        f"installed ({', '.join(changes)}): reinstall the project at that commit there "
-        "(`git checkout <commit> && make install`, or `pip install -e .`) and restart the worker"
-    )
 
 
 # --- where a run's data and training state go ------------------------------------------------

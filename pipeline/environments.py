@@ -1,0 +1,205 @@
+"""Each run in its own commit's environment: built from the run's uv.lock, kept on the worker, reused.
+
+A worker is started once. For every flow run it builds, or finds already built, the virtual
+environment of the run's own `uv.lock` (`uv sync --frozen --no-install-project`), kept in the
+worker's user cache under a key of the lock's SHA-256, the Python version and the extras
+(`gpu` on a machine with an NVIDIA GPU). The run's DVC, and so its stages, run with that
+environment's `python`; the project's code comes from the run's clone (the stage commands
+put `src` on PYTHONPATH), so one environment serves every commit with the same lock.
+
+uv installs from its own cache by hard links where the file system allows, so a second
+environment of the same packages costs seconds and little disk.
+
+Concurrency: a run holds a shared lock (flock) on its environment's lock file for as long as
+it uses it. Building takes the exclusive lock, so two runs never build one environment at
+once, and pruning deletes only environments whose exclusive lock it gets: never one in use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from convnets.environment import SHORT, lock_digest, write_stamp
+from convnets.layout import user_cache_dir
+
+ENVS_DIR_ENV = "CONVNETS_ENVS_DIR"  # where the run environments go (default: the user cache)
+KEEP_ENV = "CONVNETS_KEEP_ENVS"  # how many environments a worker keeps (default below)
+DEFAULT_KEEP = 3
+LOCK_FILE = "uv.lock"
+COMPLETE = ".complete"  # written last: an environment without it is a broken build
+LAST_USED = ".last-used"  # touched by every run: pruning keeps the most recently used
+
+
+class RunEnvironmentError(RuntimeError):
+    """The run's environment cannot be built: no uv.lock, or uv cannot install it."""
+
+
+@dataclass(frozen=True)
+class RunEnvironment:
+    path: Path
+    digest: str  # the lock's SHA-256
+    built: bool  # False: an environment already there was reused
+    seconds: float
+
+    @property
+    def python(self) -> Path:
+        return self.path / "bin" / "python"
+
+    def variables(self, checkout: Path) -> dict[str, str]:
+        """What `dvc` needs to run in this environment: it, activated, and the clone's code first."""
+        return {
+            "VIRTUAL_ENV": str(self.path),
+            "PATH": str(self.path / "bin") + os.pathsep + os.environ.get("PATH", ""),
+            "PYTHONPATH": os.pathsep.join([str(checkout / "src"), str(checkout)]),
+        }
+
+    def summary(self) -> str:
+        verb = "built" if self.built else "reused"
+        return f"environment of uv.lock {self.digest[:SHORT]} {verb} in {self.seconds:.1f} s ({self.path})"
+
+
+def envs_root() -> Path:
+    root = Path(os.environ.get(ENVS_DIR_ENV) or user_cache_dir() / "envs").expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def keep_count() -> int:
+    text = os.environ.get(KEEP_ENV, "")
+    return max(1, int(text)) if text.isdigit() else DEFAULT_KEEP
+
+
+def machine_extras() -> tuple[str, ...]:
+    """('gpu',) on a machine with an NVIDIA GPU and driver: TensorFlow with its CUDA libraries."""
+    has_gpu = Path("/proc/driver/nvidia/gpus").is_dir() and any(Path("/proc/driver/nvidia/gpus").iterdir())
+    return ("gpu",) if has_gpu else ()
+
+
+def environment_key(digest: str, extras: tuple[str, ...]) -> str:
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return "-".join([digest[:16], python, *sorted(extras)])
+
+
+@contextlib.contextmanager
+def run_environment(
+    checkout: Path,
+    extras: tuple[str, ...] | None = None,
+    on_line: Callable[[str], None] = lambda line: None,
+) -> Iterator[RunEnvironment]:
+    """The environment of `checkout`'s uv.lock, built or reused, held (not prunable) until exit."""
+    lock = checkout / LOCK_FILE
+    if not lock.is_file():
+        raise RunEnvironmentError(f"the commit has no {LOCK_FILE}: run `make lock` and commit it")
+    digest = lock_digest(lock)
+    extras = machine_extras() if extras is None else tuple(extras)
+    root = envs_root()
+    key = environment_key(digest, extras)
+    folder = root / key
+    started = time.monotonic()
+    with open(root / f"{key}.lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # building is exclusive; a run waiting here is not prunable yet
+        built = not (folder / COMPLETE).is_file()
+        if built:
+            build(checkout, folder, digest, extras, on_line)
+        (folder / LAST_USED).touch()
+        fcntl.flock(handle, fcntl.LOCK_SH)  # in use: others may use it too, pruning may not remove it
+        env = RunEnvironment(folder, digest, built, time.monotonic() - started)
+        if built:
+            prune(root, keep_count(), on_line)
+        yield env
+
+
+def build(checkout: Path, folder: Path, digest: str, extras: tuple[str, ...], on_line: Callable[[str], None]) -> None:
+    """`uv sync --frozen` of the clone's lock into `folder`; one-line error naming the package."""
+    shutil.rmtree(folder, ignore_errors=True)  # what a killed build left
+    command = [uv_binary(), "sync", "--frozen", "--no-install-project", "--python", sys.executable]
+    command += [flag for extra in extras for flag in ("--extra", extra)]
+    env = {
+        **os.environ,
+        "UV_PROJECT_ENVIRONMENT": str(folder),
+        "UV_PYTHON_DOWNLOADS": "never",
+        "UV_NO_PROGRESS": "1",
+    }
+    env.pop("VIRTUAL_ENV", None)  # the worker's own venv is not the target
+    proc = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True)
+    for line in proc.stderr.splitlines()[-20:]:
+        on_line(line)
+    if proc.returncode != 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise RunEnvironmentError(
+            f"uv.lock {digest[:SHORT]} cannot be installed: {failing_package(proc.stderr)} ({last_reason(proc.stderr)})"
+        )
+    write_stamp(folder, digest)
+    (folder / COMPLETE).write_text(digest + "\n", encoding="utf-8")
+
+
+def uv_binary() -> str:
+    """The uv installed with the worker (a project dependency), else one on PATH."""
+    try:
+        from uv import find_uv_bin
+
+        return find_uv_bin()
+    except (ImportError, FileNotFoundError):
+        found = shutil.which("uv")
+        if found is None:
+            raise RunEnvironmentError("uv is not installed on this worker: `make install` there") from None
+        return found
+
+
+# uv names the distribution it failed on in lines such as
+#   "Failed to download `name==1.0`", "Failed to build `name @ file:///...`",
+#   "Distribution not found at: file:///.../name-1.0-py3-none-any.whl"
+PACKAGE_PATTERNS = (
+    re.compile(r"`([A-Za-z0-9][A-Za-z0-9._-]*)(?:==[^`]*| @ [^`]*)?`"),
+    re.compile(r"/([A-Za-z0-9][A-Za-z0-9._]*)-[0-9][^/\s]*\.(?:whl|tar\.gz|zip)\b"),
+)
+
+
+def failing_package(stderr: str) -> str:
+    for pattern in PACKAGE_PATTERNS:
+        match = pattern.search(stderr)
+        if match:
+            return f"package {match.group(1)}"
+    return "a package"
+
+
+def last_reason(stderr: str) -> str:
+    """uv's innermost cause, on one line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    reason = lines[-1] if lines else "uv gave no reason"
+    return re.sub(r"^(error|Caused by):\s*", "", reason)
+
+
+def prune(root: Path, keep: int, on_line: Callable[[str], None]) -> list[str]:
+    """Remove all but the `keep` most recently used environments, never one a run holds."""
+    folders = [path for path in root.iterdir() if path.is_dir()]
+    folders.sort(key=last_used, reverse=True)
+    removed = []
+    for folder in folders[keep:]:
+        with open(root / f"{folder.name}.lock", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a run is using it (or building it)
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+    if removed:
+        on_line(f"removed {len(removed)} old environment(s), keeping the {keep} most recently used")
+    return removed
+
+
+def last_used(folder: Path) -> float:
+    try:
+        return (folder / LAST_USED).stat().st_mtime
+    except OSError:
+        return 0.0

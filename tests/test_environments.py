@@ -1,0 +1,214 @@
+"""The worker's run environments (pipeline.environments) and the locked install (Makefile, uv.lock).
+
+The environments are built for real with uv, from tiny projects whose one dependency is a
+wheel made on the spot, offline: seconds, no download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from tiny_packages import PROBE, PROBE_MODULE, add_wheel_dependency, make_wheel
+
+from convnets import environment
+from pipeline import environments
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def uv() -> str:
+    return environments.uv_binary()
+
+
+@pytest.fixture
+def envs(tmp_path, monkeypatch):
+    """Run environments under tmp_path; uv offline, so nothing here can download."""
+    root = tmp_path / "envs"
+    monkeypatch.setenv(environments.ENVS_DIR_ENV, str(root))
+    monkeypatch.setenv("UV_OFFLINE", "1")
+    monkeypatch.delenv(environments.KEEP_ENV, raising=False)
+    return root
+
+
+def tiny_project(folder: Path, source: str = "WHO = 'probe'\n", version: str = "1.0") -> Path:
+    """A project whose one dependency is a fresh wheel of `convnets-probe`, locked by uv."""
+    folder.mkdir(parents=True)
+    wheel = make_wheel(folder / "vendor", version=version, source=source)
+    (folder / "pyproject.toml").write_text(
+        '[project]\nname = "demo"\nversion = "0.1"\nrequires-python = ">=3.11"\n'
+        f'dependencies = ["{PROBE}"]\n\n[tool.uv.sources]\n{PROBE} = {{ path = "vendor/{wheel.name}" }}\n'
+    )
+    subprocess.run([uv(), "lock", "--offline", "--quiet"], cwd=folder, check=True, env=uv_env())
+    return folder
+
+
+def uv_env() -> dict[str, str]:
+    env = {**os.environ, "UV_PYTHON_DOWNLOADS": "never", "UV_OFFLINE": "1"}
+    env.pop("VIRTUAL_ENV", None)
+    return env
+
+
+def probe_in(env: environments.RunEnvironment, checkout: Path) -> str:
+    """What `import convnets_probe` gives inside the run environment, run as a stage would be."""
+    proc = subprocess.run(
+        [str(env.python), "-c", f"import {PROBE_MODULE}, sys; print({PROBE_MODULE}.WHO, sys.prefix)"],
+        env={**os.environ, **env.variables(checkout)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return proc.stdout.strip()
+
+
+def test_a_run_builds_the_environment_of_its_lock_and_the_next_run_reuses_it(envs, tmp_path):
+    checkout = tiny_project(tmp_path / "clone-a")
+    lines: list[str] = []
+    with environments.run_environment(checkout, extras=(), on_line=lines.append) as first:
+        assert first.built and first.digest == environment.lock_digest(checkout / "uv.lock")
+        assert probe_in(first, checkout) == f"probe {first.path}"
+        assert first.path.parent == envs
+        assert environment.read_stamp(first.path) == first.digest  # the train stage records this
+        assert "built" in first.summary() and first.digest[:12] in first.summary()
+    # another clone of the same commit: same lock, same environment, nothing installed
+    other = tmp_path / "clone-b"
+    shutil.copytree(checkout, other)
+    with environments.run_environment(other, extras=()) as second:
+        assert not second.built and second.path == first.path
+        assert "reused" in second.summary()
+        assert probe_in(second, other) == f"probe {first.path}"
+
+
+def test_a_changed_lock_gets_its_own_environment_with_its_own_packages(envs, tmp_path):
+    old = tiny_project(tmp_path / "old", source="WHO = 'old'\n", version="1.0")
+    new = tiny_project(tmp_path / "new", source="WHO = 'new'\n", version="2.0")
+    with environments.run_environment(old, extras=()) as a, environments.run_environment(new, extras=()) as b:
+        assert a.path != b.path and a.digest != b.digest
+        assert probe_in(a, old).split()[0] == "old"
+        assert probe_in(b, new).split()[0] == "new"
+
+
+def test_the_run_sees_its_clones_code_first(envs, tmp_path):
+    checkout = tiny_project(tmp_path / "clone")
+    with environments.run_environment(checkout, extras=()) as env:
+        variables = env.variables(checkout)
+    assert variables["VIRTUAL_ENV"] == str(env.path)
+    assert variables["PATH"].split(os.pathsep)[0] == str(env.path / "bin")
+    assert variables["PYTHONPATH"].split(os.pathsep) == [str(checkout / "src"), str(checkout)]
+
+
+def test_a_lock_that_cannot_be_installed_fails_naming_the_package_and_the_lock(envs, tmp_path):
+    checkout = tiny_project(tmp_path / "broken")
+    for wheel in (checkout / "vendor").iterdir():
+        wheel.unlink()  # the lock names a wheel that is not there
+    digest = environment.lock_digest(checkout / "uv.lock")
+    with pytest.raises(environments.RunEnvironmentError) as failed:
+        with environments.run_environment(checkout, extras=()):
+            pass
+    message = str(failed.value)
+    assert "\n" not in message
+    assert re.search(rf"uv.lock {digest[:12]} cannot be installed: package convnets[-_]probe \(", message), message
+    assert [p for p in envs.iterdir() if p.is_dir()] == []  # no half-built environment left
+    # the same worker goes on: the next run, with a lock that installs, succeeds
+    with environments.run_environment(tiny_project(tmp_path / "good"), extras=()) as env:
+        assert env.built
+
+
+def test_a_commit_without_a_lock_is_refused(envs, tmp_path):
+    with pytest.raises(environments.RunEnvironmentError, match="has no uv.lock: run `make lock`"):
+        with environments.run_environment(tmp_path, extras=()):
+            pass
+
+
+def test_old_environments_are_pruned_but_never_one_in_use(envs, tmp_path, monkeypatch):
+    monkeypatch.setenv(environments.KEEP_ENV, "2")
+    projects = [tiny_project(tmp_path / f"p{i}", source=f"WHO = '{i}'\n", version=f"1.{i}") for i in range(4)]
+    with environments.run_environment(projects[0], extras=()) as held:
+        os.utime(held.path / ".last-used", (1, 1))  # the least recently used, but in use
+        for i, project in enumerate(projects[1:], start=1):
+            with environments.run_environment(project, extras=()):
+                pass
+            os.utime(
+                envs / environments.environment_key(environment.lock_digest(project / "uv.lock"), ()) / ".last-used",
+                (1000 + i, 1000 + i),
+            )
+        kept = {p.name for p in envs.iterdir() if p.is_dir()}
+        # the two most recently used, plus the oldest, which a run still holds
+        assert held.path.name in kept and len(kept) == 3
+        assert held.python.exists()
+    with environments.run_environment(projects[1], extras=()) as rebuilt:  # pruned while p0 was held
+        assert rebuilt.built
+    kept = sorted(p.name for p in envs.iterdir() if p.is_dir())
+    assert len(kept) == 2 and held.path.name not in kept
+
+
+def test_gpu_machines_get_the_gpu_extra_in_the_key():
+    digest = "a" * 64
+    assert environments.environment_key(digest, ("gpu",)).endswith("-gpu")
+    assert environments.environment_key(digest, ()) != environments.environment_key(digest, ("gpu",))
+    assert f"py{sys.version_info.major}{sys.version_info.minor}" in environments.environment_key(digest, ())
+
+
+# --- the project's own install: exactly the lock ---------------------------------------------
+
+
+def locked_versions() -> dict[str, str]:
+    lock = tomllib.loads((REPO_ROOT / "uv.lock").read_text())
+    return {package["name"]: package["version"] for package in lock["package"]}
+
+
+@pytest.mark.parametrize("package", ["tensorflow", "keras", "dvc", "prefect", "tqdm", "uv"])
+def test_the_installed_environment_is_exactly_the_lock(package):
+    assert importlib.metadata.version(package) == locked_versions()[package]
+
+
+def test_the_installed_environment_names_its_lock():
+    digest = hashlib.sha256((REPO_ROOT / "uv.lock").read_bytes()).hexdigest()
+    assert environment.read_stamp() == digest, "reinstall: make install"
+    assert environment.describe()["lock"] == digest[:12]
+
+
+def test_the_makefile_bootstraps_the_uv_of_the_lock():
+    pinned = re.search(r"^UV_VERSION := (\S+)$", (REPO_ROOT / "Makefile").read_text(), re.M).group(1)
+    assert pinned == locked_versions()["uv"]
+
+
+def test_make_install_refuses_a_lock_that_no_longer_matches_pyproject(tmp_path):
+    for name in ("Makefile", "pyproject.toml", "uv.lock"):
+        shutil.copy(REPO_ROOT / name, tmp_path / name)
+    text = (tmp_path / "pyproject.toml").read_text()
+    (tmp_path / "pyproject.toml").write_text(
+        text.replace("dependencies = [\n", 'dependencies = [\n    "rich>=13",\n', 1)
+    )
+    uv_home = Path(environments.uv_binary()).parent.parent  # the venv's uv: no bootstrap from the index
+    proc = subprocess.run(
+        ["make", "install", f"UV_HOME={uv_home}"], cwd=tmp_path, capture_output=True, text=True, env=uv_env()
+    )
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if not line.startswith("make")]
+    assert ours == ["error: uv.lock does not match pyproject.toml: run `make lock` and commit uv.lock"], proc.stderr
+    assert not (tmp_path / ".venv").exists()
+
+
+def test_the_wheel_helper_writes_the_lock_uv_would(tmp_path):
+    """The fleet test's dependency change must be a lock uv accepts as up to date."""
+    for name in ("pyproject.toml", "uv.lock"):
+        shutil.copy(REPO_ROOT / name, tmp_path / name)
+    add_wheel_dependency(tmp_path, make_wheel(tmp_path / "vendor"))
+    check = subprocess.run(
+        [uv(), "lock", "--check", "--offline", "--python", sys.executable],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=uv_env(),
+    )
+    assert check.returncode == 0, check.stderr
+    assert PROBE in {p["name"] for p in tomllib.loads((tmp_path / "uv.lock").read_text())["package"]}
