@@ -366,12 +366,56 @@ def test_stage_outcome():
     assert dvc.stage_outcome("train", ["Stage 'train' didn't change, skipping"]) == "skipped"
 
 
+def has_ended(pid: int, within_s: float = 5.0) -> bool:
+    """True once `pid` is gone, or a zombie waiting for a parent to reap it (it runs no more)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except (OSError, IndexError):
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
 def test_run_dvc_stops_a_stage_that_must_not_run_here(monkeypatch, tmp_path):
+    """DVC and the stage command it started are both stopped, not left to run."""
     script = tmp_path / "slow.py"
-    script.write_text("import time\nprint(\"Running stage 'train':\", flush=True)\ntime.sleep(60)\n")
+    pid_file = tmp_path / "pids"
+    script.write_text(
+        "import os, subprocess, sys, time\n"
+        "stage = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(f'{{os.getpid()}} {{stage.pid}}')\n"
+        "print(\"Running stage 'train':\", flush=True)\n"
+        "time.sleep(60)\n"
+    )
     monkeypatch.setattr(dvc, "DVC_COMMAND", (sys.executable, str(script)))
+    started = time.monotonic()
     with pytest.raises(dvc.StageRanLocally):
         dvc.run_dvc(tmp_path, [], stop_on=dvc.starts_running("train"))
+    assert time.monotonic() - started < 30  # stopped, not waited for
+    dvc_pid, stage_pid = map(int, pid_file.read_text().split())
+    assert has_ended(dvc_pid) and has_ended(stage_pid)
+
+
+def test_fetch_errors_are_transient_only_when_fetch_retried():
+    """convnets.downloads says "after N tries" only of a transient error it retried (test_data_fetch runs it)."""
+
+    def kind(error: str) -> type:
+        lines = ("Running stage 'fetch':", error, "ERROR: failed to reproduce 'fetch': exited with 1")
+        return type(dvc.stage_failure("fetch", dvc.DvcRun((), 1, lines)))
+
+    assert kind("error: could not download file:///data/train.zip: the file does not exist") is dvc.StageFailed
+    assert kind("error: could not download file:///data: [Errno 21] Is a directory: '/data'") is dvc.StageFailed
+    assert kind("error: could not download https://x/y.zip after 5 tries: got 10 of 20 bytes") is (
+        dvc.TransientStageError
+    )
 
 
 def test_a_repro_run_that_starts_a_stage_it_must_restore_is_stopped(monkeypatch, tmp_path):
