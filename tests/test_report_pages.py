@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+import pandas as pd
 import pytest
 from browser import INSTALL_HINT, PAGE_FACTS, chromium, open_page
 
@@ -24,6 +26,11 @@ def binary_report(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("report")
     prepared = make_prepared(root / "prepared", sizes=(64, 32, 48))
+    # A cat drawn as a dog and a dog as a cat: mistakes for any model that learnt the square
+    # (and one that did not makes others), so the page always has mistakes and heatmaps to show.
+    labels = np.load(prepared / "test_labels.npy")
+    labels[:2] = 1 - labels[:2]
+    np.save(prepared / "test_labels.npy", labels)
     params = Params.model_validate(
         {
             "preprocess": PREPARED_PREPROCESS,
@@ -58,12 +65,24 @@ def test_report_header_says_what_ran(binary_report):
 
 
 def test_report_shows_the_heatmaps_evaluate_computed(binary_report):
+    from PIL import Image
+
     root = binary_report["root"]
+    predictions = pd.read_csv(root / "eval" / "predictions.csv")
+    wrong = predictions.query("true != predicted")
+    assert len(wrong) >= 2  # the fixture's relabelled photos at least
     _, maps = read_heatmaps(root / "eval" / "gradcam.json")
+    assert 1 <= len(maps) <= 6 and set(maps) <= set(wrong["row"])  # heatmaps of mistakes only
     tiles = sorted((root / "report" / "misclassified").iterdir())
-    assert len(maps) <= 6 and len(tiles) <= 8
+    assert len(tiles) == min(len(wrong), 8)
     page = binary_report["html"].read_text()
-    assert f"{len(maps)} with the Grad-CAM heatmap" in page or not tiles
+    # The heatmaps are of the 6 most confident mistakes, all among the 8 shown: every one is on the page.
+    assert f"{len(tiles)} of {len(wrong)} misclassified test photos shown" in page
+    assert f"{len(maps)} with the Grad-CAM heatmap" in page
+    assert page.count(" · no heatmap</figcaption>") == len(tiles) - len(maps)
+    # A tile with a heatmap is the photo and its overlay side by side; one without is the photo alone.
+    wide = [tile for tile in tiles if Image.open(tile).width > 1.5 * Image.open(tile).height]
+    assert len(wide) == len(maps)
 
 
 def test_report_is_the_same_bytes_when_rerun(binary_report, tmp_path):
