@@ -1,7 +1,8 @@
 """Stage `report`: one run on one page, data/report/report.html, self-contained and readable anywhere.
 
 The page says what ran (experiment or commit, data set, preset, the params that
-differ from the preset, date, device and precision, training time), then the
+differ from the preset, date, device and precision, the environment: the uv.lock
+hash and the Python, TensorFlow and Keras versions, training time), then the
 headline figures (test accuracy, ROC AUC for two classes, loss, best epoch of N),
 tables (per class; the data kept, set aside and converted), the training curves
 side by side in the book's style (the best epoch marked, the book's accuracy as a
@@ -202,6 +203,37 @@ def device_text(devices: dict) -> tuple[str, str]:
     if isinstance(replicas, int) and replicas > 1:
         where += f" ({replicas} replicas, {devices.get('strategy', '')})"
     return where, str(devices.get("dtype_policy", ""))
+
+
+def environment_of(devices: dict | None) -> dict | None:
+    """The environment that trained, from devices.json: {"lock", "python", "tensorflow", "keras"}.
+
+    Records older than the lock name only TensorFlow and Keras (lock and Python are None then);
+    None when devices.json names neither.
+    """
+    if not isinstance(devices, dict):
+        return None
+    env = devices.get("environment")
+    if isinstance(env, dict):
+        return {k: env.get(k) for k in ("lock", "python", "tensorflow", "keras")}
+    if devices.get("tensorflow") or devices.get("keras"):
+        return {"lock": None, "python": None, "tensorflow": devices.get("tensorflow"), "keras": devices.get("keras")}
+    return None
+
+
+def environment_text(env: dict | None) -> str:
+    """e.g. "uv.lock 98dddbe733d1, Python 3.11.7, TensorFlow 2.21.0, Keras 3.15.1"; blank when unknown."""
+    if not env:
+        return ""
+    lock = env.get("lock")
+    if lock == "unlocked":
+        parts = ["unlocked (not installed from uv.lock)"]
+    else:
+        parts = [f"uv.lock {lock}" if lock else "uv.lock not recorded"]
+    for key, name in (("python", "Python"), ("tensorflow", "TensorFlow"), ("keras", "Keras")):
+        if env.get(key):
+            parts.append(f"{name} {env[key]}")
+    return ", ".join(parts)
 
 
 def trained_on(train_dir: Path, timings: dict | None) -> str:
@@ -509,6 +541,7 @@ def report(
                 precision,
                 seconds,
                 exact,
+                environment_text(environment_of(devices)),
             ),
             "cards": headline_cards(test, classes, best_epoch, epochs),
             "per_class": per_class_table(test, predictions, classes),
@@ -523,7 +556,18 @@ def report(
 
 
 def header_rows(
-    run, preset, raw_params, preprocess_report, classes, train_dir, timings, device, precision, seconds, exact
+    run,
+    preset,
+    raw_params,
+    preprocess_report,
+    classes,
+    train_dir,
+    timings,
+    device,
+    precision,
+    seconds,
+    exact,
+    environment: str = "",
 ) -> list[tuple[str, str]]:
     fetch = raw_params.get("fetch", {}) if isinstance(raw_params.get("fetch"), dict) else {}
     size = preprocess_report.get("image_size") or raw_params.get("preprocess", {}).get("image_size")
@@ -542,6 +586,7 @@ def header_rows(
         ("Trained", esc(trained_on(train_dir, timings))),
         ("Device", esc(device)),
         ("Precision", esc(precision)),
+        ("Environment", esc(environment)),
         ("Training time", esc(format_duration(seconds, exact))),
     ]
     return rows
