@@ -406,29 +406,54 @@ def prepare_data(
 
 
 def leaderboard(outcomes: list[Outcome]) -> list[dict[str, str]]:
-    """One row per experiment, best test accuracy first; failed ones last with their error."""
+    """One row per experiment, best test accuracy first; failed ones last with their error.
+
+    The figures lead (as in convnets.compare), then the overrides, shortened: a path to its file
+    name, a hash to 8 characters, so that an archive's absolute path and its sha256 do not push
+    the test accuracy off the screen. Then the status, the worker.
+    """
 
     def accuracy(outcome: Outcome) -> float:
         value = outcome.figures.get("test_accuracy")
         return value if isinstance(value, (int, float)) else -1.0
 
+    ordered = sorted(outcomes, key=lambda o: (not o.ok, -accuracy(o), o.point.name))
+    labels = short_labels([o.point for o in ordered])
     rows = []
-    for outcome in sorted(outcomes, key=lambda o: (not o.ok, -accuracy(o), o.point.name)):
+    for outcome, label in zip(ordered, labels, strict=True):
         figures = outcome.figures
         best, epochs = figures.get("best_epoch"), figures.get("epochs")
         rows.append(
             {
                 "experiment": outcome.point.name,
-                "overrides": outcome.point.label,
-                "status": outcome.status + (f": {first_line(outcome.message)}" if outcome.message else ""),
                 "test accuracy": number(figures.get("test_accuracy")),
                 "ROC AUC": number(figures.get("roc_auc")),
                 "best epoch": f"{best} of {epochs}" if best and epochs else "",
-                "worker": outcome.host,
                 "wall time": duration(outcome.seconds),
+                "overrides": label,
+                "status": outcome.status + (f": {first_line(outcome.message)}" if outcome.message else ""),
+                "worker": outcome.host,
             }
         )
     return rows
+
+
+def short_labels(points: Sequence[Point]) -> list[str]:
+    """Each point's overrides as `Point.label` gives them, every value shortened alike per key
+    (convnets.compare.short_forms: as little as keeps different values different)."""
+    from convnets.compare import short_forms
+
+    split = [[override.partition("=") for override in point.overrides] for point in points]
+    by_key: dict[str, list[str]] = {}
+    for parts in split:
+        for key, eq, value in parts:
+            if eq:
+                by_key.setdefault(key, []).append(value)
+    shortened = {key: iter(short_forms(values)) for key, values in by_key.items()}
+    return [
+        " ".join(key + eq + (next(shortened[key]) if eq else "") for key, eq, _ in parts) or "(defaults)"
+        for parts in split
+    ]
 
 
 def first_line(text: str) -> str:

@@ -10,10 +10,16 @@ matrix of each experiment through DVC's file system at the experiment's commit
 (from the local DVC cache). An experiment that failed, or whose outputs are not
 in the cache (an older commit), shows blanks where its figures would be.
 
-The leaderboard is sorted by test accuracy and shows only the params that differ
-among its rows; experiments that differ only in `seed` also get one grouped row,
-mean ± standard deviation (n). `leaderboard_rows` and `charts_markdown` give the
-same for a Prefect table and markdown artifact.
+The leaderboard is sorted by test accuracy and leads with the figures (experiment,
+test accuracy, ROC AUC, best epoch, training time), then the preset and only the
+params that differ among its rows, shortened (a path to its file name, a hash to
+8 characters; more of either only where that would make two values look alike);
+experiments that differ only in `seed` also get one grouped row, mean ± standard
+deviation (n). Each experiment's environment (the uv.lock hash, Python,
+TensorFlow and Keras versions that trained it) is read from its
+data/train/devices.json at its commit: the page states it once when all agree,
+and flags it and shows it per experiment when they do not. `leaderboard_rows`
+and `charts_markdown` give the same for a Prefect table and markdown artifact.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import base64
 import io
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -37,8 +44,18 @@ import matplotlib.pyplot as plt
 import matplotlib.ticker
 import numpy as np
 
-from convnets.layout import TIMINGS
-from convnets.report import DPI, PNG_METADATA, STYLE, esc, flatten, format_duration, identify_preset
+from convnets.layout import DEVICES_FILE, TIMINGS
+from convnets.report import (
+    DPI,
+    PNG_METADATA,
+    STYLE,
+    environment_of,
+    environment_text,
+    esc,
+    flatten,
+    format_duration,
+    identify_preset,
+)
 
 HOW_TO_MAKE_ONE = (
     "no experiments to compare: make one with `dvc exp run -n NAME -S train.epochs=20` (docs/experiments.md)"
@@ -48,6 +65,9 @@ VAL_FILES = {
     "loss": "data/train/plots/metrics/eval/loss.tsv",
 }
 CONFUSION_FILE = "data/eval/plots/sklearn/confusion_matrix.json"
+# Not a DVC metric (its strings and lists would crowd `dvc exp show` and `dvc metrics diff`):
+# read at each experiment's commit, as the plots are.
+DEVICES = f"data/train/{DEVICES_FILE}"
 PARAMS_FILE = "params.yaml"
 TIMINGS_FILE = TIMINGS.as_posix()
 
@@ -61,6 +81,7 @@ class Experiment:
     metrics: dict = field(default_factory=dict)  # flattened, "<file>:<key>" -> value
     failed: bool = False
     state: str = ""  # "running" or "queued" while DVC is still at it
+    environment: dict | None = None  # devices.json's record (read_environments); None: not read or not recorded
 
     def metric(self, file: str, key: str):
         value = self.metrics.get(f"{file}:{key}")
@@ -175,11 +196,39 @@ def select(experiments: list[Experiment], names: Sequence[str] | None) -> list[E
 
 # --- the leaderboard -----------------------------------------------------------------------
 
+FIGURES = ["test accuracy", "ROC AUC", "best epoch", "training time"]  # right after the name, before any param
+HASH = re.compile(r"[0-9a-fA-F]{32,}")  # an MD5, SHA-1 or SHA-256 digest
+SHORT_HASH = 8
+
 
 def _show(value) -> str:
     if isinstance(value, str):
         return value
     return json.dumps(value)
+
+
+def shorten(value, level: int = 0) -> str:
+    """A param's value as the leaderboard shows it: a path (or URL) by its file name, a hash by
+    its first 8 characters; each `level` keeps one more folder, or 8 more characters."""
+    text = _show(value)
+    if not isinstance(value, str):
+        return text
+    if HASH.fullmatch(text):
+        return text[: SHORT_HASH * (level + 1)]
+    if ("/" in text or "\\" in text) and not text.startswith(("[", "{")):
+        parts = [part for part in re.split(r"[/\\]+", text) if part]
+        return "/".join(parts[-(level + 1) :]) if level < len(parts) else text
+    return text
+
+
+def short_forms(values: Sequence) -> list[str]:
+    """`values` shortened alike, as little as keeps the different ones different
+    (two archives of the same name in different folders keep their folders)."""
+    distinct = len({_show(v) for v in values})
+    level = 0
+    while len({shorten(v, level) for v in values}) < distinct:
+        level += 1  # terminates: at a high enough level every value is shown whole
+    return [shorten(v, level) for v in values]
 
 
 def differing_params(experiments: list[Experiment]) -> list[str]:
@@ -201,14 +250,50 @@ def _best(exp: Experiment) -> str:
     return f"{int(exp.best_epoch) + 1} of {exp.epochs}"
 
 
+def _finished(exp: Experiment) -> bool:
+    return not exp.failed and not exp.state
+
+
+def read_environments(experiments: Iterable[Experiment], reader: PlotReader) -> None:
+    """Each finished experiment's environment, from its devices.json at its commit (blank if DVC has none)."""
+    for exp in experiments:
+        if _finished(exp) and exp.environment is None:
+            text = reader.read(exp.rev, DEVICES)
+            try:
+                devices = json.loads(text) if text else None
+            except ValueError:
+                devices = None
+            exp.environment = environment_of(devices) if isinstance(devices, dict) else None
+
+
+def environments(experiments: Iterable[Experiment]) -> list[str]:
+    """The environments the finished experiments ran in, as text, sorted; "" for one not recorded."""
+    return sorted({environment_text(e.environment) for e in experiments if _finished(e)})
+
+
+def environment_note(experiments: list[Experiment]) -> str:
+    """One sentence: the environment all of them ran in, or a warning that they differ."""
+    found = environments(experiments)
+    if not found or found == [""]:
+        return ""
+    if len(found) == 1:
+        return f"All ran in one environment: {found[0]}."
+    recorded = [f for f in found if f]
+    return (
+        f"⚠ These experiments ran in {len(recorded)} different environment(s)"
+        + (", some not recorded" if "" in found else "")
+        + ": see the environment column; their figures may differ for that alone."
+    )
+
+
 def seed_groups(experiments: list[Experiment]) -> list[list[Experiment]]:
-    """Finished experiments whose params are equal except `seed`, two or more, in a stable order."""
+    """Finished experiments whose params (and environment) are equal except `seed`, two or more, in a stable order."""
     groups: dict[str, list[Experiment]] = {}
     for exp in experiments:
         if exp.failed or exp.state or exp.accuracy is None:
             continue  # nothing to average
         key = json.dumps({k: _show(v) for k, v in exp.params.items() if k != "seed"}, sort_keys=True)
-        groups.setdefault(key, []).append(exp)
+        groups.setdefault(key + environment_text(exp.environment), []).append(exp)
     found = [g for g in groups.values() if len(g) > 1 and len({_show(e.params.get("seed")) for e in g}) > 1]
     return sorted(found, key=lambda g: g[0].name)
 
@@ -222,45 +307,52 @@ def mean_std(values: list[float | None]) -> str:
 
 
 def leaderboard(experiments: list[Experiment], conf_dir: Path | None = None) -> tuple[list[str], list[dict[str, str]]]:
-    """(columns, rows): one row per experiment sorted by test accuracy, then one per group of seeds."""
+    """(columns, rows): one row per experiment sorted by test accuracy, then one per group of seeds.
+
+    The figures come first, then the preset and the params that differ (shortened), the device,
+    and the environment when the experiments' environments differ (environment_note says it otherwise).
+    """
     varying = differing_params(experiments)
     shown_params = [k for k in varying if k != "seed"] + (["seed"] if "seed" in varying else [])
-    columns = [
-        "experiment",
-        "preset",
-        *shown_params,
-        "test accuracy",
-        "ROC AUC",
-        "best epoch",
-        "training time",
-        "device",
-    ]
+    env_differs = len(environments(experiments)) > 1
+    columns = ["experiment", *FIGURES, "preset", *shown_params, "device", *(["environment"] if env_differs else [])]
+    ordered = sort_by_accuracy(experiments)
+    groups = seed_groups(experiments)
+    # Each param column shortened as a whole, over every value it shows (a group row shows its first's).
+    shown_by = [*ordered, *(g[0] for g in groups)]
+    short = {}
+    for key in shown_params:
+        present = [e for e in shown_by if key in e.params]
+        short[key] = dict(zip(map(id, present), short_forms([e.params[key] for e in present]), strict=True))
     rows = []
-    for exp in sort_by_accuracy(experiments):
+    for exp in ordered:
         preset = identify_preset(_unflatten(exp.params), conf_dir)["preset"] if exp.params else ""
         note = " (failed)" if exp.failed else f" ({exp.state})" if exp.state else ""
-        row = {"experiment": exp.name + note, "preset": preset}
-        row.update({k: _show(exp.params[k]) if k in exp.params else "" for k in shown_params})
-        row.update(
-            {
-                "test accuracy": _num(exp.accuracy),
-                "ROC AUC": _num(exp.roc_auc),
-                "best epoch": _best(exp),
-                "training time": format_duration(exp.training_seconds, exact=False),
-                "device": exp.device,
-            }
-        )
+        row = {
+            "experiment": exp.name + note,
+            "test accuracy": _num(exp.accuracy),
+            "ROC AUC": _num(exp.roc_auc),
+            "best epoch": _best(exp),
+            "training time": format_duration(exp.training_seconds, exact=False),
+            "preset": preset,
+        }
+        row.update({k: short[k].get(id(exp), "") for k in shown_params})
+        row["device"] = exp.device
+        if env_differs:
+            row["environment"] = environment_text(exp.environment) if _finished(exp) else ""
         rows.append(row)
-    for group in seed_groups(experiments):
+    for group in groups:
         row = dict.fromkeys(columns, "")
         first = group[0]
         row["experiment"] = "mean of " + ", ".join(e.name for e in group)
         row["preset"] = identify_preset(_unflatten(first.params), conf_dir)["preset"]
-        row.update({k: _show(first.params.get(k, "")) for k in shown_params if k != "seed"})
+        row.update({k: short[k].get(id(first), "") for k in shown_params if k != "seed"})
         row["seed"] = "various" if "seed" in shown_params else ""
         row["test accuracy"] = mean_std([e.accuracy for e in group])
         row["ROC AUC"] = mean_std([e.roc_auc for e in group])
         row["device"] = ", ".join(sorted({e.device for e in group if e.device}))
+        if env_differs:
+            row["environment"] = environment_text(first.environment)  # the same for the group (seed_groups)
         rows.append({k: row.get(k, "") for k in columns})
     return columns, rows
 
@@ -277,17 +369,29 @@ def _unflatten(flat: dict) -> dict:
 
 
 def leaderboard_rows(
-    show: list, names: Sequence[str] | None = None, conf_dir: Path | None = None
+    show: list, names: Sequence[str] | None = None, conf_dir: Path | None = None, reader: PlotReader | None = None
 ) -> list[dict[str, str]]:
-    """The leaderboard for a Prefect table artifact: `show` is `dvc exp show --json`'s parsed output."""
-    return leaderboard(select(experiments_from_show(show), names), conf_dir)[1]
+    """The leaderboard for a Prefect table artifact: `show` is `dvc exp show --json`'s parsed output;
+    with a `reader`, the experiments' environments too (leaderboard_note says what the rows do not)."""
+    experiments = select(experiments_from_show(show), names)
+    if reader is not None:
+        read_environments(experiments, reader)
+    return leaderboard(experiments, conf_dir)[1]
+
+
+def leaderboard_note(show: list, reader: PlotReader, names: Sequence[str] | None = None) -> str:
+    """environment_note for these experiments: their common environment, or the warning that they differ."""
+    experiments = select(experiments_from_show(show), names)
+    read_environments(experiments, reader)
+    return environment_note(experiments)
 
 
 # --- plots through DVC -----------------------------------------------------------------------
 
 
 class PlotReader:
-    """Reads an experiment's plot files at its commit through DVC (the local cache), blanks when absent."""
+    """Reads an experiment's output files (plots, devices.json) at its commit through DVC (the local
+    cache, or the default remote), blanks when absent."""
 
     def __init__(self, repo: str | Path = "."):
         self.repo = str(repo)
@@ -391,12 +495,14 @@ def _uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def charts_markdown(show: list, repo: str | Path = ".", names: Sequence[str] | None = None) -> str:
+def charts_markdown(
+    show: list, repo: str | Path = ".", names: Sequence[str] | None = None, reader: PlotReader | None = None
+) -> str:
     """Validation accuracy and loss of every experiment overlaid, as markdown with inline PNGs (a Prefect artifact)."""
     experiments = sort_by_accuracy(select(experiments_from_show(show), names))
     if not experiments:
         return HOW_TO_MAKE_ONE + "\n"
-    reader = PlotReader(repo)
+    reader = reader or PlotReader(repo)
     parts = ["## Validation curves of every experiment", ""]
     for metric in ("accuracy", "loss"):
         parts.append(f"![validation {metric}]({_uri(overlay_chart(experiments, reader, metric))})")
@@ -413,23 +519,29 @@ def render_compare(
     conf_dir: Path | None = None,
     title: str = "convnets: every experiment side by side",
 ) -> str:
+    read_environments(experiments, reader)
     columns, rows = leaderboard(experiments, conf_dir)
     individual = rows[: len(experiments)]
     grouped = rows[len(experiments) :]
-    numeric = {"test accuracy", "ROC AUC", "best epoch", "training time"}
+    ordered = sort_by_accuracy(experiments)
+    numeric = set(FIGURES)
+    # A shortened value keeps the whole one as its tooltip.
+    whole = [{k: _show(e.params[k]) for k in columns if k in e.params} for e in ordered]
 
-    def table_html(body_rows: list[dict[str, str]], cls: str) -> str:
+    def cell(column: str, value: str, full: dict[str, str]) -> str:
+        classes = " ".join(filter(None, ["num" if column in numeric else "", "env" if column == "environment" else ""]))
+        title = f' title="{esc(full[column])}"' if column in full and full[column] != value else ""
+        return f'<td class="{classes}"{title}>{esc(value)}</td>'
+
+    def table_html(body_rows: list[dict[str, str]], cls: str, titles: list[dict[str, str]] | None = None) -> str:
         head = "".join(f'<th class="{"num" if c in numeric else ""}">{esc(c)}</th>' for c in columns)
         body = "".join(
-            "<tr>"
-            + "".join(f'<td class="{"num" if c in numeric else ""}">{esc(r.get(c, ""))}</td>' for c in columns)
-            + "</tr>"
-            for r in body_rows
+            "<tr>" + "".join(cell(c, r.get(c, ""), (titles or [])[i] if titles else {}) for c in columns) + "</tr>"
+            for i, r in enumerate(body_rows)
         )
         table = f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
         return f'<div class="scroll">{table}</div>'
 
-    ordered = sort_by_accuracy(experiments)
     charts = "".join(
         f'<figure><img alt="validation {m} of every experiment" '
         f'src="{_uri(overlay_chart(ordered, reader, m))}"></figure>'
@@ -446,17 +558,24 @@ def render_compare(
         )
     groups = "<h2>Same params, different seeds</h2>" + table_html(grouped, "groups") if grouped else ""
     baselines = sorted({e.baseline for e in experiments if e.baseline})
+    env_note = environment_note(experiments)
+    env_class = "env-differs" if "environment" in columns else "env-same"
+    env_html = f'<p class="{env_class}" id="environment-note">{esc(env_note)}</p>' if env_note else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{esc(title)}</title><style>{STYLE}
 .leaderboard td:first-child{{font-weight:600}}figure{{margin:0}}.blank{{border:1px dashed var(--line);padding:1rem}}
+td.env{{background:#fff8c5}}.env-differs{{background:#fff8c5;border-left:4px solid #bf8700;padding:.3rem .6rem}}
+.env-same{{color:var(--muted);font-size:.9rem}}
 </style></head><body>
 <h1>{esc(title)}</h1>
 <p class="note">{len(experiments)} experiment(s) of {esc(", ".join(baselines))}, sorted by test accuracy;
-only the params that differ among them are shown. Blanks: a failed experiment, or figures DVC does not have.</p>
+only the params that differ among them are shown, a path by its file name and a hash by its first
+characters (hover for the whole value). Blanks: a failed experiment, or figures DVC does not have.</p>
+{env_html}
 <h2>Leaderboard</h2>
-{table_html(individual, "leaderboard")}
+{table_html(individual, "leaderboard", whole)}
 {groups}
 <h2>Validation accuracy and loss</h2>
 <div class="grid">{charts}</div>
