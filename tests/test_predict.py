@@ -118,6 +118,34 @@ def test_tta_averages_each_photo_with_its_mirror_image(model_dir, photo_folder, 
     assert changed  # the mirror images moved some probabilities: the flag did something
 
 
+def test_heatmaps_are_each_photo_beside_its_overlay(model_dir, photo_folder, tmp_path):
+    """`predict --heatmaps DIR`: DIR/<file>.png per decodable photo, the photo and its Grad-CAM overlay side by side."""
+    from convnets.gradcam import heatmaps_for
+
+    out = tmp_path / "heat"
+    assert main([str(model_dir), str(photo_folder), str(tmp_path / "p.csv"), "--heatmaps", str(out)]) == 0
+    rows = read(tmp_path / "p.csv")
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert written == sorted(f"{name}.png" for name in rows["file"])  # nested folders kept, none for bad files
+    model = keras.models.load_model(model_dir / "model.keras")
+    classes = json.loads((model_dir / "classes.json").read_text())
+    pixels = np.stack([decode_image(photo_folder / name, (32, 32), 3) for name in rows["file"]])
+    _, maps, _ = heatmaps_for(model, pixels, np.array([classes.index(label) for label in rows["label"]]))
+    assert any(heatmap is not None for heatmap in maps)  # the dogs' squares at least raise the dog score
+    for name, seen, heatmap in zip(rows["file"], pixels, maps):
+        tile = np.asarray(Image.open(out / f"{name}.png").convert("RGB")).astype(int)
+        side = tile.shape[0]
+        assert side >= 128, name  # 32 px photos are scaled up to be seen
+        scale = side // 32
+        assert np.array_equal(tile[:, :side], seen.repeat(scale, 0).repeat(scale, 1)), name  # as the model saw it
+        if heatmap is None:
+            assert tile.shape[1] == side, name  # the photo alone
+            continue
+        # As test_gradcam's overlay test: twice as wide as the photo alone, and the right half is not the photo again.
+        assert tile.shape[1] > 2 * side - 10, name
+        assert np.abs(tile[:, :side] - tile[:, -side:]).mean() > 10, name
+
+
 def test_one_file_and_no_stale_rejected_list(model_dir, photo_folder, tmp_path):
     out = tmp_path / "one.csv"
     stale = tmp_path / "one.rejected.csv"
