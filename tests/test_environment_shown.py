@@ -133,11 +133,13 @@ def test_compare_shows_and_flags_two_different_locks(tmp_path):
     assert by_name == {"old-env": environment_text(ENV), "new-env": environment_text(OTHER)}
     board = page[page.index('<table class="leaderboard">') : page.index("</table>")]
     assert board.count('class="env"') == 2 and "98dddbe733d1" in board and "4b1e07c2a9f0" in board
-    assert 'class="env-differs"' in page and "ran in 2 different environment(s)" in page
+    assert 'class="env-differs"' in page and "ran in 2 different environments" in page
     # two seeds from two environments are not averaged together
     assert "mean of" not in page
     rows = compare.leaderboard_rows(SHOW, reader=Reader({"1" * 40: ENV, "2" * 40: OTHER}))
     assert {r["environment"] for r in rows} == {environment_text(ENV), environment_text(OTHER)}
+    note = compare.leaderboard_note(SHOW, Reader({"1" * 40: ENV, "2" * 40: OTHER}))
+    assert f"{environment_text(OTHER)} (new-env)" in note and f"{environment_text(ENV)} (old-env)" in note
 
 
 def test_compare_states_one_environment_once(tmp_path):
@@ -158,7 +160,7 @@ def test_an_experiment_without_a_record_shows_a_blank_and_the_flag(tmp_path):
     page = compare.render_compare(experiments, reader)
     rows = compare.leaderboard(experiments)[1]
     assert {r["experiment"]: r["environment"] for r in rows} == {"old-env": "", "new-env": environment_text(OTHER)}
-    assert "ran in 1 different environment(s), some not recorded" in page
+    assert "Only some of these experiments recorded their environment" in page
 
 
 # --- through DVC for real: devices.json read at each experiment's commit ------------------------

@@ -272,17 +272,25 @@ def environments(experiments: Iterable[Experiment]) -> list[str]:
 
 
 def environment_note(experiments: list[Experiment]) -> str:
-    """One sentence: the environment all of them ran in, or a warning that they differ."""
+    """The environment all of them ran in, or a warning that they differ, naming each environment's experiments."""
     found = environments(experiments)
     if not found or found == [""]:
         return ""
     if len(found) == 1:
         return f"All ran in one environment: {found[0]}."
-    recorded = [f for f in found if f]
+    recorded = len([f for f in found if f])
+    ran = [e for e in sort_by_accuracy(experiments) if _finished(e)]
+
+    def who(text: str) -> str:
+        names = [e.name for e in ran if environment_text(e.environment) == text]
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    each = "; ".join(f"{text or 'not recorded'} ({who(text)})" for text in found)
+    if recorded == 1:
+        return f"⚠ Only some of these experiments recorded their environment, so they may not all share one: {each}."
     return (
-        f"⚠ These experiments ran in {len(recorded)} different environment(s)"
-        + (", some not recorded" if "" in found else "")
-        + ": see the environment column; their figures may differ for that alone."
+        f"⚠ These experiments ran in {recorded} different environments "
+        f"(their figures may differ for that alone): {each}."
     )
 
 
@@ -566,7 +574,8 @@ def render_compare(
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{esc(title)}</title><style>{STYLE}
 .leaderboard td:first-child{{font-weight:600}}figure{{margin:0}}.blank{{border:1px dashed var(--line);padding:1rem}}
-td.env{{background:#fff8c5}}.env-differs{{background:#fff8c5;border-left:4px solid #bf8700;padding:.3rem .6rem}}
+.leaderboard td,.groups td{{white-space:nowrap}}td.env{{background:#fff8c5;white-space:normal;min-width:10rem}}
+.env-differs{{background:#fff8c5;border-left:4px solid #bf8700;padding:.3rem .6rem}}
 .env-same{{color:var(--muted);font-size:.9rem}}
 </style></head><body>
 <h1>{esc(title)}</h1>
