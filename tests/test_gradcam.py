@@ -127,36 +127,3 @@ def test_overlay_is_the_photo_with_the_heatmap_over_it(tmp_path):
     assert (tmp_path / "a.png").read_bytes() == (
         save_overlay(tmp_path / "c.png", gray, heatmap) or (tmp_path / "c.png").read_bytes()
     )
-
-
-def test_predict_writes_an_overlay_per_photo(tmp_path):
-    """`predict --heatmaps DIR`: DIR/<file>.png for every decodable photo, nested folders kept."""
-    from PIL import Image
-    from test_predict import photo
-
-    from convnets.predict import main
-    from convnets.train import train
-    from test_train_pipeline import PREPARED_PREPROCESS, make_prepared
-
-    prepared = make_prepared(tmp_path / "prepared", sizes=(48, 16, 8))
-    from convnets.params import Params
-
-    params = Params.model_validate(
-        {
-            "preprocess": PREPARED_PREPROCESS,
-            "model": {"conv_filters": [8, 16], "pooled_blocks": 1},
-            "train": {"epochs": 1, "batch_size": 16},
-        }
-    )
-    train(params, prepared, tmp_path / "model", tmp_path / "train")
-    photos = tmp_path / "photos"
-    (photos / "more").mkdir(parents=True)
-    photo(1, dog=True).save(photos / "1.jpg")
-    photo(2, dog=False).save(photos / "more" / "2.png")
-    (photos / "3.jpg").write_bytes(b"not a photo")
-    out = tmp_path / "heat"
-    code = main([str(tmp_path / "model"), str(photos), str(tmp_path / "p.csv"), "--heatmaps", str(out)])
-    assert code == 0 and params is not None
-    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
-    assert written == ["1.jpg.png", "more/2.png.png"]
-    assert Image.open(out / "1.jpg.png").height >= 128
