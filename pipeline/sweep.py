@@ -67,6 +67,7 @@ class Outcome:
     message: str = ""
     figures: dict = field(default_factory=dict)
     host: str = ""
+    lock: str = ""  # the uv.lock hash (short) of the environment it ran in
     seconds: float | None = None
     attempts: int = 0
     flow_run_id: UUID | None = None
@@ -300,6 +301,7 @@ def read_summaries(outcomes: list[Outcome], commit: str) -> None:
         if rows:
             row = rows[0]
             outcome.host = outcome.host or row.get("worker", "")
+            outcome.lock = row.get("lock") or ""
             outcome.figures = {k: row.get(k) for k in ("test_accuracy", "roc_auc", "best_epoch", "epochs")}
             if outcome.seconds is None and isinstance(row.get("seconds"), (int, float)):
                 outcome.seconds = row["seconds"]
@@ -433,6 +435,7 @@ def leaderboard(outcomes: list[Outcome]) -> list[dict[str, str]]:
                 "overrides": label,
                 "status": outcome.status + (f": {first_line(outcome.message)}" if outcome.message else ""),
                 "worker": outcome.host,
+                "environment": f"uv.lock {outcome.lock}" if outcome.lock else "",
             }
         )
     return rows

@@ -131,13 +131,15 @@ def test_the_sweep_table_leads_with_the_figures_and_shortens_the_overrides():
             status="done",
             figures={"test_accuracy": 0.7 + seed / 100, "roc_auc": 0.8, "best_epoch": 3, "epochs": 10},
             host="gpu-1",
+            lock=f"{seed}" * 12,
             seconds=600.0,
         )
         for seed in (1, 2)
     ]
     outcomes.append(sweep.Outcome(Point(("+experiment=scratch",), "plain"), status="failed", message="boom"))
     rows = sweep.leaderboard(outcomes)
-    assert list(rows[0]) == [*SWEEP_FIGURES, "overrides", "status", "worker"]
+    assert list(rows[0]) == [*SWEEP_FIGURES, "overrides", "status", "worker", "environment"]
+    assert rows[0]["environment"] == "uv.lock 222222222222" and rows[2]["environment"] == ""
     assert [r["experiment"] for r in rows] == ["dogs-seed-2", "dogs-seed-1", "plain"]
     assert rows[0]["overrides"] == f"fetch.archive=dogs-vs-cats.zip fetch.archive_sha256={SHA_A[:8]} seed=2"
     assert rows[2]["overrides"] == "+experiment=scratch" and rows[2]["status"] == "failed: boom"

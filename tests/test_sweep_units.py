@@ -91,6 +91,7 @@ def test_the_leaderboard_puts_the_best_first_and_failures_last_with_their_error(
         "best epoch": "2 of 3",
         "worker": "gpu-1",
         "wall time": "1m 15s",
+        "environment": "",
     }
     assert rows[2]["status"] == "failed: stage 'train' failed: error: boom"
     table = sweep.text_table(rows)
