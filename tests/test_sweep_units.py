@@ -6,6 +6,7 @@ import re
 import subprocess
 
 import pytest
+import yaml
 
 from conftest import git
 from pipeline import grid, sweep, workspace
@@ -200,3 +201,86 @@ def test_a_restarting_prefect_server_is_waited_for_and_loses_nothing(monkeypatch
     sweep.wait_for([outcome], "gpu", 60, logs.append)
     assert outcome.status == "done" and outcome.seconds == 42
     assert sum("did not answer" in line for line in logs) == 2
+
+
+# --- a path only one machine has is refused before anything is submitted -----------------------
+
+
+def preset_archive(project) -> str:
+    return yaml.safe_load((project / "conf" / "dataset" / "dogs_vs_cats.yaml").read_text())["fetch"]["archive"]
+
+
+def refusal(project, *overrides: str) -> str | None:
+    """The one-line SweepError check_point gives the point of `overrides`, or None if it passes."""
+    (point,) = grid.make_points(list(overrides), "s")
+    try:
+        grid.check_point(project, point)
+    except SweepError as exc:
+        assert "\n" not in str(exc)
+        return str(exc)
+    return None
+
+
+def test_the_dogs_vs_cats_preset_archive_is_refused_naming_the_key_and_what_to_use(repo_root):
+    archive = preset_archive(repo_root)
+    assert archive.startswith("../")  # beside this checkout; nothing in a worker's clone
+    assert refusal(repo_root, "dataset=dogs_vs_cats") == (
+        f"dataset=dogs_vs_cats: fetch.archive {archive!r} is a path relative to the repository, which a "
+        "worker's clone does not have: use an http(s) URL, fetch.source=kaggle, or an absolute path that "
+        "every worker has"
+    )
+    # a file: URL with a relative path reads the same folder; so does keras' MNIST from one
+    assert "fetch.archive 'file:../d.zip' is a path relative" in refusal(
+        repo_root, "dataset=dogs_vs_cats", "fetch.archive=file:../d.zip"
+    )
+    assert "fetch.mnist_url 'file:mnist.npz' is a path relative" in refusal(
+        repo_root, "fetch.source=keras", "fetch.mnist_url=file:mnist.npz"
+    )
+    assert "fetch.archive 'nope/d.zip'" in refusal(repo_root, "dataset=dogs_vs_cats", "fetch.archive=nope/d.zip")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("fetch.archive=https://example.org/dogs-vs-cats.zip",),
+        ("fetch.archive=/srv/data/dogs-vs-cats.zip",),
+        ("fetch.archive='~/data/dogs-vs-cats.zip'",),  # the worker's home
+        ("fetch.archive=file:///srv/data/dogs-vs-cats.zip",),
+        ("fetch.source=kaggle",),  # the archive key is not read then
+        ("fetch.archive=conf",),  # a folder git has: every clone has it
+    ],
+)
+def test_a_url_an_absolute_path_or_kaggle_passes(repo_root, overrides):
+    assert refusal(repo_root, "dataset=dogs_vs_cats", *overrides) is None
+
+
+def test_the_mnist_defaults_pass(repo_root):
+    assert refusal(repo_root) is None
+    assert refusal(repo_root, "fetch.source=keras") is None  # https
+
+
+def test_a_relative_path_passes_only_once_git_has_it(project_copy):
+    (project_copy / "in").mkdir()
+    (project_copy / "in" / "d.zip").write_bytes(b"PK")
+    assert "fetch.archive 'in/d.zip'" in refusal(project_copy, "dataset=dogs_vs_cats", "fetch.archive=in/d.zip")
+    git(project_copy, "add", "in/d.zip")
+    git(project_copy, "commit", "-q", "-m", "archive")
+    assert refusal(project_copy, "dataset=dogs_vs_cats", "fetch.archive=in/d.zip") is None
+
+
+def test_the_nightly_run_checks_the_branch_heads_params_in_a_clone_before_submitting(
+    project_copy, tmp_path, monkeypatch
+):
+    from pipeline import nightly
+
+    monkeypatch.setenv(workspace.WORK_DIR_ENV, str(tmp_path / "runs"))
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
+    git(project_copy, "push", "-q", str(origin), "main")
+    commit = git(project_copy, "rev-parse", "HEAD").strip()
+    archive = preset_archive(project_copy)
+    with pytest.raises(SweepError, match=rf"^dataset=dogs_vs_cats: fetch.archive {re.escape(repr(archive))} is a"):
+        nightly.check_before_submitting(Point(("dataset=dogs_vs_cats",), "nightly-x"), str(origin), commit)
+    nightly.check_before_submitting(Point(("dataset=dogs_vs_cats", "fetch.source=kaggle"), "n"), str(origin), commit)
+    nightly.check_before_submitting(Point((), "nightly-x"), str(origin), commit)
+    assert list((tmp_path / "runs").iterdir()) == []  # the clones are gone
