@@ -6,7 +6,7 @@ every version of a keyed artifact, so the latest one is the previous run's.
 
 from __future__ import annotations
 
-from pipeline import sweep
+from pipeline import grid, sweep, workspace
 from pipeline.sweep import Outcome, duration, number
 
 METRICS = ("test_accuracy", "roc_auc", "best_epoch")
@@ -20,6 +20,18 @@ def previous_run(branch: str) -> dict | None:
     """{"commit": ..., metric: value} of the last nightly run of `branch`, or None."""
     rows = sweep.latest_table(artifact_key(branch))
     return {row["metric"]: row.get("value") for row in rows if "metric" in row} or None
+
+
+def check_before_submitting(point: grid.Point, repository: str, commit: str) -> None:
+    """SweepError, before anything is submitted, if the run's fetch would read a path only one machine has.
+
+    The branch head's params exist only in a clone of it, so they are composed there (the
+    overrides applied as `dvc exp run -S` would). Only what a worker could not read is checked
+    (grid.worker_path_problem): the full params model is this worker's installed code, which may
+    be older than the branch head's and refuse a key the head has added; its own stages check that.
+    """
+    with workspace.clean_checkout(repository, commit, f"{point.name}-check") as checkout:
+        grid.check_point(checkout, point, validate=False)
 
 
 def comparison_rows(outcome: Outcome, commit: str, previous: dict | None) -> list[dict]:
