@@ -71,7 +71,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def parse_sweep_args(argv: Sequence[str]) -> argparse.Namespace:
-    from pipeline.sweep import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S
+    from pipeline.sweep import DATA_POOL, DEFAULT_RETRIES
+    from pipeline.waiting import DEFAULT_TIMEOUT_S
 
     parser = argparse.ArgumentParser(
         prog="python -m pipeline sweep",
@@ -90,6 +91,10 @@ def parse_sweep_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--pool", default="gpu", help="work pool whose workers run the experiments (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--data-pool",
+        help=f"work pool for the shared data stages (default: {DATA_POOL} when a worker polls it, else --pool)",
     )
     parser.add_argument(
         "--name-prefix", default="sweep", help="experiment names start with this (default: %(default)s)"
@@ -117,7 +122,7 @@ def parse_sweep_args(argv: Sequence[str]) -> argparse.Namespace:
 def sweep_main(argv: Sequence[str]) -> int:
     args = parse_sweep_args(argv)
     from pipeline.flows import dvc_sweep
-    from pipeline.sweep import ExperimentsFailed, text_table
+    from pipeline.results import ExperimentsFailed, text_table
 
     state = dvc_sweep(
         set_params=args.set_params,
@@ -127,6 +132,7 @@ def sweep_main(argv: Sequence[str]) -> int:
         retries=args.retries,
         project_dir=args.project,
         git_remote=args.git_remote,
+        data_pool=args.data_pool,
         return_state=True,
     )
     result = state.result(raise_on_failure=False)

@@ -9,9 +9,10 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pipeline import environments, experiment, grid, nightly, remote, sweep, tasks, workspace
+from pipeline import environments, experiment, grid, nightly, prefect_api, remote, results, sweep, tasks, workspace
 from pipeline.dag import read_stage_graph
 from pipeline.dvc import ReproRun
+from pipeline.waiting import DEFAULT_TIMEOUT_S
 
 REPORT_DIR = "data/report"
 
@@ -36,7 +37,7 @@ def dvc_pipeline(
     local_only: bool = False,
     project_dir: str | None = None,
     report_dir: str = REPORT_DIR,
-    timeout: float = sweep.DEFAULT_TIMEOUT_S,
+    timeout: float = DEFAULT_TIMEOUT_S,
 ) -> dict:
     """Run the DVC pipeline one stage at a time, in the order of `dvc dag`.
 
@@ -186,7 +187,7 @@ def dvc_experiment(
         "seconds": round(time.monotonic() - started, 1),
     }
     create_table_artifact(
-        key=sweep.artifact_key("experiment", commit[:7], name),
+        key=prefect_api.artifact_key("experiment", commit[:7], name),
         table=[summary],
         description=f"DVC experiment {name} of {commit[:7]} (`dvc exp pull origin {name}`)",
     )
@@ -199,12 +200,16 @@ def dvc_sweep(
     set_params: list[str],
     pool: str = "gpu",
     name_prefix: str = "sweep",
-    timeout: float = sweep.DEFAULT_TIMEOUT_S,
+    timeout: float = DEFAULT_TIMEOUT_S,
     retries: int = sweep.DEFAULT_RETRIES,
     project_dir: str | None = None,
     git_remote: str = "origin",
+    data_pool: str | None = None,
 ) -> list[dict]:
-    """Every point of the `-S` grid as one experiment on the pool; results pulled into this project."""
+    """Every point of the `-S` grid as one experiment on the pool; results pulled into this project.
+
+    data_pool: where the shared data stages run (default: `cpu` when a worker polls it, else `pool`).
+    """
     logger = get_run_logger()
     project = project_root(project_dir)
     points = grid.make_points(set_params, name_prefix)
@@ -218,23 +223,25 @@ def dvc_sweep(
     logger.info(
         "%d experiment(s) of %s on pool %r: %s", len(points), target.commit[:7], pool, ", ".join(p.name for p in points)
     )
-    outcomes = sweep.run_points(points, target, list(groups.values()), data_stages, timeout, retries, logger.info)
+    outcomes = sweep.run_points(
+        dvc_experiment, points, target, list(groups.values()), data_stages, timeout, retries, logger.info, data_pool
+    )
     home = [o.point.name for o in outcomes if o.ok]
     if home:
         tasks.pull_experiments(project, git_remote, home)
         tasks.publish_leaderboard(project, home)
-    rows = sweep.leaderboard(outcomes)
+    rows = results.leaderboard(outcomes)
     create_table_artifact(
         key="dvc-sweep",
         table=rows,
         description=f"Sweep of {target.commit[:7]} on pool {pool} (`dvc exp show` has them)",
     )
     if not all(o.ok for o in outcomes):
-        raise sweep.ExperimentsFailed(outcomes, rows)
+        raise results.ExperimentsFailed(outcomes, rows)
     return rows
 
 
-def sweep_target(project: Path, pool: str, git_remote: str) -> sweep.Target:
+def sweep_target(project: Path, pool: str, git_remote: str) -> results.Target:
     """The commit to run (HEAD, pushed and clean), its repository and the shared DVC remote."""
     dirty = remote.uncommitted_changes(project, composed=grid.composed_files(project))
     commit = remote.head_commit(project)
@@ -245,7 +252,7 @@ def sweep_target(project: Path, pool: str, git_remote: str) -> sweep.Target:
         )
     remote.check_pushed(project, commit, git_remote)
     repository = workspace.without_credentials(remote.git_remote_url(project, git_remote))
-    return sweep.Target(repository, commit, remote.dvc_remote_url(project), pool)
+    return results.Target(repository, commit, remote.dvc_remote_url(project), pool)
 
 
 def data_stages_of(project: Path, training_stage: str = "train") -> list[str]:
@@ -262,7 +269,7 @@ def dvc_nightly(
     repository: str | None = None,
     dvc_remote: str | None = None,
     overrides: list[str] | None = None,
-    timeout: float = sweep.DEFAULT_TIMEOUT_S,
+    timeout: float = DEFAULT_TIMEOUT_S,
 ) -> dict:
     """The head of `branch` as one experiment on the pool, compared with the previous scheduled run's.
 
@@ -280,8 +287,9 @@ def dvc_nightly(
         create_markdown_artifact(key=nightly.artifact_key(branch, "note"), markdown=message)
         return {"commit": commit, "status": "unchanged"}
     point = grid.Point(tuple(overrides or ()), f"nightly-{commit[:7]}")
-    target = sweep.Target(repository, commit, dvc_remote, pool)
-    (outcome,) = sweep.run_points([point], target, [], [], timeout, 0, logger.info)
+    nightly.check_before_submitting(point, repository, commit)
+    target = results.Target(repository, commit, dvc_remote, pool)
+    (outcome,) = sweep.run_points(dvc_experiment, [point], target, [], [], timeout, 0, logger.info)
     rows = nightly.comparison_rows(outcome, commit, previous)
     create_table_artifact(
         key=nightly.artifact_key(branch),
@@ -289,5 +297,5 @@ def dvc_nightly(
         description=f"Nightly run of {branch} at {commit[:7]} against the previous one",
     )
     if not outcome.ok:
-        raise sweep.ExperimentsFailed([outcome])
+        raise results.ExperimentsFailed([outcome])
     return {"commit": commit, "status": outcome.status, "experiment": point.name}

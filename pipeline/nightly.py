@@ -6,19 +6,21 @@ every version of a keyed artifact, so the latest one is the previous run's.
 
 from __future__ import annotations
 
-from pipeline import grid, sweep, workspace
-from pipeline.sweep import Outcome, duration, number
+from pipeline import grid, workspace
+from pipeline.prefect_api import artifact_key as keyed_artifact
+from pipeline.prefect_api import latest_table
+from pipeline.results import Outcome, duration, number
 
 METRICS = ("test_accuracy", "roc_auc", "best_epoch")
 
 
 def artifact_key(branch: str, suffix: str = "metrics") -> str:
-    return sweep.artifact_key("nightly", branch, suffix)
+    return keyed_artifact("nightly", branch, suffix)
 
 
 def previous_run(branch: str) -> dict | None:
     """{"commit": ..., metric: value} of the last nightly run of `branch`, or None."""
-    rows = sweep.latest_table(artifact_key(branch))
+    rows = latest_table(artifact_key(branch))
     return {row["metric"]: row.get("value") for row in rows if "metric" in row} or None
 
 

@@ -27,7 +27,10 @@ from pipeline.dvc import (
     stage_outcome,
     starts_running,
 )
+from pipeline.grid import Point
 from pipeline.overrides import apply_overrides
+from pipeline.results import Outcome
+from pipeline.waiting import wait_for
 from pipeline.workspace import without_credentials
 
 STAGE_RETRIES = 3
@@ -96,9 +99,6 @@ def run_on_worker(project: Path, stage: str, upstream: list[str], target: remote
 
     If no worker polls the pool for timeout_s, the run is cancelled and the task fails.
     """
-    from pipeline import sweep
-    from pipeline.grid import Point
-
     logger = get_run_logger()
     commit = remote.check_can_send(project)
     if upstream:
@@ -120,8 +120,8 @@ def run_on_worker(project: Path, stage: str, upstream: list[str], target: remote
             "dvc_remote": remote.dvc_remote_url(project),
         },
     )
-    outcome = sweep.Outcome(Point((), stage), flow_run_id=flow_run.id, attempts=1)
-    sweep.wait_for([outcome], target.pool, timeout_s, log=logger.info)
+    outcome = Outcome(Point((), stage), flow_run_id=flow_run.id, attempts=1)
+    wait_for([outcome], target.pool, timeout_s, log=logger.info)
     if outcome.status != "done":
         raise remote.RemoteStageError(
             f"'{stage}' on pool '{target.pool}' ended {outcome.status} (flow run {flow_run.name}): {outcome.message}"

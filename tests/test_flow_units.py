@@ -625,16 +625,20 @@ def test_a_sweep_with_no_worker_on_its_pool_gives_up_after_the_timeout(tmp_path)
     from prefect.client.schemas.actions import WorkPoolCreate
 
     from pipeline import sweep
+    from pipeline.flows import dvc_experiment
     from pipeline.grid import Point, SweepError
+    from pipeline.results import Target
 
     origin, commit = bare_origin_with_a_commit(tmp_path)
-    target = sweep.Target(str(origin), commit, None, "units-sweep")
+    target = Target(str(origin), commit, None, "units-sweep")
     with pytest.raises(SweepError, match="no work pool 'units-sweep'.*prefect work-pool create units-sweep"):
-        sweep.run_points([Point(("seed=1",), "a")], target, [], [], timeout_s=1, retries=0, log=print)
+        sweep.run_points(dvc_experiment, [Point(("seed=1",), "a")], target, [], [], timeout_s=1, retries=0, log=print)
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name="units-sweep", type="process"))
     started = time.monotonic()
-    (outcome,) = sweep.run_points([Point(("seed=1",), "a")], target, [], [], timeout_s=3, retries=0, log=print)
+    (outcome,) = sweep.run_points(
+        dvc_experiment, [Point(("seed=1",), "a")], target, [], [], timeout_s=3, retries=0, log=print
+    )
     assert time.monotonic() - started < 60
     assert outcome.status == "no worker"
     assert (
@@ -650,7 +654,7 @@ def test_a_sweep_with_no_worker_on_its_pool_gives_up_after_the_timeout(tmp_path)
 def test_a_sweep_with_failed_experiments_prints_the_table_and_exits_non_zero(
     project_copy, tmp_path, monkeypatch, capsys
 ):
-    from pipeline import sweep
+    from pipeline import results, sweep
     from pipeline.__main__ import main
 
     origin = tmp_path / "origin.git"
@@ -658,13 +662,13 @@ def test_a_sweep_with_failed_experiments_prints_the_table_and_exits_non_zero(
     subprocess.run(["git", "remote", "add", "origin", str(origin)], cwd=project_copy, check=True)
     subprocess.run(["git", "push", "-q", "-u", "origin", "main"], cwd=project_copy, check=True, capture_output=True)
 
-    def run_points(points, target, groups, data_stages, timeout_s, retries, log):
+    def run_points(flow, points, target, groups, data_stages, timeout_s, retries, log, data_pool=None):
         assert (
             [p.name for p in points] == ["t-seed-1", "t-seed-2"] and target.commit and data_stages[-1] == "preprocess"
         )
         return [
-            sweep.Outcome(points[0], status="failed", message="stage 'train' failed: error: out of memory"),
-            sweep.Outcome(points[1], status="no worker", message="no worker polled pool 'gpu' for 5 s"),
+            results.Outcome(points[0], status="failed", message="stage 'train' failed: error: out of memory"),
+            results.Outcome(points[1], status="no worker", message="no worker polled pool 'gpu' for 5 s"),
         ]
 
     monkeypatch.setattr(sweep, "run_points", run_points)

@@ -14,7 +14,7 @@ import pytest
 from browser import INSTALL_HINT, chromium, open_page
 
 from convnets import compare
-from pipeline import sweep
+from pipeline import results
 from pipeline.grid import Point
 
 FIGURES = ["experiment", "test accuracy", "ROC AUC", "best epoch", "training time"]
@@ -126,7 +126,7 @@ def test_compare_page_leads_with_the_figures_and_keeps_the_whole_value_on_hover(
 def test_the_sweep_table_leads_with_the_figures_and_shortens_the_overrides():
     fixed = (f"fetch.archive={ARCHIVE_A}", f"fetch.archive_sha256={SHA_A}")
     outcomes = [
-        sweep.Outcome(
+        results.Outcome(
             Point((*fixed, f"seed={seed}"), f"dogs-seed-{seed}"),
             status="done",
             figures={"test_accuracy": 0.7 + seed / 100, "roc_auc": 0.8, "best_epoch": 3, "epochs": 10},
@@ -136,14 +136,14 @@ def test_the_sweep_table_leads_with_the_figures_and_shortens_the_overrides():
         )
         for seed in (1, 2)
     ]
-    outcomes.append(sweep.Outcome(Point(("+experiment=scratch",), "plain"), status="failed", message="boom"))
-    rows = sweep.leaderboard(outcomes)
+    outcomes.append(results.Outcome(Point(("+experiment=scratch",), "plain"), status="failed", message="boom"))
+    rows = results.leaderboard(outcomes)
     assert list(rows[0]) == [*SWEEP_FIGURES, "overrides", "status", "worker", "environment"]
     assert rows[0]["environment"] == "uv.lock 222222222222" and rows[2]["environment"] == ""
     assert [r["experiment"] for r in rows] == ["dogs-seed-2", "dogs-seed-1", "plain"]
     assert rows[0]["overrides"] == f"fetch.archive=dogs-vs-cats.zip fetch.archive_sha256={SHA_A[:8]} seed=2"
     assert rows[2]["overrides"] == "+experiment=scratch" and rows[2]["status"] == "failed: boom"
-    table = sweep.text_table(rows)
+    table = results.text_table(rows)
     header = table.splitlines()[0]
     assert header.index("test accuracy") < header.index("overrides") < header.index("status")
     assert ARCHIVE_A not in table and SHA_A not in table
@@ -151,7 +151,7 @@ def test_the_sweep_table_leads_with_the_figures_and_shortens_the_overrides():
 
 def test_sweep_overrides_that_would_look_alike_keep_their_folders():
     points = [Point(("fetch.archive=/a/x.zip",), "a"), Point(("fetch.archive=/b/x.zip",), "b"), Point((), "d")]
-    assert sweep.short_labels(points) == ["fetch.archive=a/x.zip", "fetch.archive=b/x.zip", "(defaults)"]
+    assert results.short_labels(points) == ["fetch.archive=a/x.zip", "fetch.archive=b/x.zip", "(defaults)"]
     assert compare.shorten("/data") == "data" and compare.shorten("/a/x.zip", 1) == "a/x.zip"
     assert compare.shorten("/a/x.zip", 2) == "/a/x.zip"  # whole, at last
 

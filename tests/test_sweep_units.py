@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import git
-from pipeline import grid, sweep, workspace
+from pipeline import grid, results, sweep, waiting, workspace
 from pipeline.grid import Point, SweepError
 
 
@@ -68,9 +68,9 @@ def test_points_with_the_same_data_params_share_one_data_run(repo_root):
     assert len(groups) == 2  # two seeds (the split reads it); the epochs do not matter to the data
 
 
-def outcome(name: str, status: str, accuracy: float | None = None, message: str = "") -> sweep.Outcome:
+def outcome(name: str, status: str, accuracy: float | None = None, message: str = "") -> results.Outcome:
     figures = {"test_accuracy": accuracy, "roc_auc": None, "best_epoch": 2, "epochs": 3} if accuracy else {}
-    return sweep.Outcome(
+    return results.Outcome(
         Point((f"seed={name}",), name), status=status, message=message, figures=figures, host="gpu-1", seconds=75.2
     )
 
@@ -81,7 +81,7 @@ def test_the_leaderboard_puts_the_best_first_and_failures_last_with_their_error(
         outcome("b", "failed", message="stage 'train' failed: error: boom\nmore"),
         outcome("c", "already done", 0.9),
     ]
-    rows = sweep.leaderboard(outcomes)
+    rows = results.leaderboard(outcomes)
     assert [r["experiment"] for r in rows] == ["c", "a", "b"]
     assert rows[0] == {
         "experiment": "c",
@@ -95,10 +95,10 @@ def test_the_leaderboard_puts_the_best_first_and_failures_last_with_their_error(
         "environment": "",
     }
     assert rows[2]["status"] == "failed: stage 'train' failed: error: boom"
-    table = sweep.text_table(rows)
+    table = results.text_table(rows)
     header = table.splitlines()[0].split()
     assert header[:3] == ["experiment", "test", "accuracy"] and len(table.splitlines()) == 4  # the figures first
-    failed = sweep.ExperimentsFailed(outcomes, rows)
+    failed = results.ExperimentsFailed(outcomes, rows)
     assert failed.failed == ["b"] and "1 experiment(s) failed: b (failed)" in str(failed)
 
 
@@ -195,10 +195,10 @@ def test_a_restarting_prefect_server_is_waited_for_and_loses_nothing(monkeypatch
             return [object()]
 
     monkeypatch.setattr(prefect.client.orchestration, "get_client", lambda sync_client: Client())
-    monkeypatch.setattr(sweep, "POLL_S", 0)
+    monkeypatch.setattr(waiting, "POLL_S", 0)
     logs: list[str] = []
-    outcome = sweep.Outcome(Point(("seed=1",), "a"), flow_run_id=run_id, attempts=1)
-    sweep.wait_for([outcome], "gpu", 60, logs.append)
+    outcome = results.Outcome(Point(("seed=1",), "a"), flow_run_id=run_id, attempts=1)
+    waiting.wait_for([outcome], "gpu", 60, logs.append)
     assert outcome.status == "done" and outcome.seconds == 42
     assert sum("did not answer" in line for line in logs) == 2
 
