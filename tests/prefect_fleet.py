@@ -31,7 +31,7 @@ def clone_env(tmp_path: Path, port: int, checkout: Path | None = None) -> dict[s
     """This venv first on PATH, Prefect state under tmp_path, the clone's own code first on sys.path.
 
     Heartbeats every 30 s (Prefect's minimum), so a killed worker's run is declared crashed
-    after 90 s (pipeline.sweep.ensure_crash_detection).
+    after 90 s (pipeline.prefect_api.ensure_crash_detection).
     """
     env = {
         **os.environ,
@@ -43,11 +43,21 @@ def clone_env(tmp_path: Path, port: int, checkout: Path | None = None) -> dict[s
         "PREFECT_WORKER_HEARTBEAT_SECONDS": "5",
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
         "TF_CPP_MIN_LOG_LEVEL": "2",
+        # Workers get user caches of their own (XDG_CACHE_HOME), but build run environments from
+        # this machine's uv cache: as fast as `make install` made it, never a second download.
+        "UV_CACHE_DIR": uv_cache_dir(),
     }
     if checkout is not None:
         # The venv is shared: without this the editable install would serve the main checkout's code.
         env["PYTHONPATH"] = os.pathsep.join([str(checkout), str(checkout / "src")])
     return env
+
+
+def uv_cache_dir() -> str:
+    from pipeline.environments import uv_binary
+
+    found = subprocess.run([uv_binary(), "cache", "dir"], capture_output=True, text=True, check=True)
+    return found.stdout.strip()
 
 
 class Processes:

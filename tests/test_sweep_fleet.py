@@ -3,13 +3,15 @@
 started in a folder that is no checkout. Tiny MNIST experiments.
 
 The tests of this module share that fleet and run in order: a sweep, the same sweep again,
-the nightly deployment after a new commit, then a worker killed mid-training.
+the nightly deployment after a new commit, a worker killed mid-training, then commits that
+change the locked dependencies, run by the same untouched worker.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,8 +21,10 @@ from pathlib import Path
 import psutil
 import pytest
 from prefect_fleet import Processes, clone_env, free_port, processes_in, run, wait_for_server
+from tiny_packages import PROBE_MODULE, add_wheel_dependency, make_wheel
 
 from conftest import copy_working_tree, git
+from convnets.environment import lock_digest
 
 pytestmark = pytest.mark.slow
 
@@ -264,3 +268,62 @@ def kill_tree(proc: subprocess.Popen) -> None:
         except psutil.NoSuchProcess:
             pass
     proc.wait(timeout=30)
+
+
+def commit_all(fleet: Fleet, message: str) -> str:
+    git(fleet.submitter, "add", "-A")
+    git(fleet.submitter, "commit", "-q", "-m", message)
+    git(fleet.submitter, "push", "-q", "origin", "HEAD:main")
+    return git(fleet.submitter, "rev-parse", "HEAD").strip()
+
+
+def experiment_lock(fleet: Fleet, sweep: subprocess.CompletedProcess) -> str:
+    """The lock hash the experiment's train stage recorded (data/train/devices.json), via DVC."""
+    name = re.search(r"^(deps-\S+)\s.*\bdone\b", sweep.stdout, re.M).group(1)
+    run(["dvc", "exp", "apply", name], fleet.submitter, fleet.env)
+    run(["dvc", "pull", "data/train"], fleet.submitter, fleet.env)
+    devices = json.loads((fleet.submitter / "data/train/devices.json").read_text())
+    run(["git", "checkout", "--", "."], fleet.submitter, fleet.env)
+    run(["git", "clean", "-fdq"], fleet.submitter, fleet.env)  # what apply added (timings/), not data/
+    return devices["environment"]["lock"]
+
+
+def test_a_dependency_change_runs_on_the_untouched_worker_in_its_own_environment(fleet):
+    """Commit B adds a package that train imports; C's lock cannot be installed; D is B again.
+
+    All on pool cpu, whose one worker has run commit A (the nightly test) and is not touched.
+    """
+    submitter, one_point = fleet.submitter, [*TINY, "-S", "train.epochs=1", "--pool", "cpu", "--timeout", "120"]
+    make_wheel(submitter / "vendor")
+    add_wheel_dependency(submitter, next((submitter / "vendor").iterdir()))
+    train = submitter / "src/convnets/train.py"
+    future = "from __future__ import annotations\n"
+    train.write_text(
+        train.read_text().replace(future, f"{future}import {PROBE_MODULE}  # noqa: F401  (only in B's environment)\n")
+    )
+    commit_all(fleet, "B: train needs a new package")
+    lock_b = lock_digest(submitter / "uv.lock")
+
+    sweep = fleet.sweep(*one_point, "--name-prefix", "deps-b")
+    assert sweep.returncode == 0, failure(fleet, sweep)
+    assert f"environment of uv.lock {lock_b[:12]} built" in fleet.log("nightly")
+    assert experiment_lock(fleet, sweep) == lock_b[:12]
+
+    # C: the lock names a wheel that is not there; the run fails saying which and whose lock
+    add_wheel_dependency(submitter, make_wheel(submitter / "gone", name="convnets-gone"))
+    shutil.rmtree(submitter / "gone")
+    commit_all(fleet, "C: a lock that cannot be installed")
+    lock_c = lock_digest(submitter / "uv.lock")
+    sweep = fleet.sweep(*one_point, "--name-prefix", "deps-c")
+    assert sweep.returncode == 1, failure(fleet, sweep)
+    refused = rf"uv.lock {lock_c[:12]} cannot be installed: package convnets[-_]gone"
+    assert re.search(refused, sweep.stdout + sweep.stderr), failure(fleet, sweep)
+
+    # D: B's tree again; the same worker goes on, reusing B's environment
+    git(submitter, "revert", "--no-edit", "HEAD")
+    git(submitter, "push", "-q", "origin", "HEAD:main")
+    assert lock_digest(submitter / "uv.lock") == lock_b
+    sweep = fleet.sweep(*one_point, "-S", "seed=7", "--name-prefix", "deps-d")
+    assert sweep.returncode == 0, failure(fleet, sweep)
+    assert f"environment of uv.lock {lock_b[:12]} reused" in fleet.log("nightly")
+    assert fleet.log("nightly").count(f"environment of uv.lock {lock_b[:12]} built") == 1
