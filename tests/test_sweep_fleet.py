@@ -167,6 +167,8 @@ def test_a_sweep_fans_out_over_both_workers_and_comes_home(fleet):
     assert any(a["end"] > b["start"] for a, b in zip(runs, runs[1:])), runs
     # the data stages ran once, for all three
     assert stage_runs(fleet, "preprocess") == 1 and stage_runs(fleet, "train") == 3
+    # on the cpu pool: the GPU workers decode no photos
+    assert "Running stage 'preprocess'" in fleet.log("nightly")
     # nobody's folder was touched and no clone was left behind
     for worker in ("w1", "w2"):
         assert list((fleet.root / f"{worker}-home").iterdir()) == []

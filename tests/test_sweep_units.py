@@ -284,3 +284,32 @@ def test_the_nightly_run_checks_the_branch_heads_params_in_a_clone_before_submit
     nightly.check_before_submitting(Point(("dataset=dogs_vs_cats", "fetch.source=kaggle"), "n"), str(origin), commit)
     nightly.check_before_submitting(Point((), "nightly-x"), str(origin), commit)
     assert list((tmp_path / "runs").iterdir()) == []  # the clones are gone
+
+
+# --- where a sweep's data stages run ----------------------------------------------------------
+
+
+class PoolsClient:
+    """Just enough of Prefect's client: which pools exist and how many workers poll each."""
+
+    def __init__(self, online: dict[str, int]):
+        self.online = online
+
+    def read_work_pool(self, pool):
+        from prefect.exceptions import ObjectNotFound
+
+        if pool not in self.online:
+            raise ObjectNotFound(http_exc=Exception(pool))
+
+    def read_workers_for_work_pool(self, pool, **kwargs):
+        self.read_work_pool(pool)
+        return [object()] * self.online[pool]
+
+
+def test_data_stages_go_to_the_cpu_pool_when_a_worker_polls_it():
+    assert sweep.choose_data_pool(PoolsClient({"gpu": 2, "cpu": 1}), None, "gpu") == "cpu"
+    assert sweep.choose_data_pool(PoolsClient({"gpu": 2, "cpu": 0}), None, "gpu") == "gpu"  # nobody there
+    assert sweep.choose_data_pool(PoolsClient({"gpu": 2}), None, "gpu") == "gpu"  # no such pool
+    assert sweep.choose_data_pool(PoolsClient({"gpu": 2, "big-cpu": 0}), "big-cpu", "gpu") == "big-cpu"
+    with pytest.raises(SweepError, match="no work pool 'nope'"):
+        sweep.choose_data_pool(PoolsClient({"gpu": 2}), "nope", "gpu")
