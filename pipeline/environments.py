@@ -177,7 +177,7 @@ def last_reason(stderr: str) -> str:
     """uv's innermost cause, on one line."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     reason = lines[-1] if lines else "uv gave no reason"
-    return re.sub(r"^(error|Caused by):\s*", "", reason)
+    return re.sub(r"^(error|Caused by|cause):\s*", "", reason)
 
 
 def prune(root: Path, keep: int, on_line: Callable[[str], None]) -> list[str]:

@@ -115,7 +115,10 @@ def test_a_lock_that_cannot_be_installed_fails_naming_the_package_and_the_lock(e
             pass
     message = str(failed.value)
     assert "\n" not in message
-    assert re.search(rf"uv.lock {digest[:12]} cannot be installed: package convnets[-_]probe \(", message), message
+    assert re.search(
+        rf"uv.lock {digest[:12]} cannot be installed: package convnets[-_]probe \(Distribution not found at: file:",
+        message,
+    ), message
     assert [p for p in envs.iterdir() if p.is_dir()] == []  # no half-built environment left
     # the same worker goes on: the next run, with a lock that installs, succeeds
     with environments.run_environment(tiny_project(tmp_path / "good"), extras=()) as env:
@@ -203,6 +206,7 @@ def test_the_wheel_helper_writes_the_lock_uv_would(tmp_path):
     for name in ("pyproject.toml", "uv.lock"):
         shutil.copy(REPO_ROOT / name, tmp_path / name)
     add_wheel_dependency(tmp_path, make_wheel(tmp_path / "vendor"))
+    add_wheel_dependency(tmp_path, make_wheel(tmp_path / "vendor", name="convnets-other"))  # a second source
     check = subprocess.run(
         [uv(), "lock", "--check", "--offline", "--python", sys.executable],
         cwd=tmp_path,
@@ -211,4 +215,5 @@ def test_the_wheel_helper_writes_the_lock_uv_would(tmp_path):
         env=uv_env(),
     )
     assert check.returncode == 0, check.stderr
-    assert PROBE in {p["name"] for p in tomllib.loads((tmp_path / "uv.lock").read_text())["package"]}
+    locked = {package["name"] for package in tomllib.loads((tmp_path / "uv.lock").read_text())["package"]}
+    assert {PROBE, "convnets-other"} <= locked

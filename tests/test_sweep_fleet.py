@@ -280,13 +280,12 @@ def commit_all(fleet: Fleet, message: str) -> str:
 
 
 def experiment_lock(fleet: Fleet, sweep: subprocess.CompletedProcess) -> str:
-    """The lock hash the experiment's train stage recorded (data/train/devices.json), via DVC."""
+    """The lock hash the experiment's train stage recorded (data/train/devices.json), read through DVC."""
     name = re.search(r"^(deps-\S+)\s.*\bdone\b", sweep.stdout, re.M).group(1)
-    run(["dvc", "exp", "apply", name], fleet.submitter, fleet.env)
-    run(["dvc", "pull", "data/train"], fleet.submitter, fleet.env)
-    devices = json.loads((fleet.submitter / "data/train/devices.json").read_text())
-    run(["git", "checkout", "--", "."], fleet.submitter, fleet.env)
-    run(["git", "clean", "-fdq"], fleet.submitter, fleet.env)  # what apply added (timings/), not data/
+    refs = git(fleet.submitter, "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps").splitlines()
+    (commit,) = [line.split()[0] for line in refs if line.endswith(f"/{name}")]
+    script = "import dvc.api, sys; print(dvc.api.read('data/train/devices.json', rev=sys.argv[1]))"
+    devices = json.loads(run([sys.executable, "-c", script, commit], fleet.submitter, fleet.env))
     return devices["environment"]["lock"]
 
 

@@ -46,7 +46,11 @@ def add_wheel_dependency(project: Path, wheel: Path, package: str = "convnets") 
     pyproject = project / "pyproject.toml"
     text = pyproject.read_text()
     text = text.replace("dependencies = [\n", f'dependencies = [\n    "{name}",\n', 1)
-    text += f'\n[tool.uv.sources]\n{name} = {{ path = "{relative}" }}\n'
+    source = f'{name} = {{ path = "{relative}" }}\n'
+    if "\n[tool.uv.sources]\n" in text:
+        text = text.replace("\n[tool.uv.sources]\n", f"\n[tool.uv.sources]\n{source}", 1)
+    else:
+        text += f"\n[tool.uv.sources]\n{source}"
     pyproject.write_text(text)
 
     lock = project / "uv.lock"
