@@ -6,11 +6,17 @@ out the commit it was asked for, points DVC at the shared remote and works there
 environment of that commit's uv.lock (pipeline.environments); the folder is removed
 afterwards. So two runs on one machine never share a DVC workspace, a new commit (new
 dependencies included) needs no one to update the worker, and nobody's own checkout is touched.
+
+The clones are made from one bare mirror of the git remote per machine (git_mirror): the
+mirror fetches what is new, the clone hard-links the mirror's object files (git's local
+clone), so a run costs neither a second download nor a second copy of the history.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import os
 import re
 import shutil
@@ -25,6 +31,8 @@ from convnets.layout import RESUME_URL_ENV, user_cache_dir
 WORK_DIR_ENV = "CONVNETS_WORK_DIR"  # where the per-run clones go (default: the user cache)
 DVC_CACHE_ENV = "CONVNETS_DVC_CACHE"  # the DVC cache the clones of one machine share
 DVC_REMOTE_NAME = "convnets-run"  # the remote a run's clone pushes to (config.local only)
+GIT_MIRRORS_ENV = "CONVNETS_GIT_MIRRORS"  # the bare mirrors the clones of one machine are made from
+FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
 class WorkspaceError(RuntimeError):
@@ -44,6 +52,11 @@ def work_root() -> Path:
 def machine_dvc_cache() -> Path:
     """The DVC cache every run's clone on this machine uses ($CONVNETS_DVC_CACHE, else the user cache)."""
     return Path(os.environ.get(DVC_CACHE_ENV) or user_cache_dir() / "dvc-cache").expanduser()
+
+
+def git_mirrors() -> Path:
+    """Where this machine keeps its bare mirrors of git remotes ($CONVNETS_GIT_MIRRORS, else the user cache)."""
+    return Path(os.environ.get(GIT_MIRRORS_ENV) or user_cache_dir() / "git-mirrors").expanduser()
 
 
 def enter_work_folder() -> dict[str, str]:
@@ -82,11 +95,18 @@ def ls_remote(repository: str, *patterns: str) -> list[tuple[str, str]]:
 
 @contextlib.contextmanager
 def clean_checkout(repository: str, commit: str, label: str) -> Iterator[Path]:
-    """A fresh clone of `repository` at `commit`, removed on exit unless KeepCheckout is raised."""
+    """A fresh clone of `repository` at `commit`, removed on exit unless KeepCheckout is raised.
+
+    The clone is made from this machine's mirror of `repository` (git_mirror), then its
+    `origin` is set back to `repository`, so `dvc exp push origin` and the like go to the
+    real remote, as from a plain clone.
+    """
     folder = Path(tempfile.mkdtemp(prefix=f"{safe_name(label)}-", dir=work_root()))
     keep = False
     try:
-        git(folder.parent, "clone", "--quiet", "--no-checkout", repository, str(folder))
+        with git_mirror(repository, commit) as mirror:
+            git(folder.parent, "clone", "--quiet", "--no-checkout", "--local", str(mirror), str(folder))
+        git(folder, "remote", "set-url", "origin", repository)
         if git(folder, "checkout", "--quiet", "--detach", commit, check=False).returncode != 0:
             raise WorkspaceError(
                 f"commit {commit[:7]} is not on {redact(repository)}: push it (git push) and submit again"
@@ -98,6 +118,53 @@ def clean_checkout(repository: str, commit: str, label: str) -> Iterator[Path]:
     finally:
         if not keep:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def git_mirror(repository: str, commit: str) -> Iterator[Path]:
+    """This machine's bare mirror of `repository`, holding `commit` if the remote has it, locked while in use.
+
+    One mirror per remote (its URL without credentials names it) under git_mirrors(). The
+    remote's branches and tags are fetched into it before a clone, unless `commit` (a full
+    SHA) is already there: then the remote is not even asked. The URL is given to each
+    fetch and never stored, so no token stays on disk.
+
+    Why a local clone of a mirror, and not `git clone --reference`: a local clone hard-links
+    the mirror's object files, so it costs no disk and, unlike borrowing through
+    `objects/info/alternates`, cannot be broken by a later gc of the mirror (a hard link keeps
+    the file); `--dissociate` would copy the objects instead. git's own gc of the mirror runs in
+    the foreground (gc.autoDetach false), inside the lock.
+
+    The lock (an exclusive flock on <mirror>.lock) serialises the fetches and clones of all
+    runs on the machine: two runs starting together never fetch into, or clone from, a
+    half-updated mirror. A clone from the mirror takes a fraction of a second.
+    """
+    url = without_credentials(repository)
+    tail = safe_name(url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git")) or "repo"
+    mirror = git_mirrors() / f"{tail}-{hashlib.sha256(url.encode()).hexdigest()[:16]}.git"
+    mirror.parent.mkdir(parents=True, exist_ok=True)
+    with open(mirror.with_name(mirror.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        git(mirror.parent, "init", "--quiet", "--bare", str(mirror))  # a no-op once it exists
+        git(mirror, "config", "gc.autoDetach", "false")
+        known = bool(FULL_SHA.match(commit)) and (
+            git(mirror, "cat-file", "-e", f"{commit}^{{commit}}", check=False).returncode == 0
+        )
+        if not known:
+            # From the work root, as `git clone` ran before: a relative local path means the same.
+            git(
+                work_root(),
+                f"--git-dir={mirror}",
+                "fetch",
+                "--quiet",
+                "--prune",
+                "--no-tags",
+                "--no-write-fetch-head",  # FETCH_HEAD would keep the URL
+                repository,
+                "+refs/heads/*:refs/heads/*",
+                "+refs/tags/*:refs/tags/*",
+            )
+        yield mirror
 
 
 def safe_name(text: str) -> str:
