@@ -50,7 +50,7 @@ GIT_REMOTE = "origin"  # the clone's origin is the repository the run was asked 
 LINK_TYPES = "reflink,hardlink,symlink,copy"
 
 
-def configure_dvc(checkout: Path, remote_url: str | None, env: dict[str, str] | None = None) -> None:
+def configure_dvc(checkout: Path, remote_url: str | None) -> None:
     """The clone's DVC: the shared remote, this machine's DVC cache and how to link it (config.local).
 
     One cache per machine for all runs' clones: data pulled for one experiment is not pulled
@@ -61,8 +61,7 @@ def configure_dvc(checkout: Path, remote_url: str | None, env: dict[str, str] | 
     removed with the clone rather than piling up one folder per run.
 
     The settings are written into `.dvc/config.local` (the format `dvc config --local`
-    writes, documented by DVC) rather than by three `dvc config` commands of about 1 s each;
-    `env` is not needed for that and kept for the callers.
+    writes, documented by DVC) rather than by three `dvc config` commands of about 1 s each.
     """
     path = checkout / ".dvc" / "config.local"
     config = configparser.ConfigParser(interpolation=None)

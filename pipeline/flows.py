@@ -135,7 +135,7 @@ def dvc_stage(
     ):
         logger.info(runenv.summary())
         env = {**workspace.run_environment(dvc_remote), **runenv.variables(checkout)}
-        experiment.configure_dvc(checkout, dvc_remote, env)
+        experiment.configure_dvc(checkout, dvc_remote)
         remote.write_shipped_files(checkout, files)
         upstream = read_stage_graph(checkout).predecessors(stage)
         if upstream:
@@ -169,7 +169,7 @@ def dvc_experiment(
     ):
         logger.info(runenv.summary())
         env = {**workspace.run_environment(dvc_remote), **runenv.variables(checkout)}
-        experiment.configure_dvc(checkout, dvc_remote, env)
+        experiment.configure_dvc(checkout, dvc_remote)
         logger.info("%s at %s on %s: %s", name, commit[:7], workspace.host(), " ".join(overrides) or "defaults")
         if data_stages:
             experiment.prepare_data(checkout, data_stages, overrides, env, logger.info)
