@@ -13,6 +13,10 @@ EXTRAS ?= --extra test
 export PATH := $(abspath $(BIN)):$(PATH)
 # Never let uv fetch a Python build: the system Python (3.11 or 3.12) it is.
 export UV_PYTHON_DOWNLOADS := never
+# Compile .pyc at install, as pip does: where PYTHONDONTWRITEBYTECODE is set (CI, containers) Python
+# never writes them, and every stage would compile TensorFlow's, DVC's and pandas' imports again
+# (MNIST's `make run` took 82 s instead of 47 s without it).
+export UV_COMPILE_BYTECODE := 1
 
 .PHONY: run test lint format install lock clean
 
