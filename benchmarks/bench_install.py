@@ -1,0 +1,111 @@
+"""Benchmark of the locked environment (issue 17): run by hand, prints figures; not a test.
+
+    python benchmarks/bench_install.py [--baseline REV] [--skip-run] [--keep]
+
+In one run, side by side, each in a fresh `git clone`:
+1. `make install`, then `make run` (the pipeline on the MNIST sample), before (REV, pip)
+   and after (HEAD, uv.lock with uv), each with an empty package cache (a new temporary
+   one) and with the cache this machine has warm;
+2. a worker's run environment (pipeline.environments) for HEAD's uv.lock: the first run
+   at that lock (built, from uv's warm cache and from an empty one) against a second run
+   at the same lock (reused).
+Prints the CPU model, since the figures depend on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINE = "74f89e8"  # the last commit that installed with pip (issue 17)
+
+
+def cpu_model() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed in {cwd}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return elapsed
+
+
+def clone_at(rev: str, dest: Path) -> Path:
+    subprocess.run(["git", "clone", "-q", str(REPO), str(dest)], check=True)
+    subprocess.run(["git", "checkout", "-q", rev], cwd=dest, check=True)
+    return dest
+
+
+def install_and_run(rev: str, cache_env: dict[str, str], work: Path, skip_run: bool) -> tuple[float, float | None]:
+    clone = clone_at(rev, Path(tempfile.mkdtemp(dir=work)))
+    env = {**os.environ, **cache_env}
+    env.pop("VIRTUAL_ENV", None)
+    install = timed(["make", "install"], clone, env)
+    run = None if skip_run else timed(["make", "run"], clone, env)
+    shutil.rmtree(clone, ignore_errors=True)
+    return install, run
+
+
+def worker_environment(work: Path, uv_cache: str | None) -> tuple[float, float]:
+    """(first run at HEAD's lock, second run at the same lock), seconds, in a fresh envs folder."""
+    sys.path[:0] = [str(REPO), str(REPO / "src")]
+    from pipeline import environments
+
+    os.environ[environments.ENVS_DIR_ENV] = tempfile.mkdtemp(dir=work)
+    if uv_cache is not None:
+        os.environ["UV_CACHE_DIR"] = uv_cache
+    times = []
+    for _ in range(2):
+        with environments.run_environment(REPO, extras=()) as env:
+            times.append(env.seconds)
+    os.environ.pop("UV_CACHE_DIR", None)
+    return times[0], times[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", default=BASELINE, help="the commit that installed with pip")
+    parser.add_argument("--skip-run", action="store_true", help="time `make install` only")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-install-"))
+    print(f"CPU: {cpu_model()}")
+    try:
+        cases = [
+            ("before: pip", args.baseline, "empty", {"PIP_CACHE_DIR": str(work / "pip-cache")}),
+            ("before: pip", args.baseline, "warm", {}),
+            ("after: uv.lock", "HEAD", "empty", {"UV_CACHE_DIR": str(work / "uv-cache")}),
+            ("after: uv.lock", "HEAD", "warm", {}),
+        ]
+        print(f"{'fresh clone':16} {'cache':6} {'make install':>13} {'make run after it':>18}")
+        for label, rev, cache, env in cases:
+            install, run = install_and_run(rev, env, work, args.skip_run)
+            run_text = "-" if run is None else f"{run:.1f} s"
+            print(f"{label:16} {cache:6} {install:11.1f} s {run_text:>18}", flush=True)
+        empty_first, _ = worker_environment(work, str(work / "uv-cache-worker"))
+        first, second = worker_environment(work, None)
+        print("worker run environment (HEAD's uv.lock, 237 packages):")
+        print(f"  first run at a new lock, empty uv cache: {empty_first:6.1f} s")
+        print(f"  first run at a new lock, warm uv cache : {first:6.1f} s")
+        print(f"  second run at the same lock (reused)   : {second:6.2f} s")
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
