@@ -68,7 +68,7 @@ def worker_environment(work: Path, uv_cache: str | None) -> tuple[float, float]:
         os.environ["UV_CACHE_DIR"] = uv_cache
     times = []
     for _ in range(2):
-        with environments.run_environment(REPO, extras=()) as env:
+        with environments.environment_for(REPO, extras=()) as env:
             times.append(env.seconds)
     os.environ.pop("UV_CACHE_DIR", None)
     return times[0], times[1]

@@ -91,7 +91,7 @@ def environment_key(digest: str, extras: tuple[str, ...]) -> str:
 
 
 @contextlib.contextmanager
-def run_environment(
+def environment_for(
     checkout: Path,
     extras: tuple[str, ...] | None = None,
     on_line: Callable[[str], None] = lambda line: None,

@@ -131,7 +131,7 @@ def dvc_stage(
     logger = get_run_logger()
     with (
         workspace.clean_checkout(repository, commit, f"stage-{stage}") as checkout,
-        environments.run_environment(checkout, on_line=logger.debug) as runenv,
+        environments.environment_for(checkout, on_line=logger.debug) as runenv,
     ):
         logger.info(runenv.summary())
         env = {**workspace.run_environment(dvc_remote), **runenv.variables(checkout)}
@@ -165,7 +165,7 @@ def dvc_experiment(
     started = time.monotonic()
     with (
         workspace.clean_checkout(repository, commit, name) as checkout,
-        environments.run_environment(checkout, on_line=logger.debug) as runenv,
+        environments.environment_for(checkout, on_line=logger.debug) as runenv,
     ):
         logger.info(runenv.summary())
         env = {**workspace.run_environment(dvc_remote), **runenv.variables(checkout)}

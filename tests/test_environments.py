@@ -72,7 +72,7 @@ def probe_in(env: environments.RunEnvironment, checkout: Path) -> str:
 def test_a_run_builds_the_environment_of_its_lock_and_the_next_run_reuses_it(envs, tmp_path):
     checkout = tiny_project(tmp_path / "clone-a")
     lines: list[str] = []
-    with environments.run_environment(checkout, extras=(), on_line=lines.append) as first:
+    with environments.environment_for(checkout, extras=(), on_line=lines.append) as first:
         assert first.built and first.digest == environment.lock_digest(checkout / "uv.lock")
         assert probe_in(first, checkout) == f"probe {first.path}"
         assert first.path.parent == envs
@@ -81,7 +81,7 @@ def test_a_run_builds_the_environment_of_its_lock_and_the_next_run_reuses_it(env
     # another clone of the same commit: same lock, same environment, nothing installed
     other = tmp_path / "clone-b"
     shutil.copytree(checkout, other)
-    with environments.run_environment(other, extras=()) as second:
+    with environments.environment_for(other, extras=()) as second:
         assert not second.built and second.path == first.path
         assert "reused" in second.summary()
         assert probe_in(second, other) == f"probe {first.path}"
@@ -90,7 +90,7 @@ def test_a_run_builds_the_environment_of_its_lock_and_the_next_run_reuses_it(env
 def test_a_changed_lock_gets_its_own_environment_with_its_own_packages(envs, tmp_path):
     old = tiny_project(tmp_path / "old", source="WHO = 'old'\n", version="1.0")
     new = tiny_project(tmp_path / "new", source="WHO = 'new'\n", version="2.0")
-    with environments.run_environment(old, extras=()) as a, environments.run_environment(new, extras=()) as b:
+    with environments.environment_for(old, extras=()) as a, environments.environment_for(new, extras=()) as b:
         assert a.path != b.path and a.digest != b.digest
         assert probe_in(a, old).split()[0] == "old"
         assert probe_in(b, new).split()[0] == "new"
@@ -98,7 +98,7 @@ def test_a_changed_lock_gets_its_own_environment_with_its_own_packages(envs, tmp
 
 def test_the_run_sees_its_clones_code_first(envs, tmp_path):
     checkout = tiny_project(tmp_path / "clone")
-    with environments.run_environment(checkout, extras=()) as env:
+    with environments.environment_for(checkout, extras=()) as env:
         variables = env.variables(checkout)
     assert variables["VIRTUAL_ENV"] == str(env.path)
     assert variables["PATH"].split(os.pathsep)[0] == str(env.path / "bin")
@@ -111,7 +111,7 @@ def test_a_lock_that_cannot_be_installed_fails_naming_the_package_and_the_lock(e
         wheel.unlink()  # the lock names a wheel that is not there
     digest = environment.lock_digest(checkout / "uv.lock")
     with pytest.raises(environments.RunEnvironmentError) as failed:
-        with environments.run_environment(checkout, extras=()):
+        with environments.environment_for(checkout, extras=()):
             pass
     message = str(failed.value)
     assert "\n" not in message
@@ -121,23 +121,23 @@ def test_a_lock_that_cannot_be_installed_fails_naming_the_package_and_the_lock(e
     ), message
     assert [p for p in envs.iterdir() if p.is_dir()] == []  # no half-built environment left
     # the same worker goes on: the next run, with a lock that installs, succeeds
-    with environments.run_environment(tiny_project(tmp_path / "good"), extras=()) as env:
+    with environments.environment_for(tiny_project(tmp_path / "good"), extras=()) as env:
         assert env.built
 
 
 def test_a_commit_without_a_lock_is_refused(envs, tmp_path):
     with pytest.raises(environments.RunEnvironmentError, match="has no uv.lock: run `make lock`"):
-        with environments.run_environment(tmp_path, extras=()):
+        with environments.environment_for(tmp_path, extras=()):
             pass
 
 
 def test_old_environments_are_pruned_but_never_one_in_use(envs, tmp_path, monkeypatch):
     monkeypatch.setenv(environments.KEEP_ENV, "2")
     projects = [tiny_project(tmp_path / f"p{i}", source=f"WHO = '{i}'\n", version=f"1.{i}") for i in range(4)]
-    with environments.run_environment(projects[0], extras=()) as held:
+    with environments.environment_for(projects[0], extras=()) as held:
         os.utime(held.path / ".last-used", (1, 1))  # the least recently used, but in use
         for i, project in enumerate(projects[1:], start=1):
-            with environments.run_environment(project, extras=()):
+            with environments.environment_for(project, extras=()):
                 pass
             os.utime(
                 envs / environments.environment_key(environment.lock_digest(project / "uv.lock"), ()) / ".last-used",
@@ -147,7 +147,7 @@ def test_old_environments_are_pruned_but_never_one_in_use(envs, tmp_path, monkey
         # the two most recently used, plus the oldest, which a run still holds
         assert held.path.name in kept and len(kept) == 3
         assert held.python.exists()
-    with environments.run_environment(projects[1], extras=()) as rebuilt:  # pruned while p0 was held
+    with environments.environment_for(projects[1], extras=()) as rebuilt:  # pruned while p0 was held
         assert rebuilt.built
     kept = sorted(p.name for p in envs.iterdir() if p.is_dir())
     assert len(kept) == 2 and held.path.name not in kept
