@@ -3,6 +3,7 @@
     python benchmarks/bench_train.py throughput [--epochs 8] [--source-size 500x375] [--work /tmp/bench-train]
     python benchmarks/bench_train.py accuracy --clone /tmp/exp-clone [--skip-run] [--experiments scratch,augmented]
     python benchmarks/bench_train.py precision --clone /tmp/exp-clone [--seeds 1,2,3] [--experiments scratch,augmented]
+        [--precisions float32,bfloat16]
 
 throughput: first each input pipeline alone (no model), then the same model (the
 `scratch` preset, 128 x 128 RGB, batch 32) trained on the book's 2,000 training
@@ -29,7 +30,8 @@ precision: the same commands with `-S seed=S -S train.cpu_bfloat16=false|true` f
 each seed, float32 and bfloat16 in turn (so both see the same machine load), then
 each experiment's test accuracy as mean +- standard deviation over the seeds, and
 whether the bfloat16 mean lies within the float32 runs' spread (their min..max):
-the rule issue 13 set for making `cpu_bfloat16: auto` the default.
+the rule issue 13 set for making `cpu_bfloat16: auto` the default. --precisions
+bfloat16 runs one side only, to set beside float32 figures measured earlier.
 """
 
 from __future__ import annotations
@@ -440,7 +442,11 @@ def precision(args: argparse.Namespace) -> None:
     clone = Path(args.clone)
     names = args.experiments.split(",")
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    runs = [(name, seed, label) for name in names for seed in seeds for label in PRECISIONS]
+    labels = args.precisions.split(",")
+    unknown = set(labels) - set(PRECISIONS)
+    if unknown:
+        raise SystemExit(f"--precisions: unknown {', '.join(sorted(unknown))} (choose from {', '.join(PRECISIONS)})")
+    runs = [(name, seed, label) for name in names for seed in seeds for label in labels]
     if not args.skip_run:
         ensure_clone(clone)
         done = shown_experiments(clone)
@@ -503,6 +509,7 @@ def main() -> None:
     prec.add_argument("--clone", required=True, help="clone of the repository to run them in (made if missing)")
     prec.add_argument("--experiments", default="scratch,augmented")
     prec.add_argument("--seeds", default="1,2,3")
+    prec.add_argument("--precisions", default="float32,bfloat16", help="which sides to run (default: %(default)s)")
     prec.add_argument("--skip-run", action="store_true", help="only print the table of experiments already run")
     prec.set_defaults(func=precision)
     args = parser.parse_args()
