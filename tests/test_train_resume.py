@@ -76,17 +76,28 @@ def saved_weights(model_dir) -> list[np.ndarray]:
     return keras.models.load_model(model_dir / "model.keras").get_weights()
 
 
+# Residual blocks (BatchNorm after each convolution, no random layers): with train.ema the
+# averaged weights get BatchNorm statistics of their own before each validation.
+RESIDUAL = {"block": "residual", "stem_filters": 8, "conv_filters": [8, 16], "pooled_blocks": 2}
+
+
 @pytest.mark.parametrize(
-    "training",
-    [{"lr_schedule": "constant"}, {"lr_schedule": "cosine"}, {"ema": 0.9}, RECORD_TRAINING],
-    ids=["constant", "cosine", "ema", "record"],
+    ("model", "training"),
+    [
+        ({}, {"lr_schedule": "constant"}),
+        ({}, {"lr_schedule": "cosine"}),
+        ({}, {"ema": 0.9}),
+        ({}, RECORD_TRAINING),
+        (RESIDUAL, {**RECORD_TRAINING, "ema": 0.99}),
+    ],
+    ids=["constant", "cosine", "ema", "record", "record-batchnorm"],
 )
 def test_interrupted_run_ends_exactly_like_an_uninterrupted_one(
-    tmp_path, interrupt_after, capsys, training, user_cache
+    tmp_path, interrupt_after, capsys, model, training, user_cache
 ):
     """Weights, optimizer state (with the schedule's step count and the EMA) and data order all resume."""
     prepared = make_prepared(tmp_path / "prepared")
-    params = Params.model_validate({**PLAIN, "train": {**PLAIN["train"], **training}})
+    params = Params.model_validate({"model": {**PLAIN["model"], **model}, "train": {**PLAIN["train"], **training}})
     straight = train(params, prepared, tmp_path / "a" / "model", tmp_path / "a" / "train")
 
     interrupt_after(2)

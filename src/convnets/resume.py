@@ -19,7 +19,7 @@ finished) holding:
 - state.weights.h5: the weights of the model being trained and its
   optimizer's state (Keras's save_weights stores both; with train.ema the
   optimizer's moving averages too, and the averaged weights sit in the model's
-  place, see AveragedWeights);
+  place, see convnets.averaging.AveragedWeights);
 - best.weights.h5: the weights of the epoch with the lowest val_loss so far
   (what the book's ModelCheckpoint(save_best_only=True) keeps);
 - history.json: every finished epoch's metrics and the best epoch.
@@ -246,23 +246,6 @@ class EpochBackup(keras.callbacks.Callback):
         if previous is not None and previous != final:
             shutil.rmtree(previous, ignore_errors=True)
         self.resume_dir.mirror_epoch(final)
-
-
-class AveragedWeights(keras.callbacks.SwapEMAWeights):
-    """train.ema: the optimizer's moving average of the weights is what validation and the backup see.
-
-    Listed before EpochBackup, it swaps the averaged weights into the model at the
-    end of every epoch (and back out at the start of the next), as Keras advises
-    for a checkpoint of them: the best weights EpochBackup keeps, and so the saved
-    model, are the averaged ones, and its state file holds the averaged weights in
-    the model's place and the trained ones in the optimizer's. A resumed run
-    loads that file as it is; `in_model` tells the callback where the averages
-    are, so that its first epoch swaps them out, as the uninterrupted run did.
-    """
-
-    def __init__(self, in_model: bool = False):
-        super().__init__(swap_on_epoch=True)
-        self._ema_weights_in_model = in_model  # SwapEMAWeights's own record of where the averages are
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

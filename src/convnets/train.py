@@ -34,6 +34,7 @@ import tensorflow as tf
 from dvclive import Live
 from dvclive.utils import standardize_metric_name
 
+from convnets.averaging import AveragedWeights, batch_normalizations, statistics_batches, with_warmed_up_average
 from convnets.cli import stage_main
 from convnets.datasets import ordered_batches, training_batches
 from convnets.devices import CPU_MIXED, DevicePlan, describe, dtype_policy, make_strategy, plan_devices, precision_line
@@ -45,7 +46,6 @@ from convnets.prepared import load_classes, load_subset
 from convnets.pretrained import VGG16Preprocess, set_trainable_layers
 from convnets.resume import (
     BEST,
-    AveragedWeights,
     EpochBackup,
     Progress,
     ResumeDir,
@@ -111,15 +111,18 @@ def make_optimizer(
 
     The schedule reads the optimizer's step counter, which a resumed run restores
     with the rest of its state, so resuming does not restart the warm-up or the
-    decay. With `ema` the optimizer also keeps the weights' moving average
-    (AveragedWeights swaps it in for validation and the backup).
+    decay. With `ema` the optimizer also keeps the weights' moving average, its
+    momentum warming up to `ema` (convnets.averaging; AveragedWeights swaps it in
+    for validation and the backup).
     """
     options = {"learning_rate": learning_rate_schedule(learning_rate, schedule, steps, warmup_steps)}
+    optimizer_class = OPTIMIZERS[name]
     if ema:
         options.update(use_ema=True, ema_momentum=ema)
+        optimizer_class = with_warmed_up_average(optimizer_class)
     if name == "adamw":
         options["weight_decay"] = weight_decay  # Keras's own default (0.004) would apply otherwise
-    return OPTIMIZERS[name](**options)
+    return optimizer_class(**options)
 
 
 def learning_rate_schedule(learning_rate: float, schedule: str, steps: int, warmup_steps: int = 0):
@@ -271,7 +274,7 @@ def run_phase(run: Run, phase: Phase) -> None:
         initial_epoch=first,
         epochs=phase.end,
         shuffle=False,  # the dataset shuffles itself, per epoch
-        callbacks=phase_callbacks(run, phase, resumed=first > phase.start),
+        callbacks=phase_callbacks(run, phase, trained, arrays["train"][0], resumed=first > phase.start),
         verbose=keras_verbosity(),
     )
 
@@ -289,11 +292,16 @@ def phase_optimizer(train_params: TrainParams, phase: Phase, train_images: int) 
     )
 
 
-def phase_callbacks(run: Run, phase: Phase, resumed: bool) -> list[keras.callbacks.Callback]:
+def phase_callbacks(
+    run: Run, phase: Phase, trained: keras.Model, train_images: np.ndarray, resumed: bool
+) -> list[keras.callbacks.Callback]:
     callbacks = [EpochBackup(run.data.resume, run.progress, phase.name), LiveEpochs(run.live)]
     if run.params.train.ema:
+        statistics = None
+        if batch_normalizations(trained):  # the averaged weights need BatchNorm statistics of their own
+            statistics = statistics_batches(train_images, run.params.train.batch_size, run.params.seed)
         # First in the list: the backup must find the averaged weights in the model (resume.py).
-        callbacks.insert(0, AveragedWeights(in_model=resumed))
+        callbacks.insert(0, AveragedWeights(statistics, in_model=resumed))
     return callbacks
 
 

@@ -1,0 +1,130 @@
+"""train.ema: a moving average of the weights that is worth validating from the first epochs.
+
+Keras's optimizers keep the average themselves (`use_ema=True`, one slot per
+trainable variable, saved with the optimizer's state, so a resumed run goes on
+with it). As Keras does it, two things make the average a poor model to validate:
+
+- Its momentum is fixed from the second step on. At 0.999 the average keeps 73%
+  of the first step's weights (nearly the random initial ones) after 315 steps,
+  five epochs of the book's 2,000 photos at batch 32: validation, the best-epoch
+  choice and the saved model then see mostly an untrained network. Here the
+  momentum warms up as tf.train.ExponentialMovingAverage's `num_updates` makes it:
+  min(ema, (1 + t) / (10 + t)) at step t, so the average spans roughly the last
+  tenth of the steps so far until it reaches the momentum asked for.
+- Only trainable variables are averaged. BatchNormalization's moving mean and
+  variance keep following the raw weights, so a model with the averaged weights
+  would normalise with statistics of other weights. Before each validation,
+  AveragedWeights recomputes them for the averaged weights, in training mode on a
+  fixed sample of training photos (as torch.optim.swa_utils.update_bn does).
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from convnets.datasets import stream
+
+# Photos of the training split (a fixed, seeded sample) whose batches recompute
+# BatchNormalization's statistics for the averaged weights before each validation.
+# Each batch's per-channel mean already runs over batch x height x width values,
+# so 512 photos pin the statistics down at a small cost: about a quarter of a
+# training epoch's photos at 2,000, seen forward only.
+STATISTICS_PHOTOS = 512
+
+
+def averaging_momentum(step, ema: float):
+    """The average's momentum at optimizer step `step` (0-based): 0 first, then warming up to `ema`."""
+    step = ops.cast(step, "float32")
+    warming = ops.minimum(ema, (1.0 + step) / (10.0 + step))
+    return ops.where(ops.equal(step, 0.0), 0.0, warming)  # the first step copies the weights, as Keras does
+
+
+class WarmedUpAverage:
+    """Mixed into a Keras optimizer class: its use_ema average follows averaging_momentum."""
+
+    def _update_model_variables_moving_average(self, trainable_variables):
+        # Replaces Keras's fixed-momentum update (BaseOptimizer, same name), which apply() calls
+        # after each step, before the step counter moves on.
+        momentum = averaging_momentum(self.iterations, self.ema_momentum)
+        for var, average in zip(trainable_variables, self._model_variables_moving_average, strict=True):
+            if average is not None:
+                kept = ops.cast(momentum, var.dtype)
+                average.assign(kept * average + (1.0 - kept) * var)
+
+
+def with_warmed_up_average(optimizer_class: type[keras.optimizers.Optimizer]) -> type[keras.optimizers.Optimizer]:
+    """The optimizer class with WarmedUpAverage's averaging (use it with use_ema=True)."""
+    return type(optimizer_class.__name__, (WarmedUpAverage, optimizer_class), {})
+
+
+def batch_normalizations(model: keras.layers.Layer) -> list[keras.layers.BatchNormalization]:
+    """The BatchNormalization layers that training mode updates, nested models included."""
+    found = []
+    for layer in getattr(model, "layers", []):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            if layer.trainable:  # a frozen one normalises with its stored statistics even in training mode
+                found.append(layer)
+        else:
+            found.extend(batch_normalizations(layer))
+    return found
+
+
+def statistics_batches(images: np.ndarray, batch_size: int, seed: int) -> tf.data.Dataset:
+    """A fixed sample of STATISTICS_PHOTOS training photos, in batches, the same every epoch."""
+    count = min(STATISTICS_PHOTOS, len(images))
+    chosen = np.sort(np.random.default_rng(seed).choice(len(images), size=count, replace=False))
+    return stream(np.ascontiguousarray(images[chosen])).cache().batch(batch_size)
+
+
+def recompute_batch_statistics(model: keras.Model, batches: tf.data.Dataset) -> int:
+    """Set each BatchNormalization's moving mean and variance to their averages over `batches`.
+
+    Runs the model in training mode (augmentation and dropout included, as
+    training sees the photos) with each layer's momentum set so that its moving
+    statistics become the running mean of the batches' statistics. Returns the
+    number of layers updated.
+    """
+    layers = batch_normalizations(model)
+    if not layers:
+        return 0
+    momenta = [layer.momentum for layer in layers]
+    try:
+        for index, images in enumerate(batches):
+            for layer in layers:
+                layer.momentum = index / (index + 1)  # batch k weighs 1/k: a running mean (read in eager calls)
+            model(images, training=True)
+    finally:
+        for layer, momentum in zip(layers, momenta, strict=True):
+            layer.momentum = momentum
+    return len(layers)
+
+
+class AveragedWeights(keras.callbacks.SwapEMAWeights):
+    """The averaged weights, with their own BatchNorm statistics, are what validation and the backup see.
+
+    Listed before EpochBackup, it swaps the averaged weights into the model for
+    each validation (recomputing the BatchNorm statistics for them first, when
+    `statistics` batches are given) and at the end of every epoch, as Keras
+    advises for a checkpoint of them: the best weights EpochBackup keeps, and so
+    the saved model, are the averaged ones, and the state file holds the averaged
+    weights in the model's place and the trained ones in the optimizer's. A
+    resumed run loads that file as it is; `in_model` tells the callback where the
+    averages are, so that its first epoch swaps them out, as the uninterrupted run did.
+
+    The raw weights are trained with the recomputed statistics left in place:
+    training mode normalises each batch with its own statistics, so nothing the
+    raw weights compute reads them.
+    """
+
+    def __init__(self, statistics: tf.data.Dataset | None = None, in_model: bool = False):
+        super().__init__(swap_on_epoch=True)
+        self.statistics = statistics
+        self._ema_weights_in_model = in_model  # SwapEMAWeights's own record of where the averages are
+
+    def on_test_begin(self, logs=None):
+        super().on_test_begin(logs)  # the averaged weights are in the model now
+        if self.statistics is not None:
+            recompute_batch_statistics(self.model, self.statistics)
