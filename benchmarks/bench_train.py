@@ -4,6 +4,7 @@
     python benchmarks/bench_train.py accuracy --clone /tmp/exp-clone [--skip-run] [--experiments scratch,augmented]
     python benchmarks/bench_train.py precision --clone /tmp/exp-clone [--seeds 1,2,3] [--experiments scratch,augmented]
         [--precisions float32,bfloat16]
+    python benchmarks/bench_train.py default-precision --clone /tmp/mnist-clone [--rounds 2]
 
 throughput: first each input pipeline alone (no model), then the same model (the
 `scratch` preset, 128 x 128 RGB, batch 32) trained on the book's 2,000 training
@@ -32,6 +33,11 @@ each experiment's test accuracy as mean +- standard deviation over the seeds, an
 whether the bfloat16 mean lies within the float32 runs' spread (their min..max):
 the rule issue 13 set for making `cpu_bfloat16: auto` the default. --precisions
 bfloat16 runs one side only, to set beside float32 figures measured earlier.
+
+default-precision: what `make run` (the MNIST default, every stage) costs with
+`train.cpu_bfloat16` false and auto, in turn, `--rounds` times each: `dvc exp run
+--force` in a clone, so that no stage comes from the run cache. Prints the wall time
+of the whole run and of the train stage, and the test accuracy, per setting.
 """
 
 from __future__ import annotations
@@ -484,6 +490,45 @@ def precision(args: argparse.Namespace) -> None:
             )
 
 
+DEFAULT_PRECISIONS = ("false", "auto")
+
+
+def default_precision(args: argparse.Namespace) -> None:
+    clone = Path(args.clone)
+    ensure_clone(clone)
+    rows = []
+    for round_ in range(1, args.rounds + 1):
+        for setting in DEFAULT_PRECISIONS:
+            start = time.perf_counter()
+            subprocess.run(
+                ["dvc", "exp", "run", "--force", "-S", f"train.cpu_bfloat16={setting}"],
+                cwd=clone,
+                check=True,
+                capture_output=True,
+                env=venv_env(),
+            )
+            wall = time.perf_counter() - start
+            timings = json.loads((clone / "timings" / "train.json").read_text())
+            metrics = json.loads((clone / "data" / "eval" / "metrics.json").read_text())
+            devices = json.loads((clone / "data" / "train" / "devices.json").read_text())
+            rows.append(
+                {
+                    "round": round_,
+                    "cpu_bfloat16": setting,
+                    "dtype_policy": devices["dtype_policy"],
+                    "run_s": wall,
+                    "train_s": timings["seconds"],
+                    "test_accuracy": metrics["test"]["accuracy"],
+                }
+            )
+            print(pd.DataFrame(rows[-1:]).to_string(index=False, header=round_ == 1 and setting == "false"), flush=True)
+    table = pd.DataFrame(rows)
+    summary = table.groupby("cpu_bfloat16", sort=False)[["run_s", "train_s", "test_accuracy"]].agg(["median", "min"])
+    print("\n" + summary.to_string(float_format="%.3f"))
+    float32, auto = (table[table.cpu_bfloat16 == s]["run_s"].median() for s in DEFAULT_PRECISIONS)
+    print(f"\nmake run with auto / with false: {auto / float32:.2f}x (median wall time)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -512,6 +557,10 @@ def main() -> None:
     prec.add_argument("--precisions", default="float32,bfloat16", help="which sides to run (default: %(default)s)")
     prec.add_argument("--skip-run", action="store_true", help="only print the table of experiments already run")
     prec.set_defaults(func=precision)
+    default = sub.add_parser("default-precision", help="make run's cost with cpu_bfloat16 false and auto, in turn")
+    default.add_argument("--clone", required=True, help="clone of the repository to run it in (made if missing)")
+    default.add_argument("--rounds", type=int, default=2, help="runs of each setting (default: %(default)s)")
+    default.set_defaults(func=default_precision)
     args = parser.parse_args()
     args.func(args)
 
