@@ -3,7 +3,10 @@
 Everything but the clone's DVC settings (configure_dvc) goes through DVC's command line:
 - `dvc exp run --pull -n NAME -S ...`: `--pull` first pulls DVC's run cache from the remote,
   so stages another run already ran with the same inputs (the data stages of a sweep)
-  are restored, not run again (see run_experiment for why not `--allow-missing`);
+  are restored, not run again. With `--allow-missing` too when the commit's dvc.lock holds
+  every data stage as the point would run it (pipeline.locked): the stages that run then
+  pull only the deps they read, and a point whose first changed stage is `train` never
+  receives fetch's photos;
 - `dvc exp push --run-cache origin NAME`: the experiment's git refs go to the git remote
   and its outputs plus the run cache to the DVC remote. `dvc exp pull` on any other
   clone then brings it into `dvc exp show`, and `dvc exp apply NAME && dvc pull` its outputs.
@@ -21,6 +24,7 @@ from pipeline.dvc import DvcError, check_dvc, run_dvc, stage_failure
 from pipeline.workspace import DVC_REMOTE_NAME, KeepCheckout, host, machine_dvc_cache, redact
 
 RUNNING = re.compile(r"^Running stage '([^']+)'")
+NOT_REPRODUCED = re.compile(r"^ERROR: failed to reproduce '([^']+)'")
 GIT_REMOTE = "origin"  # the clone's origin is the repository the run was asked to clone
 
 # How the clones check out the machine's DVC cache, in DVC's order of preference. A copy-on-write
@@ -77,17 +81,40 @@ def run_experiment(
     overrides: Sequence[str],
     env: dict[str, str],
     on_line: Callable[[str], None],
+    allow_missing: bool = False,
 ) -> None:
-    """`dvc exp run --pull`; a failed stage raises StageFailed with that stage's own error.
+    """`dvc exp run --pull [--allow-missing]`; a failed stage raises StageFailed with its own error.
 
-    Not `--allow-missing`: with DVC 3.67, when the data stages are locked in the commit but a
-    point changes the split, fetch is skipped without pulling data/raw, split is restored from
-    the run cache, and preprocess then runs on a data/raw that is missing (it failed in the
-    fleet test; with fewer files missing it could set them aside and train on other data).
+    allow_missing only where pipeline.locked says no data stage will run (its docstring says
+    why). If DVC then gives up on a stage without running its command, it found data missing
+    that the commit's dvc.lock promises (committed without `dvc push`): the run is repeated
+    with `--pull` alone, which runs what it cannot pull.
     """
-    run = run_dvc(checkout, ["exp", "run", "--pull", "-n", name, *set_flags(overrides)], on_line, env=env)
+    flags = set_flags(overrides)
+    if not allow_missing:
+        run = run_dvc(checkout, ["exp", "run", "--pull", "-n", name, *flags], on_line, env=env)
+        if not run.ok:
+            raise stage_failure(failed_stage(run.tail), run)
+        return
+    started: set[str] = set()  # from the whole output: a stage's own output may outrun the tail kept
+
+    def watch(line: str) -> None:
+        if match := RUNNING.match(line):
+            started.add(match.group(1))
+        on_line(line)
+
+    run = run_dvc(checkout, ["exp", "run", "--pull", "--allow-missing", "-n", name, *flags], watch, env=env)
+    if not run.ok and (stage := missing_data_stage(run.tail, started)):
+        on_line(f"'{stage}' has data missing on the DVC remote: running the experiment again with --pull alone")
+        run = run_dvc(checkout, ["exp", "run", "--pull", "-n", name, *flags], on_line, env=env)
     if not run.ok:
         raise stage_failure(failed_stage(run.tail), run)
+
+
+def missing_data_stage(lines: Sequence[str], started: set[str]) -> str | None:
+    """The stage DVC failed to reproduce without starting its command (its data was missing), if any."""
+    failed = [m.group(1) for line in lines if (m := NOT_REPRODUCED.match(line))]
+    return failed[-1] if failed and failed[-1] not in started else None
 
 
 def prepare_data(

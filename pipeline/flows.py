@@ -9,7 +9,19 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from pipeline import environments, experiment, grid, nightly, prefect_api, remote, results, sweep, tasks, workspace
+from pipeline import (
+    environments,
+    experiment,
+    grid,
+    locked,
+    nightly,
+    prefect_api,
+    remote,
+    results,
+    sweep,
+    tasks,
+    workspace,
+)
 from pipeline.dag import read_stage_graph
 from pipeline.dvc import ReproRun
 from pipeline.waiting import DEFAULT_TIMEOUT_S
@@ -174,7 +186,10 @@ def dvc_experiment(
         if data_stages:
             experiment.prepare_data(checkout, data_stages, overrides, env, logger.info)
             return {"name": name, "data_stages": data_stages, "worker": workspace.host(), "lock": runenv.digest}
-        experiment.run_experiment(checkout, name, overrides, env, logger.info)
+        reused = locked.locked_data_reused(checkout, overrides, data_stages_of(checkout))
+        if reused:
+            logger.info("the commit's dvc.lock holds the data stages as this run needs them: --allow-missing")
+        experiment.run_experiment(checkout, name, overrides, env, logger.info, allow_missing=reused)
         figures = experiment.read_figures(checkout)
         experiment.push_home(checkout, name, repository, env, logger.info)
     summary = {
