@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pipeline.dvc import DvcError, check_dvc, run_dvc, stage_failure
+from pipeline.locked import stage_entries
 from pipeline.workspace import DVC_REMOTE_NAME, KeepCheckout, host, machine_dvc_cache, redact
 
 RUNNING = re.compile(r"^Running stage '([^']+)'")
@@ -123,8 +124,9 @@ def prepare_data(
     overrides: Sequence[str],
     env: dict[str, str],
     on_line: Callable[[str], None],
-) -> None:
-    """Run (or restore) the data stages with the point's params and push them to the run cache."""
+) -> dict[str, dict]:
+    """Run (or restore) the data stages with the point's params and push them to the run cache
+    and the remote; return their dvc.lock entries, for the points that share them."""
     from pipeline.overrides import apply_overrides
 
     apply_overrides(checkout, overrides)
@@ -132,6 +134,7 @@ def prepare_data(
     if not run.ok:
         raise stage_failure(failed_stage(run.tail), run)
     check_dvc(checkout, ["push", "--run-cache", "--with-deps", *stages], on_line=on_line, env=env)
+    return stage_entries(checkout, stages)
 
 
 def failed_stage(lines: Sequence[str]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -167,11 +168,14 @@ def dvc_experiment(
     name: str,
     dvc_remote: str | None = None,
     data_stages: list[str] | None = None,
+    data_lock: dict | None = None,
 ) -> dict:
     """One DVC experiment of `commit`, in a clean clone, pushed home (see pipeline.experiment).
 
     With data_stages, only those stages run (and go to DVC's run cache), for the sweep's
-    other experiments with the same data params to restore instead of rerunning.
+    other experiments with the same data params to restore instead of rerunning; their
+    dvc.lock entries are published as an artifact. data_lock: those entries, handed to the
+    group's points, so that they need not receive the data stages' outputs (pipeline.locked).
     """
     logger = get_run_logger()
     started = time.monotonic()
@@ -184,11 +188,19 @@ def dvc_experiment(
         experiment.configure_dvc(checkout, dvc_remote)
         logger.info("%s at %s on %s: %s", name, commit[:7], workspace.host(), " ".join(overrides) or "defaults")
         if data_stages:
-            experiment.prepare_data(checkout, data_stages, overrides, env, logger.info)
+            entries = experiment.prepare_data(checkout, data_stages, overrides, env, logger.info)
+            create_table_artifact(
+                key=prefect_api.artifact_key("data", commit[:7], name),
+                table=[{"stage": stage, "entry": json.dumps(entry)} for stage, entry in entries.items()],
+                description=f"dvc.lock entries of the data stages that {name} ran at {commit[:7]}",
+            )
             return {"name": name, "data_stages": data_stages, "worker": workspace.host(), "lock": runenv.digest}
+        if data_lock:
+            locked.adopt_entries(checkout, data_lock)
         reused = locked.locked_data_reused(checkout, overrides, data_stages_of(checkout))
         if reused:
-            logger.info("the commit's dvc.lock holds the data stages as this run needs them: --allow-missing")
+            source = "the data-stage run's" if data_lock else "the commit's"
+            logger.info("%s dvc.lock holds the data stages as this run needs them: --allow-missing", source)
         experiment.run_experiment(checkout, name, overrides, env, logger.info, allow_missing=reused)
         figures = experiment.read_figures(checkout)
         experiment.push_home(checkout, name, repository, env, logger.info)

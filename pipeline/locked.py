@@ -11,6 +11,12 @@ fleet test). So the flag is only safe when no data stage will run or be restored
 locked_data_reused answers that from the clone before DVC starts: every data stage has an
 entry in the commit's dvc.lock with the same command, outputs, declared deps, code (the md5
 of each file dep that is not another data stage's output) and the point's params.
+
+A sweep's points mostly change params of the data stages too (all points of a group share
+them), so the commit's own lock rarely fits. The group's data-stage run hands its dvc.lock
+entries over instead (stage_entries there, adopt_entries in each point's clone): they
+describe exactly what that run pushed, and locked_data_reused still checks them against
+the point's params and the clone's code before DVC relies on them.
 """
 
 from __future__ import annotations
@@ -23,6 +29,22 @@ from pathlib import Path
 import yaml
 
 PARAMS_FILE = "params.yaml"
+LOCK_FILE = "dvc.lock"
+
+
+def stage_entries(checkout: Path, stages: Sequence[str]) -> dict[str, dict]:
+    """The clone's dvc.lock entries of `stages` (after they ran or were restored there)."""
+    locked = (yaml.safe_load((checkout / LOCK_FILE).read_text(encoding="utf-8")) or {}).get("stages", {})
+    return {stage: locked[stage] for stage in stages if stage in locked}
+
+
+def adopt_entries(checkout: Path, entries: dict[str, dict]) -> None:
+    """Put another run's dvc.lock entries of some stages into the clone's dvc.lock, the rest kept."""
+    path = checkout / LOCK_FILE
+    lock = (yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None) or {}
+    lock.setdefault("schema", "2.0")
+    lock.setdefault("stages", {}).update(entries)
+    path.write_text(yaml.safe_dump(lock, sort_keys=False), encoding="utf-8")
 
 
 def locked_data_reused(checkout: Path, overrides: Sequence[str], data_stages: Sequence[str]) -> bool:
@@ -31,7 +53,7 @@ def locked_data_reused(checkout: Path, overrides: Sequence[str], data_stages: Se
 
     if not data_stages:
         return False
-    lock_file, dvc_file = checkout / "dvc.lock", checkout / "dvc.yaml"
+    lock_file, dvc_file = checkout / LOCK_FILE, checkout / "dvc.yaml"
     if not lock_file.is_file():
         return False
     locked = (yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}).get("stages", {})

@@ -13,6 +13,7 @@ Nothing is kept here that a restart would lose: finished experiments are in the 
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Sequence
 from uuid import UUID
@@ -46,7 +47,13 @@ def experiments_on_remote(repository: str, commit: str) -> set[str]:
     return {m.group(3) for m in matches if m and m.group(1) + m.group(2) == commit}
 
 
-def submit(deployment: str, target: Target, point: Point, data_stages: Sequence[str] | None = None) -> UUID:
+def submit(
+    deployment: str,
+    target: Target,
+    point: Point,
+    data_stages: Sequence[str] | None = None,
+    data_lock: dict | None = None,
+) -> UUID:
     from prefect.deployments import run_deployment
 
     flow_run = run_deployment(
@@ -60,6 +67,7 @@ def submit(deployment: str, target: Target, point: Point, data_stages: Sequence[
             "name": point.name,
             "dvc_remote": target.dvc_remote,
             "data_stages": list(data_stages) if data_stages else None,
+            "data_lock": data_lock,
         },
         tags=["convnets-sweep"],
     )
@@ -115,15 +123,20 @@ def run_points(
         return outcomes
 
     groups = [g for g in data_groups if len([p for p in g if p.name not in done]) > 1]
+    locks: dict[str, dict] = {}  # point name -> the dvc.lock entries its group's data-stage run wrote
     if groups and data_stages:
         data = Target(target.repository, target.commit, target.dvc_remote, data_pool)
-        prepare_data(groups, data_deployment, data, data_stages, timeout_s, retries, log, outcomes)
+        locks = prepare_data(groups, data_deployment, data, data_stages, timeout_s, retries, log, outcomes)
+
+    def submit_point(point: Point) -> UUID:
+        return submit(deployment, target, point, data_lock=locks.get(point.name))
+
     for outcome in todo:
         if outcome.status == "pending":
-            outcome.flow_run_id = submit(deployment, target, outcome.point)
+            outcome.flow_run_id = submit_point(outcome.point)
             outcome.attempts = 1
     log(f"submitted {sum(o.flow_run_id is not None for o in todo)} experiment(s) to pool {target.pool!r}")
-    wait_for(todo, target.pool, timeout_s, log, retries, lambda point: submit(deployment, target, point))
+    wait_for(todo, target.pool, timeout_s, log, retries, submit_point)
     read_summaries(outcomes, target.commit)
     return outcomes
 
@@ -149,8 +162,12 @@ def prepare_data(
     retries: int,
     log: Callable[[str], None],
     outcomes: list[Outcome],
-) -> None:
-    """One run of the data stages per group of points that share them; their results go to the run cache."""
+) -> dict[str, dict]:
+    """One run of the data stages per group of points that share them; their results go to the run cache.
+
+    Returns, for each point of a group whose run succeeded, the dvc.lock entries that run
+    published (data_lock of pipeline.flows.dvc_experiment).
+    """
     runs = []
     for group in groups:
         first = group[0]
@@ -169,10 +186,23 @@ def prepare_data(
         lambda point: submit(deployment, target, point, data_stages),
     )
     by_name = {o.point.name: o for o in outcomes}
+    locks: dict[str, dict] = {}
     for run, group in runs:
         if run.status == "done":
+            entries = published_lock(target.commit, run.point.name)
+            locks.update({point.name: entries for point in group if entries})
             continue
         for point in group:
             outcome = by_name[point.name]
             if outcome.status == "pending":
                 outcome.status, outcome.message = run.status, f"data stages: {run.message}"
+    return locks
+
+
+def published_lock(commit: str, name: str) -> dict[str, dict]:
+    """The dvc.lock entries a data-stage run published ({} when it published none)."""
+    rows = latest_table(artifact_key("data", commit[:7], name))
+    try:
+        return {row["stage"]: json.loads(row["entry"]) for row in rows}
+    except (KeyError, TypeError, ValueError):
+        return {}  # not what dvc_experiment writes: the points then pull the data as before

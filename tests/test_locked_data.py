@@ -91,3 +91,28 @@ def test_file_md5_is_what_dvc_locks():
     code = next(dep for dep in locked if dep["path"] == "src/convnets/split.py")
     assert file_md5(REPO_ROOT / code["path"]) == code["md5"]
     assert file_md5(REPO_ROOT / "src") is None and file_md5(REPO_ROOT / "no-such-file") is None
+
+
+def test_entries_handed_over_by_another_run_are_adopted_and_still_checked(project):
+    from pipeline.locked import adopt_entries, stage_entries
+
+    lock = project / "dvc.lock"
+    original = lock.read_text(encoding="utf-8")
+    entries = stage_entries(project, DATA_STAGES)
+    assert sorted(entries) == sorted(DATA_STAGES)
+    try:
+        stages = yaml.safe_load(original)
+        for stage in DATA_STAGES:
+            del stages["stages"][stage]
+        lock.write_text(yaml.safe_dump(stages), encoding="utf-8")
+        assert not locked_data_reused(project, [], DATA_STAGES)
+        adopt_entries(project, entries)
+        assert locked_data_reused(project, [], DATA_STAGES)
+        assert "train" in yaml.safe_load(lock.read_text())["stages"]  # the other entries are kept
+        # entries of other params than the point's are no licence to skip anything
+        assert not locked_data_reused(project, ["split.train_size=300"], DATA_STAGES)
+        lock.unlink()
+        adopt_entries(project, entries)  # a commit without dvc.lock
+        assert locked_data_reused(project, [], DATA_STAGES)
+    finally:
+        lock.write_text(original, encoding="utf-8")

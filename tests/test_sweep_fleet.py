@@ -169,6 +169,10 @@ def test_a_sweep_fans_out_over_both_workers_and_comes_home(fleet):
     assert stage_runs(fleet, "preprocess") == 1 and stage_runs(fleet, "train") == 3
     # on the cpu pool: the GPU workers decode no photos
     assert "Running stage 'preprocess'" in fleet.log("nightly")
+    # and they received none: the data-stage run's dvc.lock let each point skip fetch's outputs
+    handed = "the data-stage run's dvc.lock holds the data stages as this run needs them: --allow-missing"
+    assert sum(fleet.log(worker).count(handed) for worker in ("w1", "w2")) == 3
+    assert not any("Pulling data for stage: 'fetch'" in fleet.log(worker) for worker in ("w1", "w2"))
     # nobody's folder was touched and no clone was left behind
     for worker in ("w1", "w2"):
         assert list((fleet.root / f"{worker}-home").iterdir()) == []

@@ -338,8 +338,12 @@ def probe_env(tmp: Path) -> dict[str, str]:
     return {**venv_env(), PROBE_ENV: str(tmp / "probe.txt")}
 
 
-def run_point(clone: Path, name: str, overrides: list[str], env: dict[str, str], lines: list[str]) -> bool:
+def run_point(
+    clone: Path, name: str, overrides: list[str], env: dict[str, str], lines: list[str], data_lock: dict | None = None
+) -> bool:
     """As the dvc-experiment flow runs a point: --allow-missing where pipeline.locked allows it."""
+    if data_lock:
+        locked.adopt_entries(clone, data_lock)
     reused = locked.locked_data_reused(clone, overrides, DATA_STAGES)
     experiment.run_experiment(clone, name, overrides, env, lines.append, allow_missing=reused)
     return reused
@@ -373,29 +377,34 @@ def test_a_point_starting_at_train_trains_without_the_photos_and_goes_home(machi
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "change",
-    [["preprocess.image_size=[20,20]"], ["split.train_size=200"]],
-    ids=["preprocess", "split"],
+    ("change", "handed"),
+    [(["preprocess.image_size=[20,20]"], False), (["split.train_size=200"], False), (["split.train_size=200"], True)],
+    ids=["preprocess", "split", "split-handed-over"],
 )
-def test_a_point_with_other_data_params_restores_them_from_the_run_cache(machine, locked_origin, monkeypatch, change):
+def test_a_point_with_other_data_params_restores_them_from_the_run_cache(
+    machine, locked_origin, monkeypatch, change, handed
+):
     """Case b: the sweep's data-stage run (another machine) ran the data stages with the point's
-    params; the point restores them. With the split changed, --allow-missing made DVC 3.67 skip
-    fetch and run preprocess on a data/raw it had not pulled ("3 of the 40 '0' images are bad":
-    checked by forcing the flag): pipeline.locked rules it out."""
+    params. On its own the commit's dvc.lock does not fit the point, so the point pulls and
+    restores them: with --allow-missing and the split changed, DVC 3.67 skipped fetch and ran
+    preprocess on a data/raw it had not pulled ("3 of the 40 '0' images are bad", checked by
+    forcing the flag). Handed the data-stage run's dvc.lock entries, as a sweep does, the
+    point skips the data stages and pulls only data/prepared."""
     origin, remote, commit = locked_origin
     monkeypatch.setenv(workspace.DVC_CACHE_ENV, str(machine / "other-machine-cache"))
     with workspace.clean_checkout(str(origin), commit, "data") as clone:
         experiment.configure_dvc(clone, str(remote))
-        experiment.prepare_data(clone, DATA_STAGES, [*SPLIT, *change], venv_env(), print)
+        entries = experiment.prepare_data(clone, DATA_STAGES, [*SPLIT, *change], venv_env(), print)
+    assert sorted(entries) == sorted(DATA_STAGES)
     monkeypatch.setenv(workspace.DVC_CACHE_ENV, str(machine / "dvc-cache"))
 
     lines: list[str] = []
     with workspace.clean_checkout(str(origin), commit, "p2") as clone:
         experiment.configure_dvc(clone, str(remote))
-        assert not run_point(clone, "p2", [*POINT, *change], probe_env(machine), lines)
+        reused = run_point(clone, "p2", [*POINT, *change], probe_env(machine), lines, entries if handed else None)
+        assert reused == handed
         text = "\n".join(lines)
-        assert "Stage 'preprocess' is cached - skipping run" in text and "Running stage 'preprocess'" not in text
-        assert "Running stage 'train'" in text
+        assert "Running stage 'train'" in text and "Running stage 'preprocess'" not in text
         prepared = np.load(clone / "data" / "prepared" / "train_images.npy", mmap_mode="r")
         lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
         if "preprocess" in change[0]:
@@ -403,6 +412,12 @@ def test_a_point_with_other_data_params_restores_them_from_the_run_cache(machine
             assert lock["preprocess"]["params"]["params.yaml"]["preprocess"]["image_size"] == [20, 20]  # as it ran
         else:
             assert len(prepared) == 200 and lock["split"]["params"]["params.yaml"]["split"]["train_size"] == 200
-        # DVC 3.67 hashes a stage's deps to find its run-cache entry, so it pulled data/raw here.
-        # When it stops doing that, this fails: say so in docs/orchestration.md and drop the line.
-        assert (clone / "data" / "raw" / "catalog.csv").exists()
+        seen = (machine / "probe.txt").read_text().split()  # data/ as train started
+        if handed:
+            assert "Stage 'fetch' didn't change, skipping" in text and "Pulling data for stage: 'fetch'" not in text
+            assert "raw" not in seen and not (clone / "data" / "raw").exists()
+        else:
+            assert "Stage 'preprocess' is cached - skipping run" in text
+            # DVC 3.67 hashes a stage's deps to find its run-cache entry, so it pulled data/raw here.
+            # When it stops doing that, this fails: say so in docs/orchestration.md and drop the line.
+            assert "raw" in seen and (clone / "data" / "raw" / "catalog.csv").exists()
