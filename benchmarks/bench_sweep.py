@@ -97,9 +97,12 @@ def overhead(fleet: Fleet, dataset: str, epochs: int) -> dict[str, float]:
     """Bare run, DVC queue and one-point sweep of the same experiment (three learning rates)."""
     tiny = dataset == "mnist"
     base = [o.format(epochs=epochs) for o in DATASETS[dataset]]
-    # warm-up: the data stages into the run cache (on a worker) and into the submitter's workspace
+    # warm-up: the data stages into the run cache (on a worker) and into the submitter's workspace;
+    # two points, so that both `gpu` workers build the commit's environment before anything is timed
     run(
-        sweep_args(*set_flags([*base, "train.learning_rate=0.0001"]), "--name-prefix", f"warm-{dataset}", tiny=tiny),
+        sweep_args(
+            *set_flags([*base, "train.learning_rate=0.0001,0.00011"]), "--name-prefix", f"warm-{dataset}", tiny=tiny
+        ),
         fleet.submitter,
         fleet.env,
         timeout=3600,
