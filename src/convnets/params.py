@@ -204,7 +204,9 @@ class TrainParams(_Section):
     # mixed_bfloat16 compute on a CPU without a GPU: about 2x faster training on CPUs with
     # bfloat16 units (Intel AMX / AVX512-BF16). true: there, and float32 with a printed line
     # elsewhere (emulated bfloat16 is slower); auto: the same, quietly, as the CPU decides;
-    # false: float32. Ignored when a GPU is used.
+    # false: float32. Ignored when a GPU is used. conf/ (and so params.yaml) sets auto, measured
+    # as accurate as float32 (docs/experiments.md); a params file without the key, as written
+    # before that, keeps the float32 it trained with.
     cpu_bfloat16: Literal[True, False, "auto"] = False
 
     @field_validator("cpu_bfloat16", mode="before")
