@@ -169,13 +169,15 @@ def dvc_experiment(
     dvc_remote: str | None = None,
     data_stages: list[str] | None = None,
     data_lock: dict | None = None,
+    data_artifact: str | None = None,
 ) -> dict:
     """One DVC experiment of `commit`, in a clean clone, pushed home (see pipeline.experiment).
 
     With data_stages, only those stages run (and go to DVC's run cache), for the sweep's
     other experiments with the same data params to restore instead of rerunning; their
-    dvc.lock entries are published as an artifact. data_lock: those entries, handed to the
-    group's points, so that they need not receive the data stages' outputs (pipeline.locked).
+    dvc.lock entries are published as the table artifact `data_artifact`. data_lock: those
+    entries, handed to the group's points, so that they need not receive the data stages'
+    outputs (pipeline.locked).
     """
     logger = get_run_logger()
     started = time.monotonic()
@@ -189,11 +191,12 @@ def dvc_experiment(
         logger.info("%s at %s on %s: %s", name, commit[:7], workspace.host(), " ".join(overrides) or "defaults")
         if data_stages:
             entries = experiment.prepare_data(checkout, data_stages, overrides, env, logger.info)
-            create_table_artifact(
-                key=prefect_api.artifact_key("data", commit[:7], name),
-                table=[{"stage": stage, "entry": json.dumps(entry)} for stage, entry in entries.items()],
-                description=f"dvc.lock entries of the data stages that {name} ran at {commit[:7]}",
-            )
+            if data_artifact:
+                create_table_artifact(
+                    key=data_artifact,
+                    table=[{"stage": stage, "entry": json.dumps(entry)} for stage, entry in entries.items()],
+                    description=f"dvc.lock entries of the data stages that {name} ran at {commit[:7]}",
+                )
             return {"name": name, "data_stages": data_stages, "worker": workspace.host(), "lock": runenv.digest}
         if data_lock:
             locked.adopt_entries(checkout, data_lock)
@@ -251,7 +254,7 @@ def dvc_sweep(
         "%d experiment(s) of %s on pool %r: %s", len(points), target.commit[:7], pool, ", ".join(p.name for p in points)
     )
     outcomes = sweep.run_points(
-        dvc_experiment, points, target, list(groups.values()), data_stages, timeout, retries, logger.info, data_pool
+        dvc_experiment, points, target, groups, data_stages, timeout, retries, logger.info, data_pool
     )
     home = [o.point.name for o in outcomes if o.ok]
     if home:
@@ -316,7 +319,7 @@ def dvc_nightly(
     point = grid.Point(tuple(overrides or ()), f"nightly-{commit[:7]}")
     nightly.check_before_submitting(point, repository, commit)
     target = results.Target(repository, commit, dvc_remote, pool)
-    (outcome,) = sweep.run_points(dvc_experiment, [point], target, [], [], timeout, 0, logger.info)
+    (outcome,) = sweep.run_points(dvc_experiment, [point], target, {}, [], timeout, 0, logger.info)
     rows = nightly.comparison_rows(outcome, commit, previous)
     create_table_artifact(
         key=nightly.artifact_key(branch),

@@ -13,6 +13,7 @@ Nothing is kept here that a restart would lose: finished experiments are in the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -53,6 +54,7 @@ def submit(
     point: Point,
     data_stages: Sequence[str] | None = None,
     data_lock: dict | None = None,
+    data_artifact: str | None = None,
 ) -> UUID:
     from prefect.deployments import run_deployment
 
@@ -68,6 +70,7 @@ def submit(
             "dvc_remote": target.dvc_remote,
             "data_stages": list(data_stages) if data_stages else None,
             "data_lock": data_lock,
+            "data_artifact": data_artifact,
         },
         tags=["convnets-sweep"],
     )
@@ -93,7 +96,7 @@ def run_points(
     flow,
     points: list[Point],
     target: Target,
-    data_groups: list[list[Point]],
+    data_groups: dict[str, list[Point]],
     data_stages: Sequence[str],
     timeout_s: float,
     retries: int,
@@ -101,7 +104,12 @@ def run_points(
     data_pool: str | None = None,
 ) -> list[Outcome]:
     """Run the points not yet in the git remote as flow runs of `flow` (pipeline.flows.dvc_experiment);
-    the shared data stages of each group run first, once, on `data_pool` (see choose_data_pool)."""
+    the shared data stages of each group run first, once, on `data_pool` (see choose_data_pool).
+
+    data_groups: the points by the params their data stages read (grid.data_key). A group whose
+    data stages an earlier data-stage run of this commit already ran (its dvc.lock entries are
+    published) runs none: its points get those entries, as they would get a new run's.
+    """
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
@@ -122,11 +130,13 @@ def run_points(
         read_summaries(outcomes, target.commit)
         return outcomes
 
-    groups = [g for g in data_groups if len([p for p in g if p.name not in done]) > 1]
-    locks: dict[str, dict] = {}  # point name -> the dvc.lock entries its group's data-stage run wrote
-    if groups and data_stages:
+    # point name -> the dvc.lock entries of its data stages, from an earlier or a new data-stage run
+    locks, shared = plan_data_runs(data_groups, done, lambda key: published_lock(target.commit, key))
+    if locks:
+        log(f"data stages already run for {target.commit[:7]}, their dvc.lock handed to: {', '.join(locks)}")
+    if shared and data_stages:
         data = Target(target.repository, target.commit, target.dvc_remote, data_pool)
-        locks = prepare_data(groups, data_deployment, data, data_stages, timeout_s, retries, log, outcomes)
+        locks.update(prepare_data(shared, data_deployment, data, data_stages, timeout_s, retries, log, outcomes))
 
     def submit_point(point: Point) -> UUID:
         return submit(deployment, target, point, data_lock=locks.get(point.name))
@@ -139,6 +149,23 @@ def run_points(
     wait_for(todo, target.pool, timeout_s, log, retries, submit_point)
     read_summaries(outcomes, target.commit)
     return outcomes
+
+
+def plan_data_runs(
+    data_groups: dict[str, list[Point]], done: set[str], published: Callable[[str], dict[str, dict]]
+) -> tuple[dict[str, dict], dict[str, list[Point]]]:
+    """The dvc.lock entries of the points whose data stages already ran (`published` looks them up
+    by data key), and the groups of two or more points left to run them once for."""
+    locks: dict[str, dict] = {}
+    shared: dict[str, list[Point]] = {}
+    for key, group in data_groups.items():
+        todo = [point for point in group if point.name not in done]
+        entries = published(key) if todo else {}
+        if entries:
+            locks.update({point.name: entries for point in todo})
+        elif len(todo) > 1:
+            shared[key] = todo
+    return locks, shared
 
 
 def choose_data_pool(client, requested: str | None, experiment_pool: str) -> str:
@@ -154,7 +181,7 @@ def choose_data_pool(client, requested: str | None, experiment_pool: str) -> str
 
 
 def prepare_data(
-    groups: list[list[Point]],
+    groups: dict[str, list[Point]],
     deployment: str,
     target: Target,
     data_stages: Sequence[str],
@@ -168,28 +195,29 @@ def prepare_data(
     Returns, for each point of a group whose run succeeded, the dvc.lock entries that run
     published (data_lock of pipeline.flows.dvc_experiment).
     """
-    runs = []
-    for group in groups:
+    runs, artifacts = [], {}
+    for key, group in groups.items():
         first = group[0]
-        run = Outcome(first, flow_run_id=submit(deployment, target, first, data_stages), attempts=1)
-        runs.append((run, group))
+        artifacts[first.name] = data_artifact(target.commit, key)
+        flow_run_id = submit(deployment, target, first, data_stages, data_artifact=artifacts[first.name])
+        runs.append((Outcome(first, flow_run_id=flow_run_id, attempts=1), key, group))
     log(
         f"running the data stages ({', '.join(data_stages)}) once for {len(groups)} group(s) of experiments "
         f"on pool {target.pool!r}"
     )
     wait_for(
-        [run for run, _ in runs],
+        [run for run, _, _ in runs],
         target.pool,
         timeout_s,
         log,
         retries,
-        lambda point: submit(deployment, target, point, data_stages),
+        lambda point: submit(deployment, target, point, data_stages, data_artifact=artifacts[point.name]),
     )
     by_name = {o.point.name: o for o in outcomes}
     locks: dict[str, dict] = {}
-    for run, group in runs:
+    for run, key, group in runs:
         if run.status == "done":
-            entries = published_lock(target.commit, run.point.name)
+            entries = published_lock(target.commit, key)
             locks.update({point.name: entries for point in group if entries})
             continue
         for point in group:
@@ -199,9 +227,14 @@ def prepare_data(
     return locks
 
 
-def published_lock(commit: str, name: str) -> dict[str, dict]:
-    """The dvc.lock entries a data-stage run published ({} when it published none)."""
-    rows = latest_table(artifact_key("data", commit[:7], name))
+def data_artifact(commit: str, data_key: str) -> str:
+    """The artifact a data-stage run of `commit` publishes its dvc.lock entries in, by its data params."""
+    return artifact_key("data", commit[:7], hashlib.sha256(data_key.encode()).hexdigest()[:12])
+
+
+def published_lock(commit: str, data_key: str) -> dict[str, dict]:
+    """The dvc.lock entries a data-stage run of `commit` published for these data params ({} if none)."""
+    rows = latest_table(data_artifact(commit, data_key))
     try:
         return {row["stage"]: json.loads(row["entry"]) for row in rows}
     except (KeyError, TypeError, ValueError):

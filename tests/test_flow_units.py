@@ -632,12 +632,12 @@ def test_a_sweep_with_no_worker_on_its_pool_gives_up_after_the_timeout(tmp_path)
     origin, commit = bare_origin_with_a_commit(tmp_path)
     target = Target(str(origin), commit, None, "units-sweep")
     with pytest.raises(SweepError, match="no work pool 'units-sweep'.*prefect work-pool create units-sweep"):
-        sweep.run_points(dvc_experiment, [Point(("seed=1",), "a")], target, [], [], timeout_s=1, retries=0, log=print)
+        sweep.run_points(dvc_experiment, [Point(("seed=1",), "a")], target, {}, [], timeout_s=1, retries=0, log=print)
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name="units-sweep", type="process"))
     started = time.monotonic()
     (outcome,) = sweep.run_points(
-        dvc_experiment, [Point(("seed=1",), "a")], target, [], [], timeout_s=3, retries=0, log=print
+        dvc_experiment, [Point(("seed=1",), "a")], target, {}, [], timeout_s=3, retries=0, log=print
     )
     assert time.monotonic() - started < 60
     assert outcome.status == "no worker"

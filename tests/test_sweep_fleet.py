@@ -187,6 +187,19 @@ def test_the_same_sweep_again_trains_nothing(fleet):
     assert stage_runs(fleet, "train") == trained
 
 
+def test_a_new_point_on_data_that_already_ran_runs_no_data_stages(fleet):
+    """One more point on the same commit and data params: the first sweep's data-stage run
+    published its dvc.lock entries, so no data-stage run now, and the point skips them too."""
+    data_runs = [r for r in fleet.flow_runs("dvc-experiment") if r["name"].endswith("-data")]
+    handed = "the data-stage run's dvc.lock holds the data stages as this run needs them: --allow-missing"
+    before = sum(fleet.log(worker).count(handed) for worker in ("w1", "w2"))
+    sweep = fleet.sweep(*TINY, "-S", "train.learning_rate=0.004", "-S", "train.epochs=1", "--timeout", "120")
+    assert sweep.returncode == 0, failure(fleet, sweep)
+    assert "data stages already run for" in sweep.stdout + sweep.stderr
+    assert [r for r in fleet.flow_runs("dvc-experiment") if r["name"].endswith("-data")] == data_runs
+    assert sum(fleet.log(worker).count(handed) for worker in ("w1", "w2")) == before + 1
+
+
 def test_nightly_runs_the_new_head_of_main_and_brings_it_home(fleet):
     (fleet.submitter / "NOTES.md").write_text("a change since the last sweep\n")
     git(fleet.submitter, "add", "NOTES.md")

@@ -313,3 +313,30 @@ def test_data_stages_go_to_the_cpu_pool_when_a_worker_polls_it():
     assert sweep.choose_data_pool(PoolsClient({"gpu": 2, "big-cpu": 0}), "big-cpu", "gpu") == "big-cpu"
     with pytest.raises(SweepError, match="no work pool 'nope'"):
         sweep.choose_data_pool(PoolsClient({"gpu": 2}), "nope", "gpu")
+
+
+# --- which groups need a data-stage run --------------------------------------------------------
+
+
+def test_groups_whose_data_already_ran_get_the_published_lock_and_no_new_run():
+    a, b, c, d, e = (Point((f"train.learning_rate=0.00{i}",), name) for i, name in enumerate("abcde", 1))
+    published = {"ran-before": {"fetch": {"cmd": "x"}}}
+    asked: list[str] = []
+
+    def lookup(key):
+        asked.append(key)
+        return published.get(key, {})
+
+    groups = {"ran-before": [a], "new-pair": [b, c], "new-single": [d], "all-done": [e]}
+    locks, shared = sweep.plan_data_runs(groups, done={"e"}, published=lookup)
+    assert locks == {"a": published["ran-before"]}  # even a one-point group reuses an earlier run
+    assert shared == {"new-pair": [b, c]}  # a new group of two runs its data stages once
+    assert "all-done" not in asked  # nothing left to run there: not even looked up
+    assert sweep.plan_data_runs({}, set(), lookup) == ({}, {})
+
+
+def test_the_data_artifact_is_named_by_commit_and_data_params():
+    one = sweep.data_artifact("0123456789abcdef", '{"split": 1}')
+    assert one.startswith("data-0123456-") and one == sweep.data_artifact("0123456aaaa", '{"split": 1}')
+    assert one != sweep.data_artifact("0123456789abcdef", '{"split": 2}')
+    assert re.fullmatch(r"[a-z0-9-]+", one)  # what Prefect accepts as a key
