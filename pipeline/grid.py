@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.locked import lookup, param_keys
+
 MAX_NAME = 80  # long grids still get names a person can read in `dvc exp show`
 
 
@@ -204,20 +206,12 @@ def data_params(project: Path, data_stages: Sequence[str]) -> list[str]:
     stages = yaml.safe_load((project / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
     keys: list[str] = []
     for stage in data_stages:
-        for entry in stages[stage].get("params", []):
-            for key in (entry if isinstance(entry, dict) else {"params.yaml": [entry]}).get("params.yaml", []):
-                if key not in keys:
-                    keys.append(key)
+        for key in param_keys(stages[stage].get("params", [])):
+            if key not in keys:
+                keys.append(key)
     return keys
 
 
 def data_key(params: dict, keys: Sequence[str]) -> str:
     """Equal for two points whose data stages read the same params (so they share one run)."""
-
-    def lookup(key: str):
-        value = params
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        return value
-
-    return json.dumps({key: lookup(key) for key in keys}, sort_keys=True)
+    return json.dumps({key: lookup(params, key) for key in keys}, sort_keys=True)
