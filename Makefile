@@ -42,8 +42,11 @@ lock: $(UV)
 run: $(STAMP)
 	dvc repro
 
+# Whole test modules on two processes (the suite mostly waits on DVC, Prefect and TensorFlow
+# subprocesses); tests/conftest.py orders the modules longest first. PYTEST_ARGS=-n0 runs in one.
+PYTEST_ARGS ?=
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=20 $(PYTEST_ARGS)
 
 # Ruff, configured in pyproject.toml: lint, and check that the code is formatted.
 lint: $(STAMP)
