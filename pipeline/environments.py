@@ -134,6 +134,7 @@ def build(checkout: Path, folder: Path, digest: str, extras: tuple[str, ...], on
         "UV_NO_PROGRESS": "1",
     }
     env.pop("VIRTUAL_ENV", None)  # the worker's own venv is not the target
+    env.pop("COLUMNS", None)  # uv wraps its causes to COLUMNS; the one-line error reads the last line
     proc = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True)
     for line in proc.stderr.splitlines()[-20:]:
         on_line(line)

@@ -105,7 +105,8 @@ def test_the_run_sees_its_clones_code_first(envs, tmp_path):
     assert variables["PYTHONPATH"].split(os.pathsep) == [str(checkout / "src"), str(checkout)]
 
 
-def test_a_lock_that_cannot_be_installed_fails_naming_the_package_and_the_lock(envs, tmp_path):
+def test_a_lock_that_cannot_be_installed_fails_naming_the_package_and_the_lock(envs, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "60")  # a narrow terminal: uv would wrap the cause onto a line of its own
     checkout = tiny_project(tmp_path / "broken")
     for wheel in (checkout / "vendor").iterdir():
         wheel.unlink()  # the lock names a wheel that is not there
