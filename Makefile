@@ -42,8 +42,9 @@ lock: $(UV)
 run: $(STAMP)
 	dvc repro
 
-# Whole test modules on two processes (the suite mostly waits on DVC, Prefect and TensorFlow
-# subprocesses); tests/conftest.py orders the modules longest first. PYTEST_ARGS=-n0 runs in one.
+# Whole test modules on two processes (in one, the suite left part of the two cores idle while it
+# waited on DVC, Prefect and TensorFlow subprocesses); tests/conftest.py orders the modules longest
+# first. PYTEST_ARGS=-n0 runs them in one process.
 PYTEST_ARGS ?=
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=20 $(PYTEST_ARGS)
