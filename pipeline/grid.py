@@ -204,12 +204,7 @@ def composed_files(project: Path) -> tuple[str, ...]:
 def data_params(project: Path, data_stages: Sequence[str]) -> list[str]:
     """The params keys the data stages read, from dvc.yaml (`params:` of each stage)."""
     stages = yaml.safe_load((project / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-    keys: list[str] = []
-    for stage in data_stages:
-        for key in param_keys(stages[stage].get("params", [])):
-            if key not in keys:
-                keys.append(key)
-    return keys
+    return list(dict.fromkeys(key for stage in data_stages for key in param_keys(stages[stage].get("params", []))))
 
 
 def data_key(params: dict, keys: Sequence[str]) -> str:

@@ -9,9 +9,9 @@ import pytest
 from convnets.averaging import (
     STATISTICS_PHOTOS,
     AveragedWeights,
+    BatchStatistics,
     averaging_momentum,
     batch_normalizations,
-    recompute_batch_statistics,
     statistics_batches,
     with_warmed_up_average,
 )
@@ -134,7 +134,7 @@ def test_statistics_are_the_running_mean_over_batches():
     model = normalised_model()
     kernel, bias = model.get_layer("hidden").get_weights()
     batches = statistics_batches(features, batch_size=20, seed=5)  # all 60 rows, in 3 batches of 20
-    assert recompute_batch_statistics(model, batches) == 1
+    assert BatchStatistics(model, batches).recompute() == 1
     hidden = [np.asarray(batch, dtype="float64") @ kernel + bias for batch in batches]
     bn = model.get_layer("bn")
     np.testing.assert_allclose(bn.moving_mean, np.mean([h.mean(axis=0) for h in hidden], axis=0), rtol=1e-5)

@@ -123,11 +123,6 @@ class BatchStatistics:
         return len(self.layers)
 
 
-def recompute_batch_statistics(model: keras.Model, batches: tf.data.Dataset) -> int:
-    """BatchStatistics(model, batches).recompute(), once."""
-    return BatchStatistics(model, batches).recompute()
-
-
 class AveragedWeights(keras.callbacks.SwapEMAWeights):
     """The averaged weights, with their own BatchNorm statistics, are what validation and the backup see.
 
