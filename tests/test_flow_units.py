@@ -176,14 +176,20 @@ def flow_logs(flow_run_id) -> str:
     return "\n".join(log.message for log in logs)
 
 
-def artifact(flow_run_id, key: str):
+def artifact(flow_run_id, key: str, wait_s: float = 30):
+    """The flow run's artifact `key`, waiting up to wait_s for the API to show it (None if it never does):
+    with both cores busy, the test harness's server has answered before it stored one the flow just wrote."""
+    deadline = time.monotonic() + wait_s
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])
+        while True:
+            found = client.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])
+                )
             )
-        )
-    return found[0] if found else None
+            if found or time.monotonic() > deadline:
+                return found[0] if found else None
+            time.sleep(0.2)
 
 
 # --- the flow, with the fake dvc ----------------------------------------------------------
