@@ -8,7 +8,9 @@ import http.server
 import io
 import os
 import threading
+import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -159,8 +161,9 @@ def test_the_dogs_vs_cats_preset_finds_the_replica_from_the_repo_root(monkeypatc
 class FlakyServer(http.server.ThreadingHTTPServer):
     """Serves one file over real HTTP on localhost; the first `failures` requests get a 503."""
 
-    def __init__(self, payload: bytes, failures: int = 0, truncate: bool = False):
+    def __init__(self, payload: bytes, failures: int = 0, truncate: bool = False, seconds: float = 0.0):
         self.payload, self.failures, self.truncate, self.requests = payload, failures, truncate, 0
+        self.seconds = seconds  # how long sending the body takes: a slow network
         super().__init__(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -179,7 +182,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Length", str(len(server.payload)))
         self.end_headers()
-        self.wfile.write(body)
+        pieces = 10 if server.seconds else 1
+        step = -(-len(body) // pieces)
+        for start in range(0, len(body), step):
+            time.sleep(server.seconds / pieces)
+            self.wfile.write(body[start : start + step])
+            self.wfile.flush()
 
     def log_message(self, *args):  # keep the test output clean
         pass
@@ -233,7 +241,31 @@ def test_url_download_cut_short_is_not_kept(tmp_path, photos, serve):
     with pytest.raises(DataError, match="after 2 tries"):
         fetch(archive_params(server.url(), download_retries=1), tmp_path / "data" / "raw")
     assert server.requests == 2
-    assert list(downloads_dir().iterdir()) == []
+    assert [path.name for path in downloads_dir().iterdir()] == ["train.zip.lock"]  # no partial file
+
+
+def test_two_fetches_of_one_url_at_once_share_one_download(tmp_path, photos, serve):
+    """Two runs on one machine (two workers, one user cache) fetch the same archive at the same time.
+
+    The second waits for the first's download and reads the finished file: one request, one good
+    copy in the cache, no partial file left, and the same catalog for both.
+    """
+    payload = write_zip(tmp_path / "train.zip", photos).read_bytes()
+    server = serve(payload, seconds=1.0)  # the second fetch starts while the first is still receiving
+    params = archive_params(server.url())
+    outs = [tmp_path / run / "data" / "raw" for run in ("run-1", "run-2")]
+    with ThreadPoolExecutor(2) as runs:
+        catalogs = list(runs.map(lambda out: fetch(params, out), outs))
+    for out in outs:
+        check_catalog(out, photos)
+    pd.testing.assert_frame_equal(catalogs[0], catalogs[1])
+    assert server.requests == 1
+    assert (downloads_dir() / "train.zip").read_bytes() == payload
+    assert sorted(path.name for path in downloads_dir().iterdir()) == [
+        "train.zip",
+        "train.zip.lock",  # kept: removing a lock file another run may be waiting on would break the lock
+        "train.zip.verified",
+    ]
 
 
 @pytest.fixture

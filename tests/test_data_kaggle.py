@@ -12,7 +12,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -43,14 +45,29 @@ def competition_zip(n_per_class: int = 3) -> bytes:
     return outer.getvalue()
 
 
+class SlowBody(io.BytesIO):
+    """A response body that arrives in small pieces over `seconds`: a slow network."""
+
+    PIECE = 256
+
+    def __init__(self, payload: bytes, seconds: float):
+        super().__init__(payload)
+        self.pause = seconds / max(1, len(payload) // self.PIECE)
+
+    def read(self, size: int | None = -1) -> bytes:
+        time.sleep(self.pause)
+        return super().read(self.PIECE if size is None or size < 0 else min(size, self.PIECE))
+
+
 class FakeKaggle:
     """Plays the network: answers each request with the next scripted reply.
 
     A reply is "ok" (serve the competition zip), an HTTP status code, or an exception to raise.
     """
 
-    def __init__(self, replies, payload: bytes):
+    def __init__(self, replies, payload: bytes, seconds: float = 0.0):
         self.replies, self.payload, self.requests = list(replies), payload, []
+        self.seconds = seconds  # how long sending the file takes
 
     def send(self, session, request, **kwargs):
         self.requests.append(request)
@@ -62,7 +79,7 @@ class FakeKaggle:
         if reply == "ok":
             response.status_code = 200
             response.headers.update({"Content-Type": "application/zip", "Content-Length": str(len(self.payload))})
-            response.raw = io.BytesIO(self.payload)
+            response.raw = SlowBody(self.payload, self.seconds) if self.seconds else io.BytesIO(self.payload)
         else:
             response.status_code = reply
             response.headers["Content-Type"] = "application/json"
@@ -91,8 +108,8 @@ def credentials(kaggle_home, monkeypatch):
     monkeypatch.setenv("KAGGLE_KEY", SECRET_KEY)
 
 
-def network(monkeypatch, replies=(), payload=None) -> FakeKaggle:
-    fake = FakeKaggle(replies, payload if payload is not None else competition_zip())
+def network(monkeypatch, replies=(), payload=None, seconds: float = 0.0) -> FakeKaggle:
+    fake = FakeKaggle(replies, payload if payload is not None else competition_zip(), seconds)
     monkeypatch.setattr(requests.Session, "send", lambda session, request, **kw: fake.send(session, request, **kw))
     return fake
 
@@ -154,6 +171,26 @@ def test_a_damaged_download_is_fetched_again(tmp_path, credentials, monkeypatch)
     assert len(run_fetch(tmp_path)) == 6
     assert len(fake.requests) == 1
     assert cached.read_bytes() == fake.payload
+
+
+def test_two_fetches_of_one_competition_at_once_share_one_download(tmp_path, credentials, monkeypatch):
+    """Two runs on one machine download the same competition at the same time into one user cache."""
+    fake = network(monkeypatch, seconds=1.0)  # the second fetch starts while the first is still receiving
+    outs = [tmp_path / run / "data" / "raw" for run in ("run-1", "run-2")]
+    with ThreadPoolExecutor(2) as runs:
+        catalogs = list(runs.map(lambda out: fetch(kaggle_params(), out), outs))
+    pd.testing.assert_frame_equal(catalogs[0], catalogs[1])
+    assert len(catalogs[0]) == 6
+    for out in outs:
+        assert (out / "images" / "dog" / "dog.2.jpg").read_bytes() == b"dog2"
+    assert len(fake.requests) == 1
+    cached = downloads_dir()
+    assert (cached / "dogs-vs-cats.zip").read_bytes() == fake.payload
+    assert sorted(path.name for path in cached.iterdir()) == [
+        "dogs-vs-cats.zip",
+        "dogs-vs-cats.zip.lock",
+        "dogs-vs-cats.zip.verified",
+    ]
 
 
 def test_missing_credentials(tmp_path, kaggle_home, monkeypatch, capsys):

@@ -5,25 +5,39 @@ of every member of a zip) and then gets a `<name>.verified` note with its size
 and SHA-256. Later runs reuse a file whose note still matches, without any
 network access; anything else is downloaded again. URLs are logged without
 their query string or user info, where signed URLs and passwords live.
+
+Runs on one machine share the cache (two workers, one user): a download holds
+`<name>.lock` (flock), so a second run of the same file waits, then finds it
+verified; it is written in a folder of its own beside the cache's files and
+renamed into place only once verified, so no run ever reads a file still being
+written, and no run's download truncates another's.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import http.client
 import json
 import logging
 import math
+import shutil
 import socket
+import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the private folders and the rename still keep files whole
+    fcntl = None
 
 from convnets.errors import DataError
 from convnets.progress import progress
@@ -152,28 +166,83 @@ def prepare_downloads_dir(downloads_dir: Path) -> Path:
     return downloads_dir
 
 
+# --- one download of a file at a time, renamed into place whole ----------------------------
+
+
+def reuse(target: Path, expected_sha256: str = "") -> bool:
+    """True (and logged) when the cache holds `target`, verified."""
+    if not is_verified(target, expected_sha256):
+        return False
+    log.info("using %s, verified when it was downloaded", target)
+    return True
+
+
+@contextlib.contextmanager
+def only_download(target: Path) -> Iterator[None]:
+    """Hold `<name>.lock` beside `target`: another run that wants the file waits, then reuses it.
+
+    The lock file stays: removing it while another run waits on it would let a third lock a new one.
+    """
+    with open(target.with_name(f"{target.name}.lock"), "a+") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        yield
+
+
+@contextlib.contextmanager
+def private_folder(target: Path) -> Iterator[Path]:
+    """A temporary folder of this process beside `target` (same file system: renames are atomic)."""
+    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_leftovers(target: Path) -> None:
+    """Private folders of runs that were killed while downloading `target`: none is in use under its lock."""
+    for folder in target.parent.glob(f".{target.name}.*.partial"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def publish(download: Path, target: Path) -> None:
+    """Rename a verified download, then its note, into the cache: a reader sees all of it or none."""
+    download.replace(target)
+    note_path(download).replace(note_path(target))
+
+
 # --- plain URLs -----------------------------------------------------------------------
 
 
 def download_url(url: str, downloads_dir: Path, retries: int, backoff_s: float, sha256: str = "") -> Path:
-    """Download `url` into downloads_dir (once) and return the local file."""
+    """Download `url` into downloads_dir (once per machine) and return the local file."""
     name = Path(urllib.parse.urlsplit(url).path).name or "download.zip"
     target = prepare_downloads_dir(downloads_dir) / name
-    if is_verified(target, sha256):
-        log.info("using %s, verified when it was downloaded", target)
+    if reuse(target, sha256):
         return target
-    forget(target)
-    partial = target.with_name(target.name + ".partial")
+    with only_download(target):
+        if reuse(target, sha256):  # another run downloaded it while this one waited
+            return target
+        forget(target)
+        remove_leftovers(target)
+        with private_folder(target) as folder:
+            download_verified(url, folder / name, retries, backoff_s, sha256)
+            publish(folder / name, target)
+    return target
+
+
+def download_verified(url: str, download: Path, retries: int, backoff_s: float, sha256: str) -> None:
+    """Download `url` to `download` and verify it, retrying transient failures; DataError if it cannot."""
     tries = 0
 
     def attempt() -> None:
         nonlocal tries
         tries += 1
         try:
-            fetch_to(url, partial)
-            verify_download(partial, sha256)
+            fetch_to(url, download)
+            verify_download(download, sha256)
         except BaseException:
-            forget(partial)  # no resume for plain URLs: the next try starts afresh
+            forget(download)  # no resume for plain URLs: the next try starts afresh
             raise
 
     try:
@@ -182,9 +251,6 @@ def download_url(url: str, downloads_dir: Path, retries: int, backoff_s: float, 
         raise DataError(f"could not download {redact(url)}: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException, IncompleteDownload) as exc:
         raise DataError(download_failure(url, exc, tries)) from None
-    partial.replace(target)
-    note_path(partial).replace(note_path(target))
-    return target
 
 
 def download_failure(url: str, exc: BaseException, tries: int) -> str:
@@ -210,7 +276,7 @@ def fetch_to(url: str, path: Path) -> None:
         chunks = iter(lambda: response.read(CHUNK), b"")
         total = math.ceil(expected / CHUNK) if expected else None
         written = 0
-        for chunk in progress(chunks, f"fetch: downloading {path.name.removesuffix('.partial')}", total, unit="MiB"):
+        for chunk in progress(chunks, f"fetch: downloading {path.name}", total, unit="MiB"):
             out.write(chunk)
             written += len(chunk)
     if expected is not None and written != expected:

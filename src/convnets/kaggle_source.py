@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -23,8 +24,10 @@ from convnets.downloads import (
     describe,
     forget,
     http_status,
-    is_verified,
+    only_download,
     prepare_downloads_dir,
+    publish,
+    reuse,
     verify_download,
     with_retries,
 )
@@ -42,27 +45,47 @@ NO_CREDENTIALS = (
 def download_competition(competition: str, downloads_dir: Path, retries: int, backoff_s: float) -> Path:
     """Return <downloads_dir>/<competition>.zip, downloading it unless a verified copy is there."""
     target = prepare_downloads_dir(downloads_dir) / f"{competition}.zip"
-    if is_verified(target):
-        log.info("using %s, verified when it was downloaded", target)
+    if reuse(target):
         return target
+    with only_download(target):
+        if reuse(target):  # another run downloaded it while this one waited
+            return target
+        forget(target)
+        download = download_into(partial_folder(target), competition, retries, backoff_s)
+        publish(download, target)
+        shutil.rmtree(download.parent, ignore_errors=True)
+    return target
+
+
+def partial_folder(target: Path) -> Path:
+    """Where the client downloads `target`: touched only under its lock, and kept when a run is
+    killed, so that the next run's client resumes the partial file (~800 MB for dogs-vs-cats)."""
+    folder = target.with_name(f".{target.name}.partial")
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def download_into(folder: Path, competition: str, retries: int, backoff_s: float) -> Path:
+    """<folder>/<competition>.zip, downloaded by the client and verified."""
     api = with_kaggle_errors(
         competition, lambda: with_retries(authenticated_api, "signing in to Kaggle", retries, backoff_s, is_transient)
     )
+    download = folder / f"{competition}.zip"
     force = False  # let the client resume a partial file from an earlier run
 
     def attempt() -> None:
         nonlocal force
         quiet = not sys.stderr.isatty()  # the client's own progress bar, on a terminal only
         try:
-            api.competition_download_files(competition, path=str(downloads_dir), force=force, quiet=quiet)
+            api.competition_download_files(competition, path=str(folder), force=force, quiet=quiet)
         except ValueError as exc:  # the client's check of the size it received
             raise IncompleteDownload(str(exc)) from None
-        if not target.is_file():
-            raise DataError(f"the Kaggle client reported success but {target} is not there")
+        if not download.is_file():
+            raise DataError(f"the Kaggle client reported success but {download} is not there")
         try:
-            verify_download(target)
+            verify_download(download)
         except IncompleteDownload:
-            forget(target)
+            forget(download)
             force = True
             raise
 
@@ -72,7 +95,7 @@ def download_competition(competition: str, downloads_dir: Path, retries: int, ba
             attempt, f"downloading the {competition} files from Kaggle", retries, backoff_s, is_transient
         ),
     )
-    return target
+    return download
 
 
 def authenticated_api():
