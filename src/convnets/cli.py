@@ -6,9 +6,11 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from convnets.errors import ParamsError, PipelineError
 from convnets.params import Params, load_params
+from convnets.runtime import check_environment
 
 
 def stage_main(
@@ -29,6 +31,7 @@ def stage_main(
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        check_environment(stage_name(work), Path(args.params).parent)
         params = load_params(args.params)
         work(params, args)
     except ParamsError as exc:
@@ -38,3 +41,13 @@ def stage_main(
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def stage_name(work: Callable) -> str:
+    """The stage a work function belongs to: its module's name (dvc.yaml names each stage after it).
+
+    Under `python -m convnets.train` the module is `__main__`; its spec keeps the real name.
+    """
+    module = sys.modules.get(work.__module__)
+    spec = getattr(module, "__spec__", None)
+    return (spec.name if spec else work.__module__).rsplit(".", 1)[-1]
