@@ -57,6 +57,20 @@ def test_every_image_once_per_epoch_in_a_new_order(rows):
         assert np.array_equal(pixels.numpy()[:, 0, 0, 0], labels.numpy())
 
 
+@pytest.mark.parametrize("seed", [0, 2**31 - 1])
+def test_a_global_seed_that_truncates_to_zero_trains(rows, seed):
+    """`seed: 0` seeds TensorFlow's global generator with 0; the epochs' shuffle crashed then
+    (OperatorNotAllowedInGraphError), and any test that ran after one seeding 0 failed with it."""
+    import keras
+
+    images, ids = rows
+    keras.utils.set_random_seed(seed)
+    dataset, steps = training_batches(images, ids, batch_size=16, seed=seed, first_epoch=1, epochs=3)
+    batches = [labels.numpy() for _, labels in dataset]
+    assert len(batches) == 2 * steps
+    assert sorted(np.concatenate(batches[:steps])) == list(range(50))
+
+
 def test_an_epoch_has_the_same_order_when_a_run_resumes_there(rows):
     images, ids = rows
     full, steps = training_batches(images, ids, batch_size=16, seed=3, first_epoch=0, epochs=4)

@@ -71,8 +71,19 @@ def training_batches(
             batches = batches.enumerate().map(lambda b, batch: mix_pairs(*batch, mixup, tf.stack([seed + epoch, b])))
         return batches
 
-    batches = tf.data.Dataset.range(first_epoch, epochs).flat_map(one_epoch)
+    # Each epoch is built with its seed as a Python int. A seed that is a tensor (the epoch of a
+    # Dataset.range(...).flat_map) crashes tf.random_seed.get_seed with OperatorNotAllowedInGraphError
+    # whenever the global seed is 0 (`seed: 0` in params.yaml), as it compares the pair with (0, 0).
+    batches = concatenated([one_epoch(epoch) for epoch in range(first_epoch, epochs)])
     return batches.prefetch(tf.data.AUTOTUNE), math.ceil(n / batch_size)
+
+
+def concatenated(datasets: list[tf.data.Dataset]) -> tf.data.Dataset:
+    """The datasets one after the other, joined as a balanced tree (depth log2 n, not n)."""
+    while len(datasets) > 1:
+        pairs = [datasets[i].concatenate(datasets[i + 1]) for i in range(0, len(datasets) - 1, 2)]
+        datasets = pairs + datasets[len(datasets) - len(datasets) % 2 :]
+    return datasets[0]
 
 
 def mix_pairs(images: tf.Tensor, labels: tf.Tensor, alpha: float, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
