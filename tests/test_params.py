@@ -96,6 +96,14 @@ def test_bad_params_name_the_key(tmp_path, changes, key, expected):
     assert expected in message
 
 
+def test_a_bad_value_is_shown_as_the_readme_shows_it(tmp_path):
+    """The README's example, to the letter: the file, the key, pydantic's reason and the value given."""
+    path = write_params(tmp_path / "params.yaml", {"split": {"test_size": -5}})
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    assert "params.yaml: split.test_size: Input should be greater than 0 (got -5)" in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("changes", "keys"),
     [

@@ -247,3 +247,10 @@ def test_training_is_deterministic(tiny_run, tmp_path):
 
     again = train(tiny_run["params"], tiny_run["root"] / "prepared", tmp_path / "model", tmp_path / "train")
     assert again == tiny_run["best"]
+    # The README promises the same weights, not only the same figures.
+    from convnets.trained import load_trained
+
+    first = load_trained(tiny_run["root"] / "model")[0].get_weights()
+    second = load_trained(tmp_path / "model")[0].get_weights()
+    assert len(first) == len(second) > 0
+    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
