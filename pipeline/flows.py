@@ -300,29 +300,32 @@ def dvc_nightly(
     dvc_remote: str | None = None,
     overrides: list[str] | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
+    retries: int = sweep.DEFAULT_RETRIES,
 ) -> dict:
     """The head of `branch` as one experiment on the pool, compared with the previous scheduled run's.
 
     repository and dvc_remote default to those of the checkout the worker's venv was installed
-    from; overrides (`-S` syntax) apply to every nightly run, e.g. dataset=dogs_vs_cats.
+    from; overrides (`-S` syntax) apply to every nightly run, e.g. dataset=dogs_vs_cats. The
+    previous run is that of the same branch and overrides; a run whose worker died is submitted
+    again, up to `retries` times, as a sweep's points are.
     """
     logger = get_run_logger()
     repository = repository or remote.git_remote_url(remote.installed_checkout())
     dvc_remote = dvc_remote or remote.dvc_remote_url(remote.installed_checkout())
     commit = remote.branch_head(repository, branch)
-    previous = nightly.previous_run(branch)
+    previous = nightly.previous_run(branch, overrides)
     if previous and previous.get("commit") == commit and previous.get("status") in ("done", "already done"):
         message = f"nothing changed on {branch} since the last scheduled run (commit {commit[:7]}): nothing trained"
         logger.info(message)
-        create_markdown_artifact(key=nightly.artifact_key(branch, "note"), markdown=message)
+        create_markdown_artifact(key=nightly.artifact_key(branch, overrides, "note"), markdown=message)
         return {"commit": commit, "status": "unchanged"}
-    point = grid.Point(tuple(overrides or ()), f"nightly-{commit[:7]}")
+    point = grid.Point(tuple(overrides or ()), nightly.experiment_name(commit, overrides))
     nightly.check_before_submitting(point, repository, commit)
     target = results.Target(repository, commit, dvc_remote, pool)
-    (outcome,) = sweep.run_points(dvc_experiment, [point], target, {}, [], timeout, 0, logger.info)
+    (outcome,) = sweep.run_points(dvc_experiment, [point], target, {}, [], timeout, retries, logger.info)
     rows = nightly.comparison_rows(outcome, commit, previous)
     create_table_artifact(
-        key=nightly.artifact_key(branch),
+        key=nightly.artifact_key(branch, overrides),
         table=rows,
         description=f"Nightly run of {branch} at {commit[:7]} against the previous one",
     )

@@ -1,10 +1,14 @@
 """The scheduled run's memory: what the previous run of a branch trained, read from its Prefect artifact.
 
-Each nightly run publishes a table artifact under a key of its branch; Prefect keeps
-every version of a keyed artifact, so the latest one is the previous run's.
+Each nightly run publishes a table artifact under a key of its branch and its overrides; Prefect
+keeps every version of a keyed artifact, so the latest one is the previous run's. The overrides
+are part of the key, and of the experiment's name, so that a dogs-vs-cats nightly never takes a
+default one of the same commit for its own.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from pipeline import grid, workspace
 from pipeline.prefect_api import artifact_key as keyed_artifact
@@ -14,13 +18,29 @@ from pipeline.results import Outcome, duration, number
 METRICS = ("test_accuracy", "roc_auc", "best_epoch")
 
 
-def artifact_key(branch: str, suffix: str = "metrics") -> str:
-    return keyed_artifact("nightly", branch, suffix)
+def overrides_tag(overrides: Sequence[str] | None) -> list[str]:
+    """[] for the defaults (a default nightly keeps its names), else [a digest of the overrides].
+
+    Sorted by key, so that their order on the command line does not matter; the sort is stable,
+    so two overrides of one key keep their order, on which the value they give depends.
+    """
+    if not overrides:
+        return []
+    return [grid.digest(sorted(overrides, key=lambda override: override.split("=", 1)[0]))]
 
 
-def previous_run(branch: str) -> dict | None:
-    """{"commit": ..., metric: value} of the last nightly run of `branch`, or None."""
-    rows = latest_table(artifact_key(branch))
+def experiment_name(commit: str, overrides: Sequence[str] | None) -> str:
+    """nightly-<sha7>, then the overrides' digest if there are any."""
+    return "-".join(["nightly", commit[:7], *overrides_tag(overrides)])
+
+
+def artifact_key(branch: str, overrides: Sequence[str] | None = None, suffix: str = "metrics") -> str:
+    return keyed_artifact("nightly", branch, *overrides_tag(overrides), suffix)
+
+
+def previous_run(branch: str, overrides: Sequence[str] | None = None) -> dict | None:
+    """{"commit": ..., metric: value} of the last nightly run of `branch` with these overrides, or None."""
+    rows = latest_table(artifact_key(branch, overrides))
     return {row["metric"]: row.get("value") for row in rows if "metric" in row} or None
 
 
