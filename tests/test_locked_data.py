@@ -59,8 +59,11 @@ def edit(path, old: str, new: str) -> str:
         ("src/convnets/split.py", '"""', '"""Edited. '),  # the stage's code, not re-locked
         ("dvc.yaml", "python -m convnets.split data/raw", "python -m convnets.split  data/raw"),  # its command
         ("dvc.yaml", "      - src/convnets/split.py\n", "      - src/convnets/split.py\n      - README.md\n"),
+        ("dvc.yaml", "      - seed\n      - split\n", "      - seed\n      - split\n      - preprocess\n"),
+        ("dvc.yaml", "    outs:\n      - data/split\n", "    outs:\n      - data/split\n      - data/split-extra\n"),
+        ("runtime.yaml", "\nsplit:\n", "\nsplit:\n  an-upgraded-package: 9.9.9\n"),  # its environment
     ],
-    ids=["code", "command", "new-dep"],
+    ids=["code", "command", "new-dep", "params-list", "outs", "environment"],
 )
 def test_a_data_stage_changed_since_its_lock_entry_is_not_reused(project, file, old, new):
     original = edit(project / file, old, new)
