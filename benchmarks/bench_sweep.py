@@ -40,6 +40,7 @@ from prefect_fleet import run  # noqa: E402
 from test_sweep_fleet import TINY, Fleet  # noqa: E402
 
 from conftest import git  # noqa: E402
+from pipeline import nightly  # noqa: E402
 
 OVERHEAD_TARGET_S = 20.0
 QUEUE_RATIO_TARGET = 1.5
@@ -147,7 +148,8 @@ def nightly_pickup(fleet: Fleet, epochs: int) -> tuple[float, float]:
         fleet.env,
         timeout=3600,
     )
-    (experiment,) = [r for r in fleet.flow_runs("dvc-experiment") if r["name"] == f"nightly-{commit[:7]}"]
+    name = nightly.experiment_name(commit, overrides)  # a nightly with overrides has a name of its own
+    (experiment,) = [r for r in fleet.flow_runs("dvc-experiment") if r["name"] == name]
     return experiment["start"] - triggered, experiment["end"] - triggered
 
 
