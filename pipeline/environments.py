@@ -10,9 +10,15 @@ put `src` on PYTHONPATH), so one environment serves every commit with the same l
 uv installs from its own cache by hard links where the file system allows, so a second
 environment of the same packages costs seconds and little disk.
 
-Concurrency: a run holds a shared lock (flock) on its environment's lock file for as long as
-it uses it. Building takes the exclusive lock, so two runs never build one environment at
-once, and pruning deletes only environments whose exclusive lock it gets: never one in use.
+Concurrency (two workers on one machine share its user cache): a run holds a shared lock
+(flock) on its environment's `<key>.lock` from before it looks for the environment until it
+ends, so any number of runs use one environment at once, and pruning, which deletes only
+environments whose exclusive lock it gets, never removes one in use. Building takes a second
+lock, `<key>.build`, exclusively: two runs never build one environment at once, and a run that
+finds no environment waits for the build only, never for another run's training. (One lock
+file converted between shared and exclusive would not do: flock's conversions are not atomic,
+and a run queued for the exclusive lock would wait behind the builder's shared lock until the
+builder's run ended.)
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ DEFAULT_KEEP = 3
 LOCK_FILE = "uv.lock"
 COMPLETE = ".complete"  # written last: an environment without it is a broken build
 LAST_USED = ".last-used"  # touched by every run: pruning keeps the most recently used
+NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one entry per GPU where NVIDIA's driver is loaded
 
 
 class RunEnvironmentError(RuntimeError):
@@ -79,9 +86,9 @@ def keep_count() -> int:
     return max(1, int(text)) if text.isdigit() else DEFAULT_KEEP
 
 
-def machine_extras() -> tuple[str, ...]:
+def machine_extras(gpus: Path = NVIDIA_GPUS) -> tuple[str, ...]:
     """('gpu',) on a machine with an NVIDIA GPU and driver: TensorFlow with its CUDA libraries."""
-    has_gpu = Path("/proc/driver/nvidia/gpus").is_dir() and any(Path("/proc/driver/nvidia/gpus").iterdir())
+    has_gpu = gpus.is_dir() and any(gpus.iterdir())
     return ("gpu",) if has_gpu else ()
 
 
@@ -106,17 +113,31 @@ def environment_for(
     key = environment_key(digest, extras)
     folder = root / key
     started = time.monotonic()
-    with open(root / f"{key}.lock", "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # building is exclusive; a run waiting here is not prunable yet
-        built = not (folder / COMPLETE).is_file()
-        if built:
-            build(checkout, folder, digest, extras, on_line)
+    with open(root / f"{key}.lock", "a+") as in_use:
+        # Shared, and held until the run ends: other runs may use it too, pruning may not remove it.
+        fcntl.flock(in_use, fcntl.LOCK_SH)
+        built = not is_complete(folder) and build_once(checkout, folder, digest, extras, on_line)
         (folder / LAST_USED).touch()
-        fcntl.flock(handle, fcntl.LOCK_SH)  # in use: others may use it too, pruning may not remove it
         env = RunEnvironment(folder, digest, built, time.monotonic() - started)
         if built:
             prune(root, keep_count(), on_line)
         yield env
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / COMPLETE).is_file()
+
+
+def build_once(
+    checkout: Path, folder: Path, digest: str, extras: tuple[str, ...], on_line: Callable[[str], None]
+) -> bool:
+    """Build the environment unless a run that held the build lock first built it; True if built here."""
+    with open(folder.with_name(f"{folder.name}.build"), "a+") as building:
+        fcntl.flock(building, fcntl.LOCK_EX)  # waits for another run's build of it, if any: minutes at most
+        if is_complete(folder):
+            return False
+        build(checkout, folder, digest, extras, on_line)
+        return True
 
 
 def build(checkout: Path, folder: Path, digest: str, extras: tuple[str, ...], on_line: Callable[[str], None]) -> None:

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import tomllib
 from pathlib import Path
 
@@ -152,6 +153,125 @@ def test_old_environments_are_pruned_but_never_one_in_use(envs, tmp_path, monkey
         assert rebuilt.built
     kept = sorted(p.name for p in envs.iterdir() if p.is_dir())
     assert len(kept) == 2 and held.path.name not in kept
+
+
+# --- runs side by side on one machine (two workers sharing one user cache) -------------------
+
+ENTER_WITHIN_S = 20  # generous for 2 busy cores; a run that waits for another's whole run never gets in
+
+
+class HeldRun:
+    """A run in a thread of its own, inside its environment until told to leave.
+
+    Each call of environment_for opens the lock file anew, and flock locks belong to the open
+    file, so a thread here contends exactly as another worker process on the machine would.
+    """
+
+    def __init__(self, checkout: Path) -> None:
+        self.inside, self.leave, self.env = threading.Event(), threading.Event(), None
+        self.thread = threading.Thread(target=self.use, args=(checkout,), daemon=True)
+        self.thread.start()
+
+    def use(self, checkout: Path) -> None:
+        with environments.environment_for(checkout, extras=()) as env:
+            self.env = env
+            self.inside.set()
+            self.leave.wait(120)
+
+    def end(self) -> None:
+        self.leave.set()
+        self.thread.join(120)
+
+
+@pytest.fixture
+def hold():
+    """Start HeldRuns; whatever a test asserts, every one of them leaves its environment at the end."""
+    runs: list[HeldRun] = []
+
+    def start(checkout: Path) -> HeldRun:
+        runs.append(HeldRun(checkout))
+        return runs[-1]
+
+    yield start
+    for run in runs:
+        run.end()
+
+
+def quiet(line: str) -> None:
+    pass
+
+
+def two_clones(tmp_path: Path) -> tuple[Path, Path]:
+    """Two clones of one commit: the same uv.lock."""
+    checkout = tiny_project(tmp_path / "clone-a")
+    other = tmp_path / "clone-b"
+    shutil.copytree(checkout, other)
+    return checkout, other
+
+
+def test_a_second_run_of_the_same_lock_uses_the_environment_while_the_first_still_holds_it(envs, tmp_path, hold):
+    """The first run holds its environment for its whole training; the second must not wait for that."""
+    checkout, other = two_clones(tmp_path)
+    with environments.environment_for(checkout, extras=()):
+        pass  # built once: what follows is the everyday case, a reused environment
+    first = hold(checkout)
+    assert first.inside.wait(ENTER_WITHIN_S)
+    second = hold(other)
+    assert second.inside.wait(ENTER_WITHIN_S), (
+        f"the second run waited more than {ENTER_WITHIN_S} s, for the first run to end"
+    )
+    assert second.env.path == first.env.path and not first.env.built and not second.env.built
+
+
+def test_runs_that_start_together_on_a_new_lock_build_it_once_and_then_share_it(envs, tmp_path, monkeypatch, hold):
+    """A run that comes while another builds waits for the build, not for the builder's whole run."""
+    checkout, other = two_clones(tmp_path)
+    building, real_build = threading.Event(), environments.build
+
+    def slow_build(*args, **kwargs):
+        building.set()
+        threading.Event().wait(1.0)  # the second run comes in meanwhile and finds no environment yet
+        real_build(*args, **kwargs)
+
+    monkeypatch.setattr(environments, "build", slow_build)
+    first = hold(checkout)
+    assert building.wait(ENTER_WITHIN_S)
+    second = hold(other)
+    assert second.inside.wait(ENTER_WITHIN_S), "the second run waited for the run that built the environment to end"
+    assert [first.env.built, second.env.built] == [True, False]
+    assert second.env.path == first.env.path
+
+
+def test_an_environment_in_use_by_two_runs_is_not_pruned(envs, tmp_path, monkeypatch, hold):
+    monkeypatch.setenv(environments.KEEP_ENV, "1")
+    checkout, other = two_clones(tmp_path)
+    first = hold(checkout)
+    assert first.inside.wait(ENTER_WITHIN_S)
+    second = hold(other)
+    assert second.inside.wait(ENTER_WITHIN_S)
+    os.utime(first.env.path / ".last-used", (1, 1))  # the least recently used: first in line to go
+    newer = tiny_project(tmp_path / "newer", source="WHO = 'newer'\n", version="2.0")
+    with environments.environment_for(newer, extras=()) as built:
+        assert built.built
+        assert first.env.python.exists()  # both runs still hold it
+    first.end()
+    assert environments.prune(envs, 1, quiet) == [] and first.env.python.exists()  # the second run holds it
+    second.end()
+    assert environments.prune(envs, 1, quiet) == [first.env.path.name]  # no run holds it any more
+
+
+def test_a_machine_with_an_nvidia_gpu_gets_the_gpu_extra(tmp_path):
+    """Without it a GPU worker would build CPU-only TensorFlow and train on the CPU, silently."""
+    gpus = tmp_path / "proc" / "driver" / "nvidia" / "gpus"
+    (gpus / "0000:01:00.0").mkdir(parents=True)
+    (gpus / "0000:01:00.0" / "information").write_text("Model: NVIDIA H100\n")
+    assert environments.machine_extras(gpus) == ("gpu",)
+
+
+def test_a_machine_without_an_nvidia_gpu_gets_no_extra(tmp_path):
+    assert environments.machine_extras(tmp_path / "no-driver") == ()
+    (tmp_path / "driver-without-gpus").mkdir()
+    assert environments.machine_extras(tmp_path / "driver-without-gpus") == ()
 
 
 def test_gpu_machines_get_the_gpu_extra_in_the_key():
