@@ -306,7 +306,7 @@ def test_the_makefile_bootstraps_the_uv_of_the_lock():
 
 
 def test_make_install_refuses_a_lock_that_no_longer_matches_pyproject(tmp_path):
-    for name in ("Makefile", "pyproject.toml", "uv.lock"):
+    for name in ("Makefile", "pyproject.toml", "uv.lock", "runtime.yaml"):
         shutil.copy(REPO_ROOT / name, tmp_path / name)
     text = (tmp_path / "pyproject.toml").read_text()
     (tmp_path / "pyproject.toml").write_text(
