@@ -29,7 +29,11 @@ class Interrupt(Exception):
 
 @pytest.fixture
 def interrupt_after(monkeypatch):
-    """Make the next training run stop right after epoch `n` (1-based) has been committed."""
+    return interrupter(monkeypatch)
+
+
+def interrupter(monkeypatch):
+    """A function that makes the next training run stop right after epoch `n` (1-based) has been committed."""
 
     def arm(n: int):
         original = convnets.resume.EpochBackup.on_epoch_end
@@ -47,7 +51,7 @@ def interrupt_after(monkeypatch):
 
 
 def resume_root(cache):
-    """The one run's state folder in the test's user cache (named by the run's fingerprint)."""
+    """The one run's state folder in the test's user cache (named by the run's params and data)."""
     (root,) = (cache / "convnets" / "train-resume").iterdir()
     return root
 
@@ -104,7 +108,13 @@ def test_interrupted_run_ends_exactly_like_an_uninterrupted_one(
     with pytest.raises(Interrupt):
         train(params, prepared, tmp_path / "b" / "model", tmp_path / "b" / "train")
     resume_dir = resume_root(user_cache)
-    assert sorted(p.name for p in resume_dir.iterdir()) == [".gitignore", "epoch-0002", "fingerprint.txt", "live"]
+    assert sorted(p.name for p in resume_dir.iterdir()) == [".gitignore", "epoch-0002", "key.json", "live"]
+    assert sorted(p.name for p in (resume_dir / "epoch-0002").iterdir()) == [
+        "best.weights.h5",
+        "history.json",
+        "key.json",
+        "state.weights.h5",
+    ]
     assert not (tmp_path / "b" / "model").exists()  # no half output
     capsys.readouterr()
 
@@ -212,9 +222,14 @@ def test_killed_process_resumes_from_its_last_finished_epoch(tmp_path, user_cach
     assert (tmp_path / "model" / "model.keras").is_file() and not resume_dir.exists()
 
 
-def test_resume_folder_keeps_itself_out_of_git(tmp_path):
+def run_key(**changes) -> convnets.resume.RunKey:
+    digests = {"params": "p", "data": "d", "code": "c", "environment": "e", "precision": "f"}
+    return convnets.resume.RunKey(**{**digests, **changes})
+
+
+def test_resume_folder_keeps_itself_out_of_git(tmp_path, capsys):
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    state = convnets.resume.ResumeDir(tmp_path / "data" / "train-resume", "abc")
+    state = convnets.resume.ResumeDir(tmp_path / "data" / "train-resume", run_key())
     state.open()
     (state.root / "epoch-0001").mkdir()
     (state.root / "epoch-0001" / "state.weights.h5").write_bytes(b"x")
@@ -226,10 +241,11 @@ def test_resume_folder_keeps_itself_out_of_git(tmp_path):
         check=True,
     )
     assert status.stdout == ""
-    # Another fingerprint (params or data changed): the old state is dropped.
-    assert convnets.resume.ResumeDir(state.root, "other").open().epochs_done == 0
+    # Other params in the same folder: the old state is dropped, and the line says why.
+    assert convnets.resume.ResumeDir(state.root, run_key(params="other")).open().epochs_done == 0
     assert not (state.root / "epoch-0001").exists()
-    np.testing.assert_equal((state.root / "fingerprint.txt").read_text().strip(), "other")
+    assert json.loads((state.root / "key.json").read_text())["params"] == "other"
+    assert "(made with other params): starting over" in capsys.readouterr().out
 
 
 def test_run_resumes_on_another_machine_from_the_mirror(tmp_path, interrupt_after, capsys, monkeypatch):
@@ -241,8 +257,8 @@ def test_run_resumes_on_another_machine_from_the_mirror(tmp_path, interrupt_afte
     interrupt_after(2)
     with pytest.raises(Interrupt):
         train(params, prepared, tmp_path / "model", tmp_path / "train")
-    (fingerprint,) = [p.name for p in mirror.iterdir()]
-    assert sorted(p.name for p in (mirror / fingerprint).iterdir()) == ["LATEST", "epoch-0002"]
+    (folder_name,) = [p.name for p in mirror.iterdir()]
+    assert sorted(p.name for p in (mirror / folder_name).iterdir()) == ["LATEST", "epoch-0002"]
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "other-machine-cache"))  # nothing local
     capsys.readouterr()
@@ -250,4 +266,4 @@ def test_run_resumes_on_another_machine_from_the_mirror(tmp_path, interrupt_afte
     out = capsys.readouterr().out
     assert "took the state of 2 finished epoch(s)" in out and "resuming train at epoch 3 of 4" in out
     assert json.loads((tmp_path / "train" / "metrics.json").read_text())["step"] == 3
-    assert not (mirror / fingerprint).exists()  # deleted once training succeeded
+    assert not (mirror / folder_name).exists()  # deleted once training succeeded

@@ -13,7 +13,11 @@ phase trains only the classifier on its outputs.
 
 A killed run resumes from its last finished epoch when rerun (see
 convnets/resume.py); the state is kept in the user's cache folder, and mirrored
-to $CONVNETS_RESUME_URL when that is set, until the run succeeds.
+to $CONVNETS_RESUME_URL when that is set, until the run succeeds. It resumes
+only the same run: same params, data, code (this module and the project
+modules it imports), environment (environment_identity) and precision and
+devices; after any change, or when the state does not restore completely,
+training starts over and says why.
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ import tensorflow as tf
 from dvclive import Live
 from dvclive.utils import standardize_metric_name
 
+from convnets import environment
 from convnets.averaging import AveragedWeights, batch_normalizations, statistics_batches, with_warmed_up_average
 from convnets.cli import stage_main
+from convnets.codedeps import import_closure
 from convnets.datasets import ordered_batches, training_batches
 from convnets.devices import CPU_MIXED, DevicePlan, describe, dtype_policy, make_strategy, plan_devices, precision_line
 from convnets.layout import CLASSES, DEVICES_FILE, MODEL_FILE, TIMINGS, images_file, labels_file
@@ -50,7 +56,10 @@ from convnets.resume import (
     Progress,
     ResumeDir,
     ResumeMirror,
-    fingerprint,
+    RunKey,
+    UnusableState,
+    digest_files,
+    digest_json,
     restore_training_state,
 )
 from convnets.trained import save_model
@@ -162,21 +171,20 @@ def train(params: Params, prepared_dir, model_dir, live_dir, resume_dir=None, ti
     print(f"train: {devices['replicas']} replica(s) on {', '.join(plan.gpus) or 'the CPU'} ({plan.dtype_policy})")
     print(precision_line(plan))
 
-    resume = ResumeDir(resume_dir, run_fingerprint(params, prepared_dir), ResumeMirror.from_environment())
-    progress = resume.open()
-    with dtype_policy(plan.dtype_policy), strategy.scope():
-        net = build_convnet(params.model, input_shape, len(classes))
-    net.model.summary(print_fn=lambda line, **_: print(line))
+    key = resume_key(params, prepared_dir, plan, devices["replicas"])
+    resume = ResumeDir(resume_dir, key, ResumeMirror.from_environment())
+    images = {"train": (x_train, y_train), "val": (x_val, y_val)}
+    try:
+        run = fit_phases(params, phases, resume, images, len(classes), strategy, plan)
+    except UnusableState as exc:
+        resume.discard(str(exc))
+        seed_everything(params.seed, params.train.deterministic)  # a fresh start draws what a first run draws
+        run = fit_phases(params, phases, resume, images, len(classes), strategy, plan)
 
-    data = TrainingData(params, resume, {"train": (x_train, y_train), "val": (x_val, y_val)}, net, strategy)
-    run = Run(params, net, len(classes), strategy, data, progress, replay_live(resume.live_dir, progress))
-    for phase in phases:
-        run_phase(run, phase)
-
-    best = best_summary(progress)
-    write_model(net, params.model, input_shape, classes, progress, phases, model_dir)
+    best = best_summary(run.progress)
+    write_model(run.net, params.model, input_shape, classes, run.progress, phases, model_dir)
     finish_live(run.live, best, devices, plan)
-    report_timings(progress, timings_file)
+    report_timings(run.progress, timings_file)
     write_json(resume.live_dir / DEVICES_FILE, devices)
     with staged_dir(live_dir) as staged:  # the cache may be on another file system: copy, then rename
         shutil.copytree(resume.live_dir, staged, dirs_exist_ok=True)
@@ -184,13 +192,61 @@ def train(params: Params, prepared_dir, model_dir, live_dir, resume_dir=None, ti
     return best
 
 
-def run_fingerprint(params: Params, prepared_dir) -> str:
+def fit_phases(
+    params: Params, phases: list[Phase], resume: ResumeDir, images: dict, num_classes: int, strategy, plan: DevicePlan
+) -> Run:
+    """Build the model and train every phase, from the state `resume` holds (UnusableState if it does not restore)."""
+    progress = resume.open()
+    with dtype_policy(plan.dtype_policy), strategy.scope():
+        net = build_convnet(params.model, tuple(images["train"][0].shape[1:]), num_classes)
+    net.model.summary(print_fn=lambda line, **_: print(line))
+    data = TrainingData(params, resume, images, net, strategy)
+    run = Run(params, net, num_classes, strategy, data, progress, replay_live(resume.live_dir, progress))
+    for phase in phases:
+        run_phase(run, phase)
+    return run
+
+
+def resume_key(params: Params, prepared_dir, plan: DevicePlan, replicas: int) -> RunKey:
+    """What a saved training state must match to be resumed (convnets.resume.RunKey)."""
     shaping = {"seed": params.seed, "model": params.model.model_dump(), "train": params.train.model_dump()}
     prepared_dir = Path(prepared_dir)
-    files = [prepared_dir / CLASSES] + [
+    data = [prepared_dir / CLASSES] + [
         prepared_dir / name(s) for s in ("train", "val") for name in (images_file, labels_file)
     ]
-    return fingerprint(json.dumps(shaping, sort_keys=True), files)
+    # The plan that ran, not params' `auto`: a mixed_float16 state (loss scaling) must not resume in float32.
+    devices = {"dtype_policy": plan.dtype_policy, "gpus": list(plan.gpus), "replicas": replicas}
+    return RunKey(
+        params=digest_json(shaping),
+        data=digest_files({path.name: path for path in data}),
+        code=code_digest(),
+        environment=digest_json(environment_identity()),
+        precision=digest_json(devices),
+    )
+
+
+def source_dir() -> Path:
+    """The folder whose convnets package is running (src/ of the checkout)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def code_digest(src: Path | None = None) -> str:
+    """The project files this stage runs (the code deps dvc.yaml lists for it), by path and bytes."""
+    src = source_dir() if src is None else Path(src)
+    return digest_files({path.relative_to(src).as_posix(): path for path in import_closure("convnets.train", src)})
+
+
+def environment_identity() -> dict[str, str | None]:
+    """Python (major.minor) and the versions of the packages training runs: a state saved under
+    others does not resume. One function, so that its source can change (a per-stage package file)."""
+    described = environment.describe()
+    return {
+        "python": ".".join(described["python"].split(".")[:2]),
+        "tensorflow": described["tensorflow"],
+        "keras": described["keras"],
+        # Arrays, the weights files and bfloat16 go through these.
+        **{package: environment.version_of(package) for package in ("numpy", "h5py", "ml_dtypes")},
+    }
 
 
 class TrainingData:
@@ -256,7 +312,7 @@ def run_phase(run: Run, phase: Phase) -> None:
             metrics=["accuracy"],  # Keras picks the binary, sparse or one-hot accuracy from the labels' shape
         )
         if done > phase.start:  # the checkpoint was written in this phase
-            restore_training_state(trained, run.progress.folder)
+            restore_training_state(trained, run.progress)
     first = max(phase.start, done)
     if first >= phase.end:
         return
