@@ -140,11 +140,26 @@ class AveragedWeights(keras.callbacks.SwapEMAWeights):
     raw weights compute reads them.
     """
 
-    def __init__(self, statistics: tf.data.Dataset | None = None, in_model: bool = False):
+    def __init__(self, statistics: tf.data.Dataset | None = None, in_model: bool = False, stops_early: bool = False):
         super().__init__(swap_on_epoch=True)
         self.statistics = statistics
         self._batch_statistics = None  # BatchStatistics of the model, made at the first validation
         self._ema_weights_in_model = in_model  # SwapEMAWeights's own record of where the averages are
+        self.stops_early = stops_early  # this fit ends before its phase does (train.stop_at_epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        """As SwapEMAWeights, except after the last epoch of a fit that stops before its phase ends.
+
+        There SwapEMAWeights copies the averages over the trained weights that the optimizer
+        holds (for Keras's finalize_variable_values), and the backup would keep no trained
+        weights: the run that goes on would train on from the averages. So the swap alone.
+        """
+        if self.stops_early and epoch == self.params["epochs"] - 1:
+            if not self._ema_weights_in_model:
+                self._swap_variables()
+                self._ema_weights_in_model = True
+            return
+        super().on_epoch_end(epoch, logs)
 
     def on_test_begin(self, logs=None):
         super().on_test_begin(logs)  # the averaged weights are in the model now

@@ -199,6 +199,11 @@ class TrainParams(_Section):
     # are unfrozen and training goes on at fine_tune_learning_rate. 0 = no such phase.
     fine_tune_epochs: int = Field(default=0, ge=0)
     fine_tune_learning_rate: float = Field(default=1e-5, gt=0.0)
+    # Stop this run after N epochs (counting both phases) and keep its training state, so a
+    # later run of the same params continues from there: a successive-halving sweep trains each
+    # rung this way. epochs (and fine_tune_epochs) stay the budget that the warm-up, the decay
+    # and the start of fine-tuning follow. null = train to the end.
+    stop_at_epoch: int | None = Field(default=None, ge=1)
     # mixed_float16 compute on a GPU (ignored on a CPU, where float16 is slower).
     mixed_precision: bool = True
     # mixed_bfloat16 compute on a CPU without a GPU: about 2x faster training on CPUs with
@@ -275,6 +280,14 @@ def cross_section_problems(params: Params) -> list[tuple[tuple[str, ...], str]]:
             )
         )
     problems += training_recipe_problems(model, train)
+    budget = train.epochs + train.fine_tune_epochs
+    if train.stop_at_epoch is not None and train.stop_at_epoch > budget:
+        problems.append(
+            (
+                ("train.stop_at_epoch", "train.epochs", "train.fine_tune_epochs"),
+                f"a run can stop only within its budget of {budget} epochs (got {train.stop_at_epoch})",
+            )
+        )
     if model.base == "vgg16" and preprocess.channels != 3:
         problems.append((("model.base", "preprocess.channels"), "VGG16 needs RGB images: set preprocess.channels: 3"))
     if model.base == "vgg16" and min(preprocess.image_size) < 32:

@@ -188,7 +188,13 @@ def train(params: Params, prepared_dir, model_dir, live_dir, resume_dir=None, ti
     write_json(resume.live_dir / DEVICES_FILE, devices)
     with staged_dir(live_dir) as staged:  # the cache may be on another file system: copy, then rename
         shutil.copytree(resume.live_dir, staged, dirs_exist_ok=True)
-    resume.remove()
+    if run.progress.epochs_done < phases[-1].end:
+        print(
+            f"train: stopped after epoch {run.progress.epochs_done} of {phases[-1].end} (train.stop_at_epoch); "
+            f"its state is kept in {resume.root} for a later run to go on"
+        )
+    else:
+        resume.remove()
     return best
 
 
@@ -202,14 +208,25 @@ def fit_phases(
     net.model.summary(print_fn=lambda line, **_: print(line))
     data = TrainingData(params, resume, images, net, strategy)
     run = Run(params, net, num_classes, strategy, data, progress, replay_live(resume.live_dir, progress))
+    stop = params.train.stop_at_epoch or phases[-1].end
+    if progress.epochs_done > stop:
+        print(f"train: the saved state is past train.stop_at_epoch ({progress.epochs_done} > {stop}): kept as it is")
     for phase in phases:
-        run_phase(run, phase)
+        run_phase(run, phase, stop)
     return run
 
 
 def resume_key(params: Params, prepared_dir, plan: DevicePlan, replicas: int) -> RunKey:
-    """What a saved training state must match to be resumed (convnets.resume.RunKey)."""
-    shaping = {"seed": params.seed, "model": params.model.model_dump(), "train": params.train.model_dump()}
+    """What a saved training state must match to be resumed (convnets.resume.RunKey).
+
+    train.stop_at_epoch is not part of it: a run that stopped early is continued by the
+    same params with a later stop (or none), which is how a halving sweep's rungs go on.
+    """
+    shaping = {
+        "seed": params.seed,
+        "model": params.model.model_dump(),
+        "train": params.train.model_dump(exclude={"stop_at_epoch"}),
+    }
     prepared_dir = Path(prepared_dir)
     data = [prepared_dir / CLASSES] + [
         prepared_dir / name(s) for s in ("train", "val") for name in (images_file, labels_file)
@@ -295,11 +312,15 @@ class Run:
     live: Live
 
 
-def run_phase(run: Run, phase: Phase) -> None:
-    """Train one phase, or what an interrupted run left of it."""
+def run_phase(run: Run, phase: Phase, stop: int) -> None:
+    """Train one phase, or what an interrupted run left of it, up to epoch `stop` at most.
+
+    The optimizer's schedule still spans the whole phase: a run that stops early and one
+    that goes on from its state train exactly what an uninterrupted run would.
+    """
     done = run.progress.epochs_done
-    if done > phase.end:
-        return  # a later phase's state holds everything this one did
+    if done > phase.end or phase.start >= stop:
+        return  # a later phase's state holds everything this one did; or the run stops before it
     trained = run.net.classifier if phase.features else run.net.model
     train_params = run.params.train
     classes = one_hot_classes(run.num_classes, train_params.label_smoothing, train_params.mixup)
@@ -313,24 +334,26 @@ def run_phase(run: Run, phase: Phase) -> None:
         )
         if done > phase.start:  # the checkpoint was written in this phase
             restore_training_state(trained, run.progress)
-    first = max(phase.start, done)
-    if first >= phase.end:
+    first, end = max(phase.start, done), min(phase.end, stop)
+    if first >= end:
         return
     if first > phase.start:
         print(f"train: resuming {phase.name} at epoch {first + 1} of {phase.end}")
     arrays = run.data.arrays(phase)
     batch = train_params.batch_size
     train_ds, steps = training_batches(
-        *arrays["train"], batch, run.params.seed, first, phase.end, classes=classes, mixup=train_params.mixup
+        *arrays["train"], batch, run.params.seed, first, end, classes=classes, mixup=train_params.mixup
     )
     trained.fit(
         train_ds,
         steps_per_epoch=steps,
         validation_data=ordered_batches(*arrays["val"], batch_size=batch, cache=True, classes=classes),
         initial_epoch=first,
-        epochs=phase.end,
+        epochs=end,
         shuffle=False,  # the dataset shuffles itself, per epoch
-        callbacks=phase_callbacks(run, phase, trained, arrays["train"][0], resumed=first > phase.start),
+        callbacks=phase_callbacks(
+            run, phase, trained, arrays["train"][0], resumed=first > phase.start, stops_early=end < phase.end
+        ),
         verbose=keras_verbosity(),
     )
 
@@ -349,7 +372,7 @@ def phase_optimizer(train_params: TrainParams, phase: Phase, train_images: int) 
 
 
 def phase_callbacks(
-    run: Run, phase: Phase, trained: keras.Model, train_images: np.ndarray, resumed: bool
+    run: Run, phase: Phase, trained: keras.Model, train_images: np.ndarray, resumed: bool, stops_early: bool = False
 ) -> list[keras.callbacks.Callback]:
     callbacks = [EpochBackup(run.data.resume, run.progress, phase.name), LiveEpochs(run.live)]
     if run.params.train.ema:
@@ -357,7 +380,7 @@ def phase_callbacks(
         if batch_normalizations(trained):  # the averaged weights need BatchNorm statistics of their own
             statistics = statistics_batches(train_images, run.params.train.batch_size, run.params.seed)
         # First in the list: the backup must find the averaged weights in the model (resume.py).
-        callbacks.insert(0, AveragedWeights(statistics, in_model=resumed))
+        callbacks.insert(0, AveragedWeights(statistics, in_model=resumed, stops_early=stops_early))
     return callbacks
 
 
