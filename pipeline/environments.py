@@ -216,11 +216,17 @@ def prune(root: Path, keep: int, on_line: Callable[[str], None]) -> list[str]:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # a run is using it (or building it)
-            shutil.rmtree(folder, ignore_errors=True)
+            remove(folder)
             removed.append(folder.name)
     if removed:
         on_line(f"removed {len(removed)} old environment(s), keeping the {keep} most recently used")
     return removed
+
+
+def remove(folder: Path) -> None:
+    """Unmark the environment, then delete it: a removal killed half-way leaves one the next run rebuilds."""
+    (folder / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def last_used(folder: Path) -> float:

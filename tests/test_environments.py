@@ -155,6 +155,29 @@ def test_old_environments_are_pruned_but_never_one_in_use(envs, tmp_path, monkey
     assert len(kept) == 2 and held.path.name not in kept
 
 
+class Killed(BaseException):
+    """The worker killed in the middle of a prune (not an Exception: nothing may catch it)."""
+
+
+def test_a_prune_killed_half_way_leaves_an_environment_the_next_run_rebuilds(envs, tmp_path, monkeypatch):
+    checkout = tiny_project(tmp_path / "clone")
+    with environments.environment_for(checkout, extras=()) as env:
+        pass
+    real_rmtree = shutil.rmtree
+
+    def killed_half_way(path, *args, **kwargs):
+        real_rmtree(Path(path) / "lib")  # the installed packages are gone, the rest is not
+        raise Killed
+
+    with monkeypatch.context() as patch, pytest.raises(Killed):
+        patch.setattr(environments.shutil, "rmtree", killed_half_way)
+        environments.prune(envs, 0, quiet)
+    assert env.path.is_dir()  # half-deleted
+    with environments.environment_for(checkout, extras=()) as again:
+        assert again.built and again.path == env.path
+        assert probe_in(again, checkout) == f"probe {env.path}"
+
+
 # --- runs side by side on one machine (two workers sharing one user cache) -------------------
 
 ENTER_WITHIN_S = 20  # generous for 2 busy cores; a run that waits for another's whole run never gets in
