@@ -19,7 +19,8 @@ from convnets.params import Params
 from convnets.train import train
 from test_train_pipeline import make_prepared
 
-# No random layers: a resumed run must then end with exactly the uninterrupted run's weights.
+# A resumed run must end with exactly the uninterrupted run's weights; random layers (RANDOM_LAYERS)
+# too, since their generators' states are saved with each epoch.
 PLAIN = {"model": {"conv_filters": [8, 16], "pooled_blocks": 2}, "train": {"epochs": 4, "batch_size": 16}}
 
 
@@ -83,6 +84,8 @@ def saved_weights(model_dir) -> list[np.ndarray]:
 # Residual blocks (BatchNorm after each convolution, no random layers): with train.ema the
 # averaged weights get BatchNorm statistics of their own before each validation.
 RESIDUAL = {"block": "residual", "stem_filters": 8, "conv_filters": [8, 16], "pooled_blocks": 2}
+# The book's random layers: Dropout before the classifier, augmentation at the front.
+RANDOM_LAYERS = {"dropout": 0.5, "augmentation": {"flip": "horizontal", "rotation": 0.1, "zoom": 0.2}}
 
 
 @pytest.mark.parametrize(
@@ -93,8 +96,9 @@ RESIDUAL = {"block": "residual", "stem_filters": 8, "conv_filters": [8, 16], "po
         ({}, {"ema": 0.9}),
         ({}, RECORD_TRAINING),
         (RESIDUAL, {**RECORD_TRAINING, "ema": 0.99}),
+        (RANDOM_LAYERS, {"lr_schedule": "constant"}),
     ],
-    ids=["constant", "cosine", "ema", "record", "record-batchnorm"],
+    ids=["constant", "cosine", "ema", "record", "record-batchnorm", "random-layers"],
 )
 def test_interrupted_run_ends_exactly_like_an_uninterrupted_one(
     tmp_path, interrupt_after, capsys, model, training, user_cache
@@ -113,6 +117,7 @@ def test_interrupted_run_ends_exactly_like_an_uninterrupted_one(
         "best.weights.h5",
         "history.json",
         "key.json",
+        "random.npz",
         "state.weights.h5",
     ]
     assert not (tmp_path / "b" / "model").exists()  # no half output

@@ -60,6 +60,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from convnets.layout import RESUME_URL_ENV, user_cache_dir
 from convnets.outputs import write_json
@@ -72,6 +73,7 @@ STATE = "state.weights.h5"
 BEST = "best.weights.h5"
 HISTORY = "history.json"
 KEY = "key.json"
+RANDOM = "random.npz"  # the random layers' generator states (Dropout, augmentation): save_weights leaves them out
 EPOCH_FILES = (STATE, BEST, HISTORY, KEY)
 _EPOCH_DIR = re.compile(r"^epoch-(\d{4,})$")
 # What reading a broken or foreign state raises (a missing file, bad JSON, a wrong layout);
@@ -444,6 +446,7 @@ class EpochBackup(keras.callbacks.Callback):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         self.model.save_weights(tmp / STATE)
+        np.savez(tmp / RANDOM, *[np.asarray(state) for state in random_states(self.model)])
         if improved:
             link_or_copy(tmp / STATE, tmp / BEST)
         else:
@@ -486,6 +489,7 @@ def restore_training_state(model: keras.Model, progress: Progress) -> None:
             model.load_weights(progress.folder / STATE)
         except Exception as exc:  # h5py, Keras and NumPy each raise their own on a broken or foreign file
             raise UnusableState(f"{STATE} cannot be read: {first_line(exc)}") from exc
+    restore_random_states(model, progress.folder / RANDOM)
     steps = progress.optimizer_steps if optimizer is None else int(optimizer.iterations)
     if steps != progress.optimizer_steps:
         why = f": {first_line(caught[0].message)}" if caught else ""
@@ -494,6 +498,29 @@ def restore_training_state(model: keras.Model, progress: Progress) -> None:
         )
     for warning in caught:  # a complete restore: pass Keras's remarks on
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+def random_states(model: keras.Model) -> list:
+    """The state variables of the model's seed generators (Keras lists them in `variables`, not in `weights`).
+
+    Dropout and the augmentation layers draw from them: restored, a resumed run draws the
+    same masks and transformations as an uninterrupted one.
+    """
+    weights = {id(weight) for weight in model.weights}
+    return [variable for variable in model.variables if id(variable) not in weights]
+
+
+def restore_random_states(model: keras.Model, path: Path) -> None:
+    states = random_states(model)
+    try:
+        with np.load(path) as saved:
+            values = [saved[f"arr_{index}"] for index in range(len(saved.files))]
+    except Exception as exc:  # a missing, truncated or foreign file: NumPy and zipfile raise their own
+        raise UnusableState(f"{RANDOM} cannot be read: {first_line(exc)}") from exc
+    if len(values) != len(states) or any(v.shape != tuple(s.shape) for v, s in zip(values, states, strict=False)):
+        raise UnusableState(f"{RANDOM} holds {len(values)} random generator state(s), the model has {len(states)}")
+    for state, value in zip(states, values, strict=True):
+        state.assign(value)
 
 
 def first_line(message: object) -> str:
