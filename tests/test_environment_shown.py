@@ -20,8 +20,10 @@ import pytest
 
 from conftest import default_params
 from convnets import compare
+from convnets.figures import environment_of
 from convnets.params import Params
-from convnets.report import environment_of, environment_text, report
+from convnets.presentation import environment_text
+from convnets.report import report
 
 ENV = {"lock": "98dddbe733d1", "python": "3.11.7", "tensorflow": "2.21.0", "keras": "3.15.1"}
 OTHER = {"lock": "4b1e07c2a9f0", "python": "3.12.3", "tensorflow": "2.21.0", "keras": "3.15.1"}

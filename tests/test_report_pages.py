@@ -11,8 +11,12 @@ import pytest
 from browser import INSTALL_HINT, PAGE_FACTS, chromium, open_page
 
 from convnets import compare
+from convnets.figures import training_seconds
+from convnets.gradcam import read_heatmaps
 from convnets.params import Params
-from convnets.report import format_duration, identify_preset, read_heatmaps, report, training_seconds
+from convnets.presentation import RunHeader, format_duration, header_rows
+from convnets.presets import identify_preset, load_presets
+from convnets.report import report
 from test_train_pipeline import PREPARED_PREPROCESS, make_prepared
 
 needs_browser = pytest.mark.skipif(chromium() is None and not os.environ.get("CI"), reason=INSTALL_HINT)
@@ -114,7 +118,8 @@ def test_preset_and_changed_params_are_named(repo_root, tmp_path):
     import yaml
 
     params = yaml.safe_load((repo_root / "params.yaml").read_text())
-    found = identify_preset(params, repo_root / "conf")
+    presets = load_presets(repo_root / "conf")
+    found = identify_preset(params, presets)
     assert (found["dataset"], found["preset"], found["changed"]) == ("mnist", "mnist_convnet", [])
     from dvc.utils.hydra import compose_and_dump
 
@@ -128,9 +133,27 @@ def test_preset_and_changed_params_are_named(repo_root, tmp_path):
         ["+experiment=scratch", "preprocess.image_size=[128,128]"],
     )
     params = yaml.safe_load(out.read_text())
-    found = identify_preset(params, repo_root / "conf")
+    found = identify_preset(params, presets)
     assert (found["dataset"], found["preset"]) == ("dogs_vs_cats", "scratch")
     assert found["changed"] == [("preprocess.image_size", [128, 128], [180, 180])]
+
+
+def test_the_header_says_what_a_run_does_not_know_and_escapes_the_rest():
+    blank = dict(header_rows(RunHeader()))
+    assert blank["Experiment"] == "— (a workspace run)" and blank["Params changed from the preset"] == "none"
+    assert blank["Preset"] == "" and blank["Training time"] == ""
+    header = RunHeader(
+        experiment="<lr>",
+        preset="scratch",
+        changed=[("train.epochs", 20, 30)],
+        training_seconds=75.0,
+        training_exact=False,
+    )
+    rows = dict(header_rows(header))
+    assert list(rows)[:2] == ["Experiment", "Commit"] and len(rows) == 10
+    assert rows["Experiment"] == "&lt;lr&gt;" and rows["Preset"] == "scratch (conf/model/)"
+    assert rows["Params changed from the preset"] == "<code>train.epochs=20</code>"
+    assert rows["Training time"] == "≈ 1 min 15 s"
 
 
 def test_training_time_is_read_defensively():

@@ -7,7 +7,7 @@
 It reads what DVC already has and reruns nothing: params and metrics from
 `dvc exp show --json`, the per-epoch validation metrics and the confusion
 matrix of each experiment through DVC's file system at the experiment's commit
-(from the local DVC cache). An experiment that failed, or whose outputs are not
+(from the local DVC cache); the figures as convnets.figures reads every run's. An experiment that failed, or whose outputs are not
 in the cache (an older commit), shows blanks where its figures would be.
 
 The leaderboard is sorted by test accuracy and leads with the figures (experiment,
@@ -25,10 +25,8 @@ and `charts_markdown` give the same for a Prefect table and markdown artifact.
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import json
-import math
 import re
 import statistics
 import subprocess
@@ -37,39 +35,41 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-import matplotlib.ticker
-import numpy as np
-
-from convnets.layout import DEVICES_FILE, TIMINGS
-from convnets.report import (
-    DPI,
-    PNG_METADATA,
-    STYLE,
+from convnets.figures import (
+    DEVICES,
+    EVAL_METRICS,
+    HISTORY,
+    TIMINGS_FILE,
+    TRAIN_DIR,
+    TRAIN_METRICS,
+    Figures,
     environment_of,
+    figures_of,
+    read_series,
+)
+from convnets.outputs import write_text
+from convnets.presentation import (
+    confusion_png,
+    data_uri,
     environment_text,
     esc,
-    flatten,
     format_duration,
-    identify_preset,
+    html_page,
+    number,
+    overlay_png,
 )
+from convnets.presets import Presets, flatten, identify_preset, load_presets, unflatten
 
 HOW_TO_MAKE_ONE = (
     "no experiments to compare: make one with `dvc exp run -n NAME -S train.epochs=20` (docs/experiments.md)"
 )
-VAL_FILES = {
-    "accuracy": "data/train/plots/metrics/eval/accuracy.tsv",
-    "loss": "data/train/plots/metrics/eval/loss.tsv",
-}
 CONFUSION_FILE = "data/eval/plots/sklearn/confusion_matrix.json"
-# Not a DVC metric (its strings and lists would crowd `dvc exp show` and `dvc metrics diff`):
-# read at each experiment's commit, as the plots are.
-DEVICES = f"data/train/{DEVICES_FILE}"
 PARAMS_FILE = "params.yaml"
-TIMINGS_FILE = TIMINGS.as_posix()
+
+
+def validation_file(metric: str) -> str:
+    """DVCLive's per-epoch validation `metric` of the train stage, in the repository."""
+    return f"{TRAIN_DIR}/{HISTORY.as_posix()}/eval/{metric}.tsv"
 
 
 @dataclass
@@ -78,97 +78,68 @@ class Experiment:
     rev: str
     baseline: str = ""
     params: dict = field(default_factory=dict)  # flattened params.yaml
-    metrics: dict = field(default_factory=dict)  # flattened, "<file>:<key>" -> value
+    figures: Figures = field(default_factory=Figures)  # blank for a failed or unfinished run
     failed: bool = False
     state: str = ""  # "running" or "queued" while DVC is still at it
     environment: dict | None = None  # devices.json's record (read_environments); None: not read or not recorded
 
-    def metric(self, file: str, key: str):
-        value = self.metrics.get(f"{file}:{key}")
-        return (
-            value if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
-        )
-
     @property
-    def accuracy(self):
-        return self.metric("data/eval/metrics.json", "test.accuracy")
-
-    @property
-    def roc_auc(self):
-        return self.metric("data/eval/metrics.json", "test.roc_auc")
-
-    @property
-    def best_epoch(self):
-        return self.metric("data/train/metrics.json", "best.epoch")
-
-    @property
-    def epochs(self):
-        step = self.metric("data/train/metrics.json", "step")
-        return int(step) + 1 if step is not None else None
-
-    @property
-    def training_seconds(self):
-        """Wall-clock training time: timings/train.json (a metric of its own), or seconds per epoch x epochs."""
-        total = self.metric(TIMINGS_FILE, "seconds")
-        if total is not None:
-            return total
-        per_epoch = self.metric(TIMINGS_FILE, "seconds_per_epoch")
-        if per_epoch is None:
-            per_epoch = self.metric("data/train/metrics.json", "seconds_per_epoch")  # older commits
-        return per_epoch * self.epochs if per_epoch is not None and self.epochs else None
+    def accuracy(self) -> float | None:
+        return self.figures.test_accuracy
 
     @property
     def device(self) -> str:
-        gpus = self.metric("data/train/metrics.json", "devices.gpu_count")
+        """e.g. "CPU", "2 GPUs, mixed precision" (the counts the train metrics keep)."""
+        gpus = self.figures.gpu_count
         if gpus is None:
             return ""
-        mixed = self.metric("data/train/metrics.json", "devices.mixed_precision")
-        where = "CPU" if not gpus else f"{int(gpus)} GPU" + ("s" if gpus > 1 else "")
-        return where + (", mixed precision" if mixed else "")
+        where = "CPU" if not gpus else f"{gpus} GPU" + ("s" if gpus > 1 else "")
+        return where + (", mixed precision" if self.figures.mixed_precision else "")
 
 
 # --- what `dvc exp show --json` says ---------------------------------------------------------
 
 
-def _data_of(files: dict | None) -> dict:
-    """{file: {"data": {...}}} -> flattened {"file:key": value}; a file that errored gives nothing."""
-    out = {}
-    for file, content in (files or {}).items():
-        data = (content or {}).get("data") if isinstance(content, dict) else None
-        if isinstance(data, dict):
-            out.update({f"{file}:{k}": v for k, v in flatten(data).items()})
-    return out
+def files_data(files: dict | None) -> dict[str, dict]:
+    """{file: {"data": {...}}} -> {file: {...}}; a file that errored gives nothing."""
+    contents = (files or {}).items()
+    return {file: c["data"] for file, c in contents if isinstance(c, dict) and isinstance(c.get("data"), dict)}
+
+
+def experiment_of(exp: dict, baseline: str) -> Experiment:
+    """One experiment of `dvc exp show --json` (its first rev), of the baseline commit named `baseline`."""
+    revs = exp.get("revs") or []
+    record = revs[0] if revs and isinstance(revs[0], dict) else {}
+    executor = exp.get("executor") if isinstance(exp.get("executor"), dict) else {}
+    state = executor.get("state") or ""
+    failed = bool(record.get("error")) or state == "failed"
+    state = "" if state in ("", "success") else state
+    data = record.get("data") or {}
+    metrics = files_data(data.get("metrics"))
+    # A failed run has no figures of its own; a running one shows the workspace's: blanks for both.
+    figures = Figures()
+    if not failed and not state:
+        figures = figures_of(*(metrics.get(file) for file in (TRAIN_METRICS, EVAL_METRICS, TIMINGS_FILE)))
+    return Experiment(
+        name=str(exp.get("name") or record.get("name") or record.get("rev", "")[:7]),
+        rev=str(record.get("rev", "")),
+        baseline=baseline,
+        params=flatten(files_data(data.get("params")).get(PARAMS_FILE, {})),
+        figures=figures,
+        failed=failed,
+        state=state,
+    )
 
 
 def experiments_from_show(show: list) -> list[Experiment]:
     """The experiments (not the workspace or baseline commits) in `dvc exp show --json`'s output."""
-    found = []
-    for baseline in show or []:
-        if not isinstance(baseline, dict):
-            continue
-        for exp in baseline.get("experiments") or []:
-            if not isinstance(exp, dict):
-                continue
-            revs = exp.get("revs") or []
-            record = revs[0] if revs and isinstance(revs[0], dict) else {}
-            data = record.get("data") or {}
-            state = ((exp.get("executor") or {}).get("state") or "") if isinstance(exp.get("executor"), dict) else ""
-            params = (data.get("params") or {}).get(PARAMS_FILE, {})
-            found.append(
-                Experiment(
-                    name=str(exp.get("name") or record.get("name") or record.get("rev", "")[:7]),
-                    rev=str(record.get("rev", "")),
-                    baseline=str(baseline.get("name") or baseline.get("rev", ""))[:20],
-                    params=flatten(params.get("data") or {}) if isinstance(params, dict) else {},
-                    metrics=_data_of(data.get("metrics")),
-                    failed=bool(record.get("error")) or state == "failed",
-                    state="" if state in ("", "success") else state,
-                )
-            )
-            if found[-1].failed or found[-1].state:
-                # A failed run has no figures of its own; a running one shows the workspace's: blanks for both.
-                found[-1].metrics = {}
-    return found
+    return [
+        experiment_of(exp, str(baseline.get("name") or baseline.get("rev", ""))[:20])
+        for baseline in show or []
+        if isinstance(baseline, dict)
+        for exp in baseline.get("experiments") or []
+        if isinstance(exp, dict)
+    ]
 
 
 def exp_show(repo: str | Path = ".", all_commits: bool = False) -> list:
@@ -240,14 +211,9 @@ def sort_by_accuracy(experiments: Iterable[Experiment]) -> list[Experiment]:
     return sorted(experiments, key=lambda e: (e.accuracy is None, -(e.accuracy or 0.0), e.name))
 
 
-def _num(value, digits: int = 4) -> str:
-    return f"{value:.{digits}f}" if value is not None else ""
-
-
-def _best(exp: Experiment) -> str:
-    if exp.best_epoch is None or exp.epochs is None:
-        return ""
-    return f"{int(exp.best_epoch) + 1} of {exp.epochs}"
+def best_of(figures: Figures) -> str:
+    """e.g. "5 of 10": the epoch kept, of those trained."""
+    return f"{figures.best_epoch} of {figures.epochs}" if figures.best_epoch and figures.epochs else ""
 
 
 def _finished(exp: Experiment) -> bool:
@@ -258,12 +224,7 @@ def read_environments(experiments: Iterable[Experiment], reader: PlotReader) -> 
     """Each finished experiment's environment, from its devices.json at its commit (blank if DVC has none)."""
     for exp in experiments:
         if _finished(exp) and exp.environment is None:
-            text = reader.read(exp.rev, DEVICES)
-            try:
-                devices = json.loads(text) if text else None
-            except ValueError:
-                devices = None
-            exp.environment = environment_of(devices) if isinstance(devices, dict) else None
+            exp.environment = environment_of(reader.read_json(exp.rev, DEVICES))
 
 
 def environments(experiments: Iterable[Experiment]) -> list[str]:
@@ -311,7 +272,7 @@ def mean_std(values: list[float | None]) -> str:
     if not values:
         return ""
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.4f} ± {std:.4f} (n={len(values)})"
+    return f"{number(statistics.fmean(values))} ± {number(std)} (n={len(values)})"
 
 
 def leaderboard(experiments: list[Experiment], conf_dir: Path | None = None) -> tuple[list[str], list[dict[str, str]]]:
@@ -332,48 +293,53 @@ def leaderboard(experiments: list[Experiment], conf_dir: Path | None = None) -> 
     for key in shown_params:
         present = [e for e in shown_by if key in e.params]
         short[key] = dict(zip(map(id, present), short_forms([e.params[key] for e in present]), strict=True))
+    presets = load_presets(conf_dir) if any(e.params for e in experiments) else None
     rows = []
     for exp in ordered:
-        preset = identify_preset(_unflatten(exp.params), conf_dir)["preset"] if exp.params else ""
-        note = " (failed)" if exp.failed else f" ({exp.state})" if exp.state else ""
-        row = {
-            "experiment": exp.name + note,
-            "test accuracy": _num(exp.accuracy),
-            "ROC AUC": _num(exp.roc_auc),
-            "best epoch": _best(exp),
-            "training time": format_duration(exp.training_seconds, exact=False),
-            "preset": preset,
-        }
+        row = experiment_row(exp, preset_of(exp, presets))
         row.update({k: short[k].get(id(exp), "") for k in shown_params})
         row["device"] = exp.device
         if env_differs:
             row["environment"] = environment_text(exp.environment) if _finished(exp) else ""
         rows.append(row)
     for group in groups:
-        row = dict.fromkeys(columns, "")
-        first = group[0]
-        row["experiment"] = "mean of " + ", ".join(e.name for e in group)
-        row["preset"] = identify_preset(_unflatten(first.params), conf_dir)["preset"]
-        row.update({k: short[k].get(id(first), "") for k in shown_params if k != "seed"})
+        row = group_row(group, preset_of(group[0], presets), env_differs)
+        row.update({k: short[k].get(id(group[0]), "") for k in shown_params if k != "seed"})
         row["seed"] = "various" if "seed" in shown_params else ""
-        row["test accuracy"] = mean_std([e.accuracy for e in group])
-        row["ROC AUC"] = mean_std([e.roc_auc for e in group])
-        row["device"] = ", ".join(sorted({e.device for e in group if e.device}))
-        if env_differs:
-            row["environment"] = environment_text(first.environment)  # the same for the group (seed_groups)
         rows.append({k: row.get(k, "") for k in columns})
     return columns, rows
 
 
-def _unflatten(flat: dict) -> dict:
-    tree: dict = {}
-    for key, value in flat.items():
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
+def preset_of(exp: Experiment, presets: Presets | None) -> str:
+    return identify_preset(unflatten(exp.params), presets)["preset"] if exp.params else ""
+
+
+def experiment_row(exp: Experiment, preset: str) -> dict[str, str]:
+    """An experiment's name (and state) and figures; blanks where it has none."""
+    note = " (failed)" if exp.failed else f" ({exp.state})" if exp.state else ""
+    figures = exp.figures
+    return {
+        "experiment": exp.name + note,
+        "test accuracy": number(figures.test_accuracy),
+        "ROC AUC": number(figures.roc_auc),
+        "best epoch": best_of(figures),
+        "training time": format_duration(figures.training_seconds, exact=False),
+        "preset": preset,
+    }
+
+
+def group_row(group: list[Experiment], preset: str, env_differs: bool) -> dict[str, str]:
+    """The mean ± standard deviation of a group of seeds, and what its experiments share."""
+    row = {
+        "experiment": "mean of " + ", ".join(e.name for e in group),
+        "test accuracy": mean_std([e.figures.test_accuracy for e in group]),
+        "ROC AUC": mean_std([e.figures.roc_auc for e in group]),
+        "preset": preset,
+        "device": ", ".join(sorted({e.device for e in group if e.device})),
+    }
+    if env_differs:
+        row["environment"] = environment_text(group[0].environment)  # the same for the group (seed_groups)
+    return row
 
 
 def leaderboard_rows(
@@ -421,86 +387,42 @@ class PlotReader:
         except Exception:  # not in the cache, not in that commit, a failed run: a blank, not a crash
             return None
 
-    def series(self, rev: str, metric: str) -> list[tuple[int, float]]:
-        text = self.read(rev, VAL_FILES[metric])
-        if not text:
-            return []
-        points = []
-        for line in text.splitlines()[1:]:
-            parts = line.split("\t")
-            try:
-                points.append((int(parts[0]), float(parts[1])))
-            except (IndexError, ValueError):
-                continue
-        return points
+    def read_json(self, rev: str, path: str):
+        text = self.read(rev, path)
+        try:
+            return json.loads(text) if text else None
+        except ValueError:
+            return None
+
+    def series(self, rev: str, metric: str):
+        """The validation `metric` per epoch (figures.read_series), or None."""
+        text = self.read(rev, validation_file(metric))
+        try:
+            return read_series(io.StringIO(text), metric) if text else None
+        except (ValueError, KeyError):  # not a DVCLive TSV of that metric
+            return None
 
     def confusion(self, rev: str) -> list[dict]:
-        text = self.read(rev, CONFUSION_FILE)
-        try:
-            cells = json.loads(text) if text else []
-        except ValueError:
-            return []
-        return cells if isinstance(cells, list) else next(iter(cells.values()), []) if isinstance(cells, dict) else []
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI, metadata=PNG_METADATA)
-    plt.close(fig)
-    return buffer.getvalue()
+        """The test predictions as DVCLive's confusion-matrix plot keeps them: [{"actual", "predicted"}]."""
+        cells = self.read_json(rev, CONFUSION_FILE)
+        if isinstance(cells, dict):  # {"<name>": [...]}
+            cells = next(iter(cells.values()), [])
+        return cells if isinstance(cells, list) else []
 
 
 def overlay_chart(experiments: list[Experiment], reader: PlotReader, metric: str) -> bytes:
-    """Validation `metric` of every experiment on one chart (the book compares its runs so)."""
-    fig, ax = plt.subplots(figsize=(6, 4.2), layout="constrained")
-    drawn = 0
-    for exp in experiments:
-        points = reader.series(exp.rev, metric)
-        if points:
-            ax.plot([step + 1 for step, _ in points], [v for _, v in points], label=exp.name, linewidth=1.4)
-            drawn += 1
-    if not drawn:
-        ax.text(0.5, 0.5, "no per-epoch metrics in the DVC cache", ha="center", va="center", transform=ax.transAxes)
-    ax.set(title=f"Validation {metric}", xlabel="Epoch", ylabel=metric.capitalize())
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    if drawn:
-        ax.legend(fontsize=7, ncol=2 if drawn > 6 else 1)
-    return _png(fig)
+    """Validation `metric` of every experiment with per-epoch metrics in the cache, on one chart."""
+    series = [(exp.name, reader.series(exp.rev, metric)) for exp in experiments]
+    return overlay_png([(name, frame) for name, frame in series if frame is not None and len(frame)], metric)
 
 
 def confusion_chart(exp: Experiment, reader: PlotReader) -> bytes | None:
-    cells = reader.confusion(exp.rev)
+    cells = [c for c in reader.confusion(exp.rev) if isinstance(c, dict)]
     if not cells:
         return None
-    labels = sorted(
-        {str(c.get("actual")) for c in cells} | {str(c.get("predicted")) for c in cells},
-        key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s),
-    )
-    index = {name: i for i, name in enumerate(labels)}
-    counts = np.zeros((len(labels), len(labels)), dtype=np.int64)
-    for cell in cells:
-        counts[index[str(cell.get("actual"))], index[str(cell.get("predicted"))]] += 1
-    fig, ax = plt.subplots(figsize=(3.4, 3.4), layout="constrained")
-    ax.imshow(counts, cmap="Blues")
-    small = len(labels) > 6
-    for (i, j), value in np.ndenumerate(counts):
-        ax.text(
-            j,
-            i,
-            str(value),
-            ha="center",
-            va="center",
-            fontsize=6 if small else 10,
-            color="white" if value > counts.max() / 2 else "black",
-        )
-    ax.set_xticks(range(len(labels)), labels, fontsize=7)
-    ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    ax.set(xlabel="Predicted", ylabel="True", title=exp.name)
-    return _png(fig)
-
-
-def _uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    true, predicted = [str(c.get("actual")) for c in cells], [str(c.get("predicted")) for c in cells]
+    labels = sorted(set(true) | set(predicted), key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    return confusion_png(true, predicted, labels, exp.name, size=3.4)
 
 
 def charts_markdown(
@@ -513,12 +435,46 @@ def charts_markdown(
     reader = reader or PlotReader(repo)
     parts = ["## Validation curves of every experiment", ""]
     for metric in ("accuracy", "loss"):
-        parts.append(f"![validation {metric}]({_uri(overlay_chart(experiments, reader, metric))})")
+        parts.append(f"![validation {metric}]({data_uri(overlay_chart(experiments, reader, metric))})")
         parts.append("")
     return "\n".join(parts)
 
 
 # --- the page --------------------------------------------------------------------------------
+
+PAGE_STYLE = """
+.leaderboard td:first-child{font-weight:600}figure{margin:0}.blank{border:1px dashed var(--line);padding:1rem}
+.leaderboard td,.groups td{white-space:nowrap}td.env{background:#fff8c5;white-space:normal;min-width:10rem}
+.env-differs{background:#fff8c5;border-left:4px solid #bf8700;padding:.3rem .6rem}
+.env-same{color:var(--muted);font-size:.9rem}
+"""
+
+
+def leaderboard_html(columns: list[str], rows: list[dict[str, str]], cls: str, whole: list[dict] | None = None) -> str:
+    """The rows as a table; a cell whose value is shortened keeps the whole one (`whole`, per row) as its tooltip."""
+    numeric = set(FIGURES)
+
+    def cell(column: str, value: str, full: dict[str, str]) -> str:
+        classes = " ".join(filter(None, ["num" if column in numeric else "", "env" if column == "environment" else ""]))
+        title = f' title="{esc(full[column])}"' if column in full and full[column] != value else ""
+        return f'<td class="{classes}"{title}>{esc(value)}</td>'
+
+    head = "".join(f'<th class="{"num" if c in numeric else ""}">{esc(c)}</th>' for c in columns)
+    body = "".join(
+        "<tr>" + "".join(cell(c, r.get(c, ""), whole[i] if whole else {}) for c in columns) + "</tr>"
+        for i, r in enumerate(rows)
+    )
+    return f'<div class="scroll"><table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def matrix_figure(exp: Experiment, reader: PlotReader) -> str:
+    png = confusion_chart(exp, reader)
+    if png is None:
+        return (
+            f'<figure class="blank"><figcaption>{esc(exp.name)}: '
+            f"no confusion matrix in the DVC cache</figcaption></figure>"
+        )
+    return f'<figure><img alt="confusion matrix of {esc(exp.name)}" src="{data_uri(png)}"></figure>'
 
 
 def render_compare(
@@ -529,69 +485,32 @@ def render_compare(
 ) -> str:
     read_environments(experiments, reader)
     columns, rows = leaderboard(experiments, conf_dir)
-    individual = rows[: len(experiments)]
-    grouped = rows[len(experiments) :]
     ordered = sort_by_accuracy(experiments)
-    numeric = set(FIGURES)
-    # A shortened value keeps the whole one as its tooltip.
     whole = [{k: _show(e.params[k]) for k in columns if k in e.params} for e in ordered]
-
-    def cell(column: str, value: str, full: dict[str, str]) -> str:
-        classes = " ".join(filter(None, ["num" if column in numeric else "", "env" if column == "environment" else ""]))
-        title = f' title="{esc(full[column])}"' if column in full and full[column] != value else ""
-        return f'<td class="{classes}"{title}>{esc(value)}</td>'
-
-    def table_html(body_rows: list[dict[str, str]], cls: str, titles: list[dict[str, str]] | None = None) -> str:
-        head = "".join(f'<th class="{"num" if c in numeric else ""}">{esc(c)}</th>' for c in columns)
-        body = "".join(
-            "<tr>" + "".join(cell(c, r.get(c, ""), (titles or [])[i] if titles else {}) for c in columns) + "</tr>"
-            for i, r in enumerate(body_rows)
-        )
-        table = f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-        return f'<div class="scroll">{table}</div>'
-
+    grouped = rows[len(experiments) :]
     charts = "".join(
         f'<figure><img alt="validation {m} of every experiment" '
-        f'src="{_uri(overlay_chart(ordered, reader, m))}"></figure>'
+        f'src="{data_uri(overlay_chart(ordered, reader, m))}"></figure>'
         for m in ("accuracy", "loss")
     )
-    matrices = []
-    for exp in ordered:
-        png = confusion_chart(exp, reader)
-        matrices.append(
-            f'<figure><img alt="confusion matrix of {esc(exp.name)}" src="{_uri(png)}"></figure>'
-            if png
-            else f'<figure class="blank"><figcaption>{esc(exp.name)}: '
-            f"no confusion matrix in the DVC cache</figcaption></figure>"
-        )
-    groups = "<h2>Same params, different seeds</h2>" + table_html(grouped, "groups") if grouped else ""
+    groups = "<h2>Same params, different seeds</h2>" + leaderboard_html(columns, grouped, "groups") if grouped else ""
     baselines = sorted({e.baseline for e in experiments if e.baseline})
     env_note = environment_note(experiments)
     env_class = "env-differs" if "environment" in columns else "env-same"
     env_html = f'<p class="{env_class}" id="environment-note">{esc(env_note)}</p>' if env_note else ""
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{esc(title)}</title><style>{STYLE}
-.leaderboard td:first-child{{font-weight:600}}figure{{margin:0}}.blank{{border:1px dashed var(--line);padding:1rem}}
-.leaderboard td,.groups td{{white-space:nowrap}}td.env{{background:#fff8c5;white-space:normal;min-width:10rem}}
-.env-differs{{background:#fff8c5;border-left:4px solid #bf8700;padding:.3rem .6rem}}
-.env-same{{color:var(--muted);font-size:.9rem}}
-</style></head><body>
-<h1>{esc(title)}</h1>
-<p class="note">{len(experiments)} experiment(s) of {esc(", ".join(baselines))}, sorted by test accuracy;
+    body = f"""<p class="note">{len(experiments)} experiment(s) of {esc(", ".join(baselines))}, sorted by test accuracy;
 only the params that differ among them are shown, a path by its file name and a hash by its first
 characters (hover for the whole value). Blanks: a failed experiment, or figures DVC does not have.</p>
 {env_html}
 <h2>Leaderboard</h2>
-{table_html(individual, "leaderboard", whole)}
+{leaderboard_html(columns, rows[: len(experiments)], "leaderboard", whole)}
 {groups}
 <h2>Validation accuracy and loss</h2>
 <div class="grid">{charts}</div>
 <h2>Confusion matrices (test)</h2>
-<div class="grid3">{"".join(matrices)}</div>
-</body></html>
+<div class="grid3">{"".join(matrix_figure(exp, reader) for exp in ordered)}</div>
 """
+    return html_page(title, body, PAGE_STYLE)
 
 
 def compare(
@@ -607,12 +526,8 @@ def compare(
     if not experiments:
         return None
     conf_dir = repo / "conf"
-    page = render_compare(experiments, PlotReader(repo), conf_dir if conf_dir.is_dir() else None)
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_text(page)
-    tmp.replace(out)
-    return out
+    write_text(out, render_compare(experiments, PlotReader(repo), conf_dir if conf_dir.is_dir() else None))
+    return Path(out)
 
 
 def main(argv=None) -> int:

@@ -33,7 +33,7 @@ HEADER = """\
 """
 
 # Import names that differ from the name of the package that provides them.
-IMPORT_PACKAGES = {"PIL": "pillow", "sklearn": "scikit-learn", "yaml": "pyyaml"}
+IMPORT_PACKAGES = {"PIL": "pillow", "hydra": "hydra-core", "sklearn": "scikit-learn", "yaml": "pyyaml"}
 
 
 class RuntimeLockError(ValueError):
