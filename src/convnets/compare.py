@@ -4,11 +4,13 @@
     python -m convnets.compare scratch augmented     # these ones
     python -m convnets.compare --all-commits -o all.html
 
-It reads what DVC already has and reruns nothing: params and metrics from
-`dvc exp show --json`, the per-epoch validation metrics and the confusion
-matrix of each experiment through DVC's file system at the experiment's commit
-(from the local DVC cache); the figures as convnets.figures reads every run's. An experiment that failed, or whose outputs are not
-in the cache (an older commit), shows blanks where its figures would be.
+It reads what DVC already has and reruns nothing: params and metrics as
+`dvc exp show --json` gives them (asked in-process, exp_show), the per-epoch
+validation metrics and the confusion matrix of each experiment through DVC's
+file system at the experiment's commit (from the local DVC cache); the figures
+as convnets.figures reads every run's. An experiment that failed, or whose
+outputs are not in the cache (an older commit), shows blanks where its figures
+would be.
 
 The leaderboard is sorted by test accuracy and leads with the figures (experiment,
 test accuracy, ROC AUC, best epoch, training time), then the preset and only the
@@ -29,7 +31,6 @@ import io
 import json
 import re
 import statistics
-import subprocess
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -143,12 +144,21 @@ def experiments_from_show(show: list) -> list[Experiment]:
 
 
 def exp_show(repo: str | Path = ".", all_commits: bool = False) -> list:
-    """`dvc exp show --json` in `repo`, parsed."""
-    command = ["dvc", "exp", "show", "--json"] + (["--all-commits"] if all_commits else [])
-    result = subprocess.run(command, cwd=repo, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"`{' '.join(command)}` failed: {result.stderr.strip().splitlines()[-1:]}")
-    return json.loads(result.stdout or "[]")
+    """What `dvc exp show --json [--all-commits]` prints for `repo` (dates as datetimes), from the
+    DVC this process runs, not whichever `dvc` is first on PATH.
+
+    Not dvc.api.exp_show: it returns the table's cells (lists and booleans as text, whole numbers
+    as floats, a metric's file only where two files share a key, revisions cut to 7 characters,
+    no --all-commits), where the leaderboard needs each file's data as the run wrote it.
+    """
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(repo)) as dvc:
+            return [state.dumpd() for state in dvc.experiments.show(all_commits=all_commits)]
+    except DvcException as exc:
+        raise RuntimeError(f"`dvc exp show` failed in {repo}: {exc}") from exc
 
 
 def select(experiments: list[Experiment], names: Sequence[str] | None) -> list[Experiment]:
