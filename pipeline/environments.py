@@ -8,7 +8,10 @@ environment's `python`; the project's code comes from the run's clone (the stage
 put `src` on PYTHONPATH), so one environment serves every commit with the same lock.
 
 uv installs from its own cache by hard links where the file system allows, so a second
-environment of the same packages costs seconds and little disk.
+environment of the same packages costs seconds and little disk. Nothing is compiled to bytecode
+at build (compiling all 237 packages took 30 to 76 s on 2 cores, most of a new lock's wait, for
+modules no stage imports): the run's processes write each module's `.pyc` into the environment
+on its first import, whatever PYTHONDONTWRITEBYTECODE says on the worker (see `variables`).
 
 Concurrency (two workers on one machine share its user cache): a run holds a shared lock
 (flock) on its environment's `<key>.lock` from before it looks for the environment until it
@@ -45,6 +48,7 @@ LOCK_FILE = "uv.lock"
 COMPLETE = ".complete"  # written last: an environment without it is a broken build
 LAST_USED = ".last-used"  # touched by every run: pruning keeps the most recently used
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one entry per GPU where NVIDIA's driver is loaded
+BYTECODE_ENV = "PYTHONDONTWRITEBYTECODE"
 
 
 class RunEnvironmentError(RuntimeError):
@@ -68,6 +72,11 @@ class RunEnvironment:
             "VIRTUAL_ENV": str(self.path),
             "PATH": str(self.path / "bin") + os.pathsep + os.environ.get("PATH", ""),
             "PYTHONPATH": os.pathsep.join([str(checkout / "src"), str(checkout)]),
+            # Empty is unset for Python (these variables are laid over the worker's, so they cannot
+            # remove one): the environment is the worker's own and holds no bytecode from its build,
+            # so where CI or a container image sets PYTHONDONTWRITEBYTECODE every stage process would
+            # compile TensorFlow's and DVC's imports again. The first import writes them, once.
+            BYTECODE_ENV: "",
         }
 
     def summary(self) -> str:
@@ -143,9 +152,8 @@ def build_once(
 def build(checkout: Path, folder: Path, digest: str, extras: tuple[str, ...], on_line: Callable[[str], None]) -> None:
     """`uv sync --frozen` of the clone's lock into `folder`; one-line error naming the package."""
     shutil.rmtree(folder, ignore_errors=True)  # what a killed build left
-    # --compile-bytecode, as pip does: where PYTHONDONTWRITEBYTECODE is set, every stage would
-    # otherwise compile its imports (TensorFlow, DVC, pandas) again, seconds per process.
-    command = [uv_binary(), "sync", "--frozen", "--no-install-project", "--compile-bytecode"]
+    # No --compile-bytecode: the runs compile what they import, on first import (module docstring).
+    command = [uv_binary(), "sync", "--frozen", "--no-install-project"]
     command += ["--python", sys.executable]
     command += [flag for extra in extras for flag in ("--extra", extra)]
     env = {
@@ -155,6 +163,7 @@ def build(checkout: Path, folder: Path, digest: str, extras: tuple[str, ...], on
         "UV_NO_PROGRESS": "1",
     }
     env.pop("VIRTUAL_ENV", None)  # the worker's own venv is not the target
+    env.pop("UV_COMPILE_BYTECODE", None)  # set by the Makefile for .venv (a worker started by `make`)
     env.pop("COLUMNS", None)  # uv wraps its causes to COLUMNS; the one-line error reads the last line
     proc = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True)
     for line in proc.stderr.splitlines()[-20:]:

@@ -155,6 +155,23 @@ def test_old_environments_are_pruned_but_never_one_in_use(envs, tmp_path, monkey
     assert len(kept) == 2 and held.path.name not in kept
 
 
+def site_packages(env: environments.RunEnvironment) -> Path:
+    return next((env.path / "lib").glob("python*/site-packages"))
+
+
+def test_nothing_is_compiled_at_build_and_a_run_writes_what_it_imports_on_first_import(envs, tmp_path, monkeypatch):
+    """Compiling all of a lock's packages was most of a new lock's wait; a run compiles only what it imports."""
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")  # as CI and container images set it
+    monkeypatch.setenv("UV_COMPILE_BYTECODE", "1")  # as the Makefile exports it (a worker started by make)
+    checkout = tiny_project(tmp_path / "clone")
+    with environments.environment_for(checkout, extras=()) as env:
+        assert env.built
+        assert sorted(site_packages(env).rglob("*.pyc")) == []
+        assert probe_in(env, checkout) == f"probe {env.path}"  # a stage's process, its first import
+        written = [path.name.split(".")[0] for path in site_packages(env).rglob("*.pyc")]
+        assert PROBE_MODULE in written  # despite the worker's PYTHONDONTWRITEBYTECODE: the next one reads it
+
+
 class Killed(BaseException):
     """The worker killed in the middle of a prune (not an Exception: nothing may catch it)."""
 
