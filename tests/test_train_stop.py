@@ -37,10 +37,13 @@ def test_rungs_that_stop_early_and_go_on_end_as_one_straight_run(tmp_path, capsy
         out = capsys.readouterr().out
         assert f"train: stopped after epoch {stop} of 4 (train.stop_at_epoch)" in out
         assert len(history(rung / "train")) == stop  # its outputs are those of its epochs
+        stopped = json.loads((rung / "train" / "stopped.json").read_text())
+        assert stopped == {"epochs_done": stop, "epochs": 4, "state": resume_root(user_cache).name}
         assert (resume_root(user_cache) / f"epoch-{stop:04d}").is_dir()  # the state waits for the next rung
 
     final = train(with_stop(params, None), prepared, tmp_path / "b" / "model", tmp_path / "b" / "train")
     assert "resuming train at epoch 3 of 4" in capsys.readouterr().out
+    assert not (tmp_path / "b" / "train" / "stopped.json").exists()
     assert final == straight
     for split in ("train", "eval"):
         pd.testing.assert_frame_equal(

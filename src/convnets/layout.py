@@ -38,6 +38,7 @@ def labels_file(subset: str) -> str:
 # train -> data/model/, data/train/ (dvclive)
 MODEL_FILE = "model.keras"
 DEVICES_FILE = "devices.json"
+STOPPED = "stopped.json"  # in data/train, only when train.stop_at_epoch ended a run early (its state kept)
 
 # evaluate -> data/eval/ (dvclive)
 PREDICTIONS = "predictions.csv"  # row,true,predicted,confidence

@@ -44,7 +44,7 @@ from convnets.cli import stage_main
 from convnets.codedeps import import_closure
 from convnets.datasets import ordered_batches, training_batches
 from convnets.devices import CPU_MIXED, DevicePlan, describe, dtype_policy, make_strategy, plan_devices, precision_line
-from convnets.layout import CLASSES, DEVICES_FILE, MODEL_FILE, TIMINGS, images_file, labels_file
+from convnets.layout import CLASSES, DEVICES_FILE, MODEL_FILE, STOPPED, TIMINGS, images_file, labels_file
 from convnets.models import Convnet, build_convnet, loss_for, one_hot_classes
 from convnets.outputs import atomic_file, staged_dir, write_json
 from convnets.params import ModelParams, Params, TrainParams
@@ -186,16 +186,24 @@ def train(params: Params, prepared_dir, model_dir, live_dir, resume_dir=None, ti
     finish_live(run.live, best, devices, plan)
     report_timings(run.progress, timings_file)
     write_json(resume.live_dir / DEVICES_FILE, devices)
+    stopped = run.progress.epochs_done < phases[-1].end
     with staged_dir(live_dir) as staged:  # the cache may be on another file system: copy, then rename
         shutil.copytree(resume.live_dir, staged, dirs_exist_ok=True)
-    if run.progress.epochs_done < phases[-1].end:
-        print(
-            f"train: stopped after epoch {run.progress.epochs_done} of {phases[-1].end} (train.stop_at_epoch); "
-            f"its state is kept in {resume.root} for a later run to go on"
-        )
-    else:
+        if stopped:
+            write_stopped(staged, resume, run.progress.epochs_done, phases[-1].end)
+    if not stopped:
         resume.remove()
     return best
+
+
+def write_stopped(live_dir: Path, resume: ResumeDir, done: int, budget: int) -> None:
+    """A run that stopped early (train.stop_at_epoch) keeps its state, and says which in data/train/STOPPED:
+    a halving sweep reads there how far the point trained, and whose state to remove once it is out."""
+    print(
+        f"train: stopped after epoch {done} of {budget} (train.stop_at_epoch); "
+        f"its state is kept in {resume.root} for a later run to go on"
+    )
+    write_json(live_dir / STOPPED, {"epochs_done": done, "epochs": budget, "state": resume.root.name})
 
 
 def fit_phases(
