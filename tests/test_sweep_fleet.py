@@ -25,6 +25,7 @@ from tiny_packages import PROBE_MODULE, add_wheel_dependency, make_wheel
 
 from conftest import copy_working_tree, git
 from convnets.environment import lock_digest
+from pipeline.nightly import experiment_name
 
 pytestmark = pytest.mark.slow
 
@@ -207,13 +208,14 @@ def test_nightly_runs_the_new_head_of_main_and_brings_it_home(fleet):
     git(fleet.submitter, "push", "-q", "origin", "HEAD:main")
     commit = git(fleet.submitter, "rev-parse", "HEAD").strip()
     run(["prefect", "--no-prompt", "deploy", "--name", "nightly"], fleet.submitter, fleet.env)
+    overrides = [o for o in TINY if o != "-S"] + ["train.epochs=1"]
     params = [
         "--param",
         f"repository={fleet.origin}",
         "--param",
         f"dvc_remote={fleet.dvc_remote}",
         "--param",
-        "overrides=" + json.dumps([o for o in TINY if o != "-S"] + ["train.epochs=1"]),
+        "overrides=" + json.dumps(overrides),
     ]
     run(
         ["prefect", "deployment", "run", "dvc-nightly/nightly", *params, "--watch"],
@@ -223,7 +225,7 @@ def test_nightly_runs_the_new_head_of_main_and_brings_it_home(fleet):
     )
     nightly = [r for r in fleet.flow_runs("dvc-nightly") if r["state"] == "COMPLETED"]
     assert len(nightly) == 1, nightly
-    name = f"nightly-{commit[:7]}"
+    name = experiment_name(commit, overrides)  # nightly-<sha>-<digest of the overrides>
     run(["dvc", "exp", "pull", "origin", name], fleet.submitter, fleet.env)
     assert 0 < fleet.experiments()[name]["data/eval/metrics.json"]["test"]["accuracy"] <= 1
     # nothing new on main: the next run says so and trains nothing
