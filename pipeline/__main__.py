@@ -116,13 +116,21 @@ def parse_sweep_args(argv: Sequence[str]) -> argparse.Namespace:
         "--git-remote", default="origin", help="git remote the workers clone from (default: %(default)s)"
     )
     parser.add_argument("--project", help="the DVC project (default: the one containing the working directory)")
+    parser.add_argument(
+        "--cancel",
+        action="store_true",
+        help="cancel the flow runs of this sweep (same -S and --name-prefix) that have not ended, and exit",
+    )
     return parser.parse_args(argv)
 
 
 def sweep_main(argv: Sequence[str]) -> int:
     args = parse_sweep_args(argv)
+    if args.cancel:
+        return cancel_main(args)
     from pipeline.flows import dvc_sweep
     from pipeline.results import ExperimentsFailed, text_table
+    from pipeline.sweep import SweepInterrupted
 
     state = dvc_sweep(
         set_params=args.set_params,
@@ -136,6 +144,9 @@ def sweep_main(argv: Sequence[str]) -> int:
         return_state=True,
     )
     result = state.result(raise_on_failure=False)
+    if isinstance(result, SweepInterrupted):
+        print(result, file=sys.stderr)
+        return 130  # as for SIGINT
     if isinstance(result, ExperimentsFailed):
         print(text_table(result.rows))
         print(f"error: {result}", file=sys.stderr)
@@ -145,6 +156,19 @@ def sweep_main(argv: Sequence[str]) -> int:
         return 2
     print(text_table(result))
     print("the experiments are in `dvc exp show`; `dvc exp apply NAME && dvc pull` brings one's outputs here")
+    return 0
+
+
+def cancel_main(args: argparse.Namespace) -> int:
+    """`python -m pipeline sweep ... --cancel`: no flow run of its own, only the API calls."""
+    from pipeline.flows import cancel_sweep
+
+    try:
+        cancelled = cancel_sweep(args.set_params, args.pool, args.name_prefix, args.project, args.git_remote)
+    except Exception as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"cancelled {len(cancelled)} flow run(s): {', '.join(cancelled)}" if cancelled else "nothing in flight")
     return 0
 
 

@@ -7,9 +7,10 @@ Everything but the clone's DVC settings (configure_dvc) goes through DVC's comma
   every data stage as the point would run it (pipeline.locked): the stages that run then
   pull only the deps they read, and a point whose first changed stage is `train` never
   receives fetch's photos;
-- `dvc exp push --run-cache origin NAME`: the experiment's git refs go to the git remote
-  and its outputs plus the run cache to the DVC remote. `dvc exp pull` on any other
-  clone then brings it into `dvc exp show`, and `dvc exp apply NAME && dvc pull` its outputs.
+- `dvc push --run-cache`, then `dvc exp push --no-cache origin NAME` (push_home): its outputs
+  and the run cache go to the DVC remote first, and only once `dvc status --cloud` finds them
+  all there do its git refs go to the git remote. `dvc exp pull origin NAME` on any other clone
+  then brings it into `dvc exp show` with its outputs, and `dvc exp apply NAME` into the workspace.
 """
 
 from __future__ import annotations
@@ -20,13 +21,18 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pipeline.dvc import DvcError, check_dvc, run_dvc, stage_failure
+from pipeline.dvc import DvcError, check_dvc, dvc_json, run_dvc, stage_failure
 from pipeline.locked import stage_entries
-from pipeline.workspace import DVC_REMOTE_NAME, KeepCheckout, host, machine_dvc_cache, redact
+from pipeline.workspace import DVC_REMOTE_NAME, KeepCheckout, clean_checkout, git, host, machine_dvc_cache, redact
 
 RUNNING = re.compile(r"^Running stage '([^']+)'")
 NOT_REPRODUCED = re.compile(r"^ERROR: failed to reproduce '([^']+)'")
 GIT_REMOTE = "origin"  # the clone's origin is the repository the run was asked to clone
+# `dvc exp push` finding another experiment of the same name in the git remote warns with this
+# and exits 0, having pushed nothing.
+DIVERGED = "has diverged from remote experiment"
+REFS_PUSHED = ("Pushed experiment", "up to date on Git remote")  # what it says when the refs are there
+NOT_HOME = ("new", "missing")  # `dvc status --cloud`: only in the local cache; nowhere
 
 # How the clones check out the machine's DVC cache, in DVC's order of preference. A copy-on-write
 # clone where the file system has them (btrfs, XFS, APFS); else a hard link (same file system:
@@ -142,16 +148,84 @@ def failed_stage(lines: Sequence[str]) -> str:
     return started[-1] if started else "pipeline"
 
 
-def push_home(checkout: Path, name: str, repository: str, env: dict[str, str], on_line: Callable[[str], None]) -> None:
-    """Push the experiment to the git remote and its data to the DVC remote; keep it if git refuses."""
+def push_home(
+    checkout: Path,
+    name: str,
+    repository: str,
+    env: dict[str, str],
+    on_line: Callable[[str], None],
+    replace: bool = False,
+) -> None:
+    """The experiment's outputs and DVC's run cache to the DVC remote, checked there, then its git refs.
+
+    The refs go last because they are what says "done" to everyone else (a sweep run again,
+    `dvc exp pull`). `dvc exp push` sends them first: a DVC remote that then refused (full, 403)
+    left refs whose outputs nobody could pull. And `dvc push` passes over an output missing from
+    the local cache without a word, hence the check. Whatever fails raises KeepCheckout: the
+    clone stays, and the message says where and what to run there once the cause is fixed.
+
+    replace: the git remote holds refs of this name whose outputs are not home (the sweep found
+    them, pipeline.sweep.results_home); these replace them. Otherwise other refs of this name
+    there (DVC: "diverged", which it only warns about) are a failure: another run of the point.
+    """
     try:
-        check_dvc(checkout, ["exp", "push", "--run-cache", GIT_REMOTE, name], on_line=on_line, env=env)
+        check_dvc(checkout, ["push", "--run-cache"], on_line=on_line, env=env)
+        missing = outputs_not_on_remote(checkout, env)
     except DvcError as exc:
-        raise KeepCheckout(
-            f"experiment {name} ran, but pushing it to {redact(repository)} failed; it is kept on "
-            f"{host()} in {checkout}: fix the access, then run `cd {checkout} && dvc exp push "
-            f"--run-cache {GIT_REMOTE} {name}` there. DVC said: {redact(str(exc).splitlines()[-1])}"
-        ) from None
+        raise kept(checkout, name, replace, "pushing its outputs and run cache to the DVC remote failed", exc) from None
+    if missing:
+        raise kept(checkout, name, replace, f"the DVC remote lacks {', '.join(missing)} after `dvc push`")
+    args = ["exp", "push", "--no-cache", *(["--force"] if replace else []), GIT_REMOTE, name]
+    try:
+        run = check_dvc(checkout, args, on_line=on_line, env=env)
+    except DvcError as exc:
+        raise kept(checkout, name, replace, f"pushing its refs to {redact(repository)} failed", exc) from None
+    output = "\n".join(run.tail)
+    if DIVERGED in output:
+        raise kept(
+            checkout,
+            name,
+            True,
+            f"{redact(repository)} already holds another experiment named {name} (DVC: diverged); "
+            "its outputs are on the DVC remote, its refs are not",
+        )
+    if not any(said in output for said in REFS_PUSHED):
+        raise kept(checkout, name, replace, f"`dvc {' '.join(args)}` did not say it pushed it", output)
+
+
+def kept(checkout: Path, name: str, replace: bool, why: str, cause: Exception | str | None = None) -> KeepCheckout:
+    """The failure of a push: what failed, where the experiment is kept, what to run there."""
+    command = f"dvc push --run-cache && dvc exp push --no-cache{' --force' if replace else ''} {GIT_REMOTE} {name}"
+    said = str(cause).strip().splitlines()[-1] if cause else ""
+    return KeepCheckout(
+        f"experiment {name} ran, but {why}; it is kept on {host()} in {checkout}: fix the cause, then run "
+        f"`cd {checkout} && {command}` there" + (f". DVC said: {redact(said)}" if said else "")
+    )
+
+
+def outputs_not_on_remote(project: Path, env: dict[str, str] | None = None) -> list[str]:
+    """The outputs of the checked-out dvc.lock that the DVC remote does not have (`dvc status --cloud`)."""
+    status = dvc_json(project, ["status", "--cloud"], env=env) or {}
+    return sorted(path for path, state in status.items() if state in NOT_HOME)
+
+
+def outputs_not_home(
+    repository: str, commit: str, dvc_remote: str | None, refs: dict[str, str], env: dict[str, str] | None = None
+) -> dict[str, list[str]]:
+    """For each experiment of `commit` (name -> its ref in the git remote), the outputs of its
+    dvc.lock that the DVC remote lacks ([]: home).
+
+    Checked in a clean clone, so that nobody's checkout is touched: the refs are fetched into it,
+    and each experiment's commit is checked out in turn (git's files only) for outputs_not_on_remote.
+    """
+    with clean_checkout(repository, commit, "home-check") as checkout:
+        configure_dvc(checkout, dvc_remote)
+        git(checkout, "fetch", "--quiet", "--no-tags", GIT_REMOTE, *(f"+{ref}:{ref}" for ref in refs.values()))
+        missing = {}
+        for name, ref in refs.items():
+            git(checkout, "checkout", "--quiet", "--detach", ref)
+            missing[name] = outputs_not_on_remote(checkout, env)
+    return missing
 
 
 def read_figures(checkout: Path) -> dict[str, float | int | None]:

@@ -170,6 +170,7 @@ def dvc_experiment(
     data_stages: list[str] | None = None,
     data_lock: dict | None = None,
     data_artifact: str | None = None,
+    replace: bool = False,
 ) -> dict:
     """One DVC experiment of `commit`, in a clean clone, pushed home (see pipeline.experiment).
 
@@ -177,7 +178,8 @@ def dvc_experiment(
     other experiments with the same data params to restore instead of rerunning; their
     dvc.lock entries are published as the table artifact `data_artifact`. data_lock: those
     entries, handed to the group's points, so that they need not receive the data stages'
-    outputs (pipeline.locked).
+    outputs (pipeline.locked). replace: the git remote holds refs of this name whose outputs
+    never reached the DVC remote; this run's replace them (pipeline.experiment.push_home).
     """
     logger = get_run_logger()
     started = time.monotonic()
@@ -206,7 +208,7 @@ def dvc_experiment(
             logger.info("%s dvc.lock holds the data stages as this run needs them: --allow-missing", source)
         experiment.run_experiment(checkout, name, overrides, env, logger.info, allow_missing=reused)
         figures = experiment.read_figures(checkout)
-        experiment.push_home(checkout, name, repository, env, logger.info)
+        experiment.push_home(checkout, name, repository, env, logger.info, replace=replace)
     summary = {
         "experiment": name,
         "commit": commit,
@@ -242,14 +244,7 @@ def dvc_sweep(
     """
     logger = get_run_logger()
     project = project_root(project_dir)
-    points = grid.make_points(set_params, name_prefix)
-    params = {p.name: grid.check_point(project, p) for p in points}
-    target = sweep_target(project, pool, git_remote)
-    data_stages = data_stages_of(project)
-    keys = grid.data_params(project, data_stages)
-    groups: dict[str, list[grid.Point]] = {}
-    for point in points:
-        groups.setdefault(grid.data_key(params[point.name], keys), []).append(point)
+    points, target, groups, data_stages = sweep_plan(project, set_params, name_prefix, pool, git_remote)
     logger.info(
         "%d experiment(s) of %s on pool %r: %s", len(points), target.commit[:7], pool, ", ".join(p.name for p in points)
     )
@@ -269,6 +264,33 @@ def dvc_sweep(
     if not all(o.ok for o in outcomes):
         raise results.ExperimentsFailed(outcomes, rows)
     return rows
+
+
+def sweep_plan(
+    project: Path, set_params: list[str], name_prefix: str, pool: str, git_remote: str
+) -> tuple[list[grid.Point], results.Target, dict[str, list[grid.Point]], list[str]]:
+    """The points, checked; where they run; the groups of them that share data stages, and those stages."""
+    points = grid.make_points(set_params, name_prefix)
+    params = {p.name: grid.check_point(project, p) for p in points}
+    target = sweep_target(project, pool, git_remote)
+    data_stages = data_stages_of(project)
+    keys = grid.data_params(project, data_stages)
+    groups: dict[str, list[grid.Point]] = {}
+    for point in points:
+        groups.setdefault(grid.data_key(params[point.name], keys), []).append(point)
+    return points, target, groups, data_stages
+
+
+def cancel_sweep(
+    set_params: list[str],
+    pool: str = "gpu",
+    name_prefix: str = "sweep",
+    project_dir: str | None = None,
+    git_remote: str = "origin",
+) -> list[str]:
+    """`python -m pipeline sweep ... --cancel`: cancel the runs of that sweep that have not ended; their names."""
+    points, target, groups, _ = sweep_plan(project_root(project_dir), set_params, name_prefix, pool, git_remote)
+    return sweep.cancel_runs(points, target, groups)
 
 
 def sweep_target(project: Path, pool: str, git_remote: str) -> results.Target:

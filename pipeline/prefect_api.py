@@ -9,14 +9,35 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
+from uuid import UUID
 
 from pipeline.grid import SweepError
 
 EXPERIMENT_FLOW = "dvc-experiment"
 PULL_STEPS = [{"pipeline.workspace.enter_work_folder": {}}]
-CRASH_AUTOMATION = "convnets: mark silent dvc-experiment runs crashed"
+LEGACY_CRASH_AUTOMATION = "convnets: mark silent dvc-experiment runs crashed"  # one for all pools, until issue 24
+CRASH_AUTOMATION = "convnets: mark silent dvc-experiment runs on pool {pool} crashed"
 HEARTBEATS_MISSED = 3  # a run is declared crashed after this many silent heartbeat periods
+HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
+DEFAULT_HEARTBEAT_S = 180  # Prefect's own default
+MIN_HEARTBEAT_S = 30  # Prefect's floor: it never beats more often
+
+
+@dataclass(frozen=True)
+class ExperimentDeployment:
+    """The `dvc-experiment/<pool>` deployment, and the heartbeat period its flow runs are given."""
+
+    name: str
+    id: UUID
+    pool: str
+    heartbeat_s: int
+
+    @property
+    def crash_window_s(self) -> int:
+        return self.heartbeat_s * HEARTBEATS_MISSED
 
 
 def check_pool(client, pool: str) -> None:
@@ -31,71 +52,119 @@ def check_pool(client, pool: str) -> None:
         ) from None
 
 
-def ensure_deployment(client, flow, pool: str) -> str:
-    """The `dvc-experiment/<pool>` deployment of `flow` (pipeline.flows.dvc_experiment), created or updated."""
+def ensure_deployment(client, flow, pool: str) -> ExperimentDeployment:
+    """The `dvc-experiment/<pool>` deployment of `flow` (pipeline.flows.dvc_experiment), created or updated.
+
+    Its runs get the pool's heartbeat period (pool_heartbeat_seconds) as a job variable, which
+    wins over whatever the worker's own environment says: the crash automation's window is
+    then derived from what the runs really do, not from the settings of whoever submits.
+    """
     from prefect.utilities.callables import parameter_schema
 
+    heartbeat_s = pool_heartbeat_seconds(client.read_work_pool(pool))
     flow_id = client.create_flow(flow)
-    client.create_deployment(
+    deployment_id = client.create_deployment(
         flow_id=flow_id,
         name=pool,
         work_pool_name=pool,
         entrypoint="pipeline.flows.dvc_experiment",
         pull_steps=PULL_STEPS,
         parameter_openapi_schema=parameter_schema(flow).model_dump_for_openapi(),
+        job_variables={"env": {HEARTBEAT_ENV: str(heartbeat_s)}},
         description="One DVC experiment in a clean clone at the requested commit (python -m pipeline sweep).",
     )
-    return f"{EXPERIMENT_FLOW}/{pool}"
+    return ExperimentDeployment(f"{EXPERIMENT_FLOW}/{pool}", deployment_id, pool, heartbeat_s)
 
 
-def ensure_crash_detection(heartbeat_s: int) -> None:
-    """The automation Prefect documents for zombie flow runs, for our experiment runs only."""
-    from prefect.automations import Automation
-    from prefect.client.schemas.objects import StateType
-    from prefect.events.actions import ChangeFlowRunState
-    from prefect.events.schemas.automations import EventTrigger, Posture
-    from prefect.events.schemas.events import ResourceSpecification
-
+def pool_heartbeat_seconds(pool) -> int:
+    """The heartbeat period the pool gives its flow runs: PREFECT_FLOWS_HEARTBEAT_FREQUENCY among the
+    default `env` of its base job template (`prefect work-pool update --base-job-template`), else Prefect's."""
+    properties = (pool.base_job_template or {}).get("variables", {}).get("properties", {})
+    value = ((properties.get("env") or {}).get("default") or {}).get(HEARTBEAT_ENV)
+    if value in (None, ""):
+        return DEFAULT_HEARTBEAT_S
     try:
-        Automation.read(name=CRASH_AUTOMATION)
+        return max(int(value), MIN_HEARTBEAT_S)
+    except (TypeError, ValueError):
+        raise SweepError(f"work pool {pool.name!r}: {HEARTBEAT_ENV} is {value!r}, not a number of seconds") from None
+
+
+def ensure_crash_detection(deployment: ExperimentDeployment) -> None:
+    """The automation Prefect documents for zombie flow runs, for the runs of this deployment only,
+    with a window of HEARTBEATS_MISSED heartbeats of its pool; replaced when the window changed.
+
+    The one automation for all pools that earlier versions made (with the window of the first
+    submitter's own setting) is removed: it would declare crashed a run of a slower heartbeat.
+    """
+    from prefect.automations import Automation
+
+    description = (
+        f"A {EXPERIMENT_FLOW} run of deployment {deployment.id} (pool {deployment.pool}) whose heartbeats, "
+        f"every {deployment.heartbeat_s} s, stopped for {deployment.crash_window_s} s (worker killed or preempted)."
+    )
+    name = CRASH_AUTOMATION.format(pool=deployment.pool)
+    delete_automation(LEGACY_CRASH_AUTOMATION)
+    existing = read_automation(name)
+    if existing is not None and existing.description == description:
         return
-    except ValueError:
-        pass
+    if existing is not None:
+        existing.delete()
     Automation(
-        name=CRASH_AUTOMATION,
-        description="A dvc-experiment flow run whose heartbeats stopped (worker killed or preempted).",
-        trigger=EventTrigger(
-            after={"prefect.flow-run.heartbeat"},
-            expect={
-                "prefect.flow-run.heartbeat",
-                "prefect.flow-run.Completed",
-                "prefect.flow-run.Failed",
-                "prefect.flow-run.Cancelled",
-                "prefect.flow-run.Crashed",
-            },
-            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
-            match_related=ResourceSpecification(
-                {"prefect.resource.role": "flow", "prefect.resource.name": EXPERIMENT_FLOW}
-            ),
-            for_each={"prefect.resource.id"},
-            posture=Posture.Proactive,
-            threshold=1,
-            within=timedelta(seconds=heartbeat_s * HEARTBEATS_MISSED),
-        ),
-        actions=[
-            ChangeFlowRunState(
-                state=StateType.CRASHED,
-                message=f"no heartbeat for {heartbeat_s * HEARTBEATS_MISSED} s: "
-                "its worker stopped (killed, preempted or lost)",
-            )
-        ],
+        name=name,
+        description=description,
+        trigger=crash_trigger(deployment),
+        actions=[crash_action(deployment.crash_window_s)],
     ).create()
 
 
-def heartbeat_seconds() -> int:
-    from prefect.settings import get_current_settings
+def crash_trigger(deployment: ExperimentDeployment):
+    """Proactive: a run of the deployment that sent a heartbeat and then nothing for the window."""
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
 
-    return int(get_current_settings().flows.heartbeat_frequency or 180)
+    return EventTrigger(
+        after={"prefect.flow-run.heartbeat"},
+        expect={
+            "prefect.flow-run.heartbeat",
+            "prefect.flow-run.Completed",
+            "prefect.flow-run.Failed",
+            "prefect.flow-run.Cancelled",
+            "prefect.flow-run.Crashed",
+        },
+        match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+        match_related=ResourceSpecification(
+            {"prefect.resource.role": "deployment", "prefect.resource.id": f"prefect.deployment.{deployment.id}"}
+        ),
+        for_each={"prefect.resource.id"},
+        posture=Posture.Proactive,
+        threshold=1,
+        within=timedelta(seconds=deployment.crash_window_s),
+    )
+
+
+def crash_action(window_s: int):
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+
+    return ChangeFlowRunState(
+        state=StateType.CRASHED,
+        message=f"no heartbeat for {window_s} s: its worker stopped (killed, preempted or lost)",
+    )
+
+
+def read_automation(name: str):
+    from prefect.automations import Automation
+
+    try:
+        return Automation.read(name=name)
+    except ValueError:  # Prefect's answer for "no automation of that name"
+        return None
+
+
+def delete_automation(name: str) -> None:
+    found = read_automation(name)
+    if found is not None:
+        found.delete()
 
 
 def online_workers(client, pool: str) -> int:
@@ -105,6 +174,39 @@ def online_workers(client, pool: str) -> int:
         pool, worker_filter=WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"]))
     )
     return len(workers)
+
+
+LIVE_STATES = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING")  # a flow run that has not ended
+NOT_STARTED = ("SCHEDULED", "PENDING")
+
+
+def runs_tagged(client, tags: Sequence[str], live_only: bool = False) -> list:
+    """The flow runs that carry any of `tags` (live_only: those that have not ended)."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        FlowRunFilterTags,
+    )
+
+    if not tags:
+        return []
+    state = FlowRunFilterState(type=FlowRunFilterStateType(any_=list(LIVE_STATES))) if live_only else None
+    return client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(any_=list(tags)), state=state))
+
+
+def cancel_run(client, flow_run) -> None:
+    """As `prefect flow-run cancel` does: Cancelling, so that its worker stops the run's process;
+    a run that no worker has taken yet is Cancelled at once, since nobody would act on Cancelling."""
+    from prefect.states import Cancelled, Cancelling
+
+    state = flow_run.state.type.value if flow_run.state else "SCHEDULED"
+    if state in NOT_STARTED:
+        client.set_flow_run_state(
+            flow_run.id, Cancelled(message="cancelled by python -m pipeline sweep --cancel"), force=True
+        )
+    else:
+        client.set_flow_run_state(flow_run.id, Cancelling(message="cancelled by python -m pipeline sweep --cancel"))
 
 
 def latest_table(key: str) -> list[dict]:

@@ -7,8 +7,12 @@ dies stops sending flow-run heartbeats; a Prefect automation then marks its run 
 and the sweep submits the point again, on whichever worker is free. The train stage
 resumes there from the last epoch mirrored beside the DVC remote (convnets.resume).
 
-Nothing is kept here that a restart would lose: finished experiments are in the git remote
-(refs/exps, as `dvc exp push` writes them), so a sweep run again skips them.
+Nothing is kept here that a restart would lose:
+- a point is done when it is home: its git refs in the git remote (refs/exps, pushed last by
+  pipeline.experiment.push_home) and its outputs in the DVC remote (checked: results_home);
+- a point's flow runs carry a tag naming the point (run_identity) and an idempotency key
+  naming the attempt, so a sweep run again, after Ctrl-C, a lost API or a reboot, finds
+  the run still in flight and waits for it instead of starting a second one.
 """
 
 from __future__ import annotations
@@ -19,15 +23,19 @@ import re
 from collections.abc import Callable, Sequence
 from uuid import UUID
 
+from pipeline.dvc import DvcError
+from pipeline.experiment import outputs_not_home
 from pipeline.grid import Point, SweepError
 from pipeline.prefect_api import (
+    ExperimentDeployment,
     artifact_key,
+    cancel_run,
     check_pool,
     ensure_crash_detection,
     ensure_deployment,
-    heartbeat_seconds,
     latest_table,
     online_workers,
+    runs_tagged,
 )
 from pipeline.results import Outcome, Target
 from pipeline.waiting import wait_for
@@ -36,6 +44,11 @@ from pipeline.workspace import WorkspaceError, ls_remote, redact
 DEFAULT_RETRIES = 2
 DATA_POOL = "cpu"  # where a sweep's data stages go by default, when a worker polls it
 EXP_REF = re.compile(r"^refs/exps/([0-9a-f]{2})/([0-9a-f]{38})/(.+)$")
+SWEEP_TAG = "convnets-sweep"
+
+
+class SweepInterrupted(RuntimeError):
+    """Ctrl-C: the sweep stopped waiting; the message says which runs go on and how to cancel them."""
 
 
 def experiments_on_remote(repository: str, commit: str) -> set[str]:
@@ -48,6 +61,57 @@ def experiments_on_remote(repository: str, commit: str) -> set[str]:
     return {m.group(3) for m in matches if m and m.group(1) + m.group(2) == commit}
 
 
+def exp_ref(commit: str, name: str) -> str:
+    """Where DVC keeps experiment `name` of `commit`, locally and in the git remote."""
+    return f"refs/exps/{commit[:2]}/{commit[2:]}/{name}"
+
+
+def results_home(target: Target, names: Sequence[str], log: Callable[[str], None]) -> tuple[set[str], set[str]]:
+    """Of `names`, those that are home: their refs in the git remote and every output of their
+    dvc.lock in the DVC remote; and those whose refs are there without all their outputs (a push
+    the DVC remote refused, or refs pushed first by an older version): they run again, and replace them."""
+    on_remote = experiments_on_remote(target.repository, target.commit) & set(names)
+    if not on_remote:
+        return set(), set()
+    refs = {name: exp_ref(target.commit, name) for name in sorted(on_remote)}
+    try:
+        missing = outputs_not_home(target.repository, target.commit, target.dvc_remote, refs)
+    except (WorkspaceError, DvcError) as exc:
+        raise SweepError(f"cannot check which experiments' outputs the DVC remote has: {exc}") from None
+    stale = {name for name, paths in missing.items() if paths}
+    for name in sorted(stale):
+        shown = ", ".join(missing[name][:3]) + (f" and {len(missing[name]) - 3} more" if len(missing[name]) > 3 else "")
+        log(f"{name}: in {redact(target.repository)}, but the DVC remote lacks {shown}: it runs again")
+    return on_remote - stale, stale
+
+
+# --- one run per point, whichever sweep asks -------------------------------------------------
+
+
+def run_identity(target: Target, point: Point | None = None, data_artifact: str | None = None) -> str:
+    """The tag every flow run of this work carries: a point of `target`'s commit into its remotes, or
+    (with data_artifact) the data stages of a group. Its attempts differ in their idempotency key only."""
+    what = {"repository": target.repository, "commit": target.commit, "dvc_remote": target.dvc_remote}
+    if data_artifact:
+        what["data"] = data_artifact
+    elif point is not None:
+        what.update(name=point.name, overrides=list(point.overrides))
+    return "convnets-run-" + hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def attempt_of(flow_run, identity: str) -> int:
+    """The attempt an earlier flow run of `identity` was (0 if its key is not ours)."""
+    number = (flow_run.idempotency_key or "").removeprefix(f"{identity}-")
+    return int(number) if number.isdigit() else 0
+
+
+def sweep_identities(points: Sequence[Point], target: Target, data_groups: dict[str, list[Point]]) -> list[str]:
+    """The tags of every run a sweep of `points` may have in flight: its points and its groups' data stages."""
+    return [run_identity(target, point) for point in points] + [
+        run_identity(target, data_artifact=data_artifact(target.commit, key)) for key in data_groups
+    ]
+
+
 def submit(
     deployment: str,
     target: Target,
@@ -55,26 +119,92 @@ def submit(
     data_stages: Sequence[str] | None = None,
     data_lock: dict | None = None,
     data_artifact: str | None = None,
+    replace: bool = False,
 ) -> UUID:
+    """The flow run of this point (or, with data_stages, of its group's data stages): the one still
+    in flight if there is one, else the next attempt.
+
+    The attempt's idempotency key makes the server hand back the run that another sweep has just
+    created for it rather than make a second one. A crashed, failed or cancelled attempt has
+    ended; to retry it is to submit the next attempt. replace: see pipeline.experiment.push_home.
+    """
+    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
+    identity = run_identity(target, point, data_artifact)
+    with get_client(sync_client=True) as client:
+        earlier = runs_tagged(client, [identity])
+    live = [run for run in earlier if run.state is None or not run.state.is_final()]
+    if live:
+        return live[0].id
+    attempt = 1 + max((attempt_of(run, identity) for run in earlier), default=0)
+    parameters = {
+        "repository": target.repository,
+        "commit": target.commit,
+        "overrides": list(point.overrides),
+        "name": point.name,
+        "dvc_remote": target.dvc_remote,
+        "data_stages": list(data_stages) if data_stages else None,
+        "data_lock": data_lock,
+        "data_artifact": data_artifact,
+    }
+    if replace:  # only then: a worker on an older pipeline/ still takes the others
+        parameters["replace"] = True
     flow_run = run_deployment(
         deployment,
         timeout=0,
         flow_run_name=point.name + ("-data" if data_stages else ""),
-        parameters={
-            "repository": target.repository,
-            "commit": target.commit,
-            "overrides": list(point.overrides),
-            "name": point.name,
-            "dvc_remote": target.dvc_remote,
-            "data_stages": list(data_stages) if data_stages else None,
-            "data_lock": data_lock,
-            "data_artifact": data_artifact,
-        },
-        tags=["convnets-sweep"],
+        parameters=parameters,
+        tags=[SWEEP_TAG, identity],
+        idempotency_key=f"{identity}-{attempt}",
     )
     return flow_run.id
+
+
+def adopt_live_runs(outcomes: list[Outcome], target: Target, log: Callable[[str], None]) -> None:
+    """Points whose flow run from an earlier sweep has not ended: that run is waited for, not doubled."""
+    from prefect.client.orchestration import get_client
+
+    by_identity = {run_identity(target, outcome.point): outcome for outcome in outcomes}
+    with get_client(sync_client=True) as client:
+        live = runs_tagged(client, list(by_identity), live_only=True)
+    for run in live:
+        outcome = next(by_identity[tag] for tag in run.tags if tag in by_identity)
+        if outcome.flow_run_id is None:
+            outcome.flow_run_id, outcome.attempts = run.id, 1
+            log(f"{outcome.point.name}: its flow run {run.name} ({run.id}) has not ended: waiting for it, not another")
+
+
+def going_on(identities: Sequence[str]) -> str:
+    """One line for Ctrl-C: the runs that go on without the sweep, and how to stop them."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            live = runs_tagged(client, identities, live_only=True)
+    except Exception:  # the API is gone too: say what holds anyway
+        return (
+            "interrupted: the runs already submitted go on; the same command again waits for them, "
+            "and with --cancel cancels them"
+        )
+    if not live:
+        return "interrupted: no run of this sweep is left in flight"
+    runs = ", ".join(f"{run.name} ({run.id})" for run in sorted(live, key=lambda run: run.name))
+    return (
+        f"interrupted: {len(live)} flow run(s) go on: {runs}; the same command again waits for them, "
+        "and with --cancel cancels them (one: `prefect flow-run cancel <id>`)"
+    )
+
+
+def cancel_runs(points: Sequence[Point], target: Target, data_groups: dict[str, list[Point]]) -> list[str]:
+    """Cancel the runs of these points, and of their data stages, that have not ended; their names."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        live = runs_tagged(client, sweep_identities(points, target, data_groups), live_only=True)
+        for run in live:
+            cancel_run(client, run)
+    return [run.name for run in live]
 
 
 def read_summaries(outcomes: list[Outcome], commit: str) -> None:
@@ -103,12 +233,13 @@ def run_points(
     log: Callable[[str], None],
     data_pool: str | None = None,
 ) -> list[Outcome]:
-    """Run the points not yet in the git remote as flow runs of `flow` (pipeline.flows.dvc_experiment);
-    the shared data stages of each group run first, once, on `data_pool` (see choose_data_pool).
+    """Run the points not yet home as flow runs of `flow` (pipeline.flows.dvc_experiment); the
+    shared data stages of each group run first, once, on `data_pool` (see choose_data_pool).
 
     data_groups: the points by the params their data stages read (grid.data_key). A group whose
     data stages an earlier data-stage run of this commit already ran (its dvc.lock entries are
     published) runs none: its points get those entries, as they would get a new run's.
+    Ctrl-C raises SweepInterrupted, saying which runs go on.
     """
     from prefect.client.orchestration import get_client
 
@@ -117,35 +248,56 @@ def run_points(
         deployment = ensure_deployment(client, flow, target.pool)
         data_pool = choose_data_pool(client, data_pool, target.pool) if data_stages else target.pool
         data_deployment = deployment if data_pool == target.pool else ensure_deployment(client, flow, data_pool)
-    ensure_crash_detection(heartbeat_seconds())
-    done = experiments_on_remote(target.repository, target.commit)
-    outcomes = [Outcome(p, status="already done" if p.name in done else "pending") for p in points]
-    if done & {p.name for p in points}:
-        log(
-            f"already in {redact(target.repository)}, not run again: "
-            + ", ".join(p.name for p in points if p.name in done)
-        )
+    for registered in dict.fromkeys([deployment, data_deployment]):
+        ensure_crash_detection(registered)
+    try:
+        return fan_out(points, target, data_groups, data_stages, timeout_s, retries, log, (deployment, data_deployment))
+    except KeyboardInterrupt:
+        raise SweepInterrupted(going_on(sweep_identities(points, target, data_groups))) from None
+
+
+def fan_out(
+    points: list[Point],
+    target: Target,
+    data_groups: dict[str, list[Point]],
+    data_stages: Sequence[str],
+    timeout_s: float,
+    retries: int,
+    log: Callable[[str], None],
+    deployments: tuple[ExperimentDeployment, ExperimentDeployment],
+) -> list[Outcome]:
+    """run_points once the deployments are there: adopt, check what is home, run the data stages, submit, wait."""
+    deployment, data_deployment = deployments
+    outcomes = [Outcome(p) for p in points]
+    adopt_live_runs(outcomes, target, log)
+    done, stale = results_home(target, [o.point.name for o in outcomes if o.flow_run_id is None], log)
+    for outcome in outcomes:
+        if outcome.point.name in done:
+            outcome.status = "already done"
+    if done:
+        log(f"already home in {redact(target.repository)}, not run again: " + ", ".join(sorted(done)))
     todo = [o for o in outcomes if o.status == "pending"]
     if not todo:
         read_summaries(outcomes, target.commit)
         return outcomes
 
     # point name -> the dvc.lock entries of its data stages, from an earlier or a new data-stage run
-    locks, shared = plan_data_runs(data_groups, done, lambda key: published_lock(target.commit, key))
+    claimed = {o.point.name for o in outcomes if o.status != "pending" or o.flow_run_id is not None}
+    locks, shared = plan_data_runs(data_groups, claimed, lambda key: published_lock(target.commit, key))
     if locks:
         log(f"data stages already run for {target.commit[:7]}, their dvc.lock handed to: {', '.join(locks)}")
     if shared and data_stages:
-        data = Target(target.repository, target.commit, target.dvc_remote, data_pool)
-        locks.update(prepare_data(shared, data_deployment, data, data_stages, timeout_s, retries, log, outcomes))
+        data = Target(target.repository, target.commit, target.dvc_remote, data_deployment.pool)
+        locks.update(prepare_data(shared, data_deployment.name, data, data_stages, timeout_s, retries, log, outcomes))
 
     def submit_point(point: Point) -> UUID:
-        return submit(deployment, target, point, data_lock=locks.get(point.name))
+        return submit(deployment.name, target, point, data_lock=locks.get(point.name), replace=point.name in stale)
 
-    for outcome in todo:
-        if outcome.status == "pending":
-            outcome.flow_run_id = submit_point(outcome.point)
-            outcome.attempts = 1
-    log(f"submitted {sum(o.flow_run_id is not None for o in todo)} experiment(s) to pool {target.pool!r}")
+    new = [o for o in todo if o.status == "pending" and o.flow_run_id is None]
+    for outcome in new:
+        outcome.flow_run_id = submit_point(outcome.point)
+        outcome.attempts = 1
+    log(f"submitted {len(new)} experiment(s) to pool {target.pool!r}")
     wait_for(todo, target.pool, timeout_s, log, retries, submit_point)
     read_summaries(outcomes, target.commit)
     return outcomes
@@ -155,7 +307,8 @@ def plan_data_runs(
     data_groups: dict[str, list[Point]], done: set[str], published: Callable[[str], dict[str, dict]]
 ) -> tuple[dict[str, dict], dict[str, list[Point]]]:
     """The dvc.lock entries of the points whose data stages already ran (`published` looks them up
-    by data key), and the groups of two or more points left to run them once for."""
+    by data key), and the groups of two or more points left to run them once for. done: the
+    points that need no run (home already, or their run is in flight)."""
     locks: dict[str, dict] = {}
     shared: dict[str, list[Point]] = {}
     for key, group in data_groups.items():

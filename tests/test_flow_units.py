@@ -732,3 +732,166 @@ def test_a_sweep_whose_fetch_reads_a_path_only_this_machine_has_names_it_and_sub
     assert "use an http(s) URL, fetch.source=kaggle, or an absolute path that every worker has" in err
     with get_client(sync_client=True) as client:
         assert not [d for d in client.read_deployments() if d.name == "gpu"]  # no dvc-experiment/gpu either
+
+
+# --- one run per point, whatever is rerun --------------------------------------------------------
+
+
+def live_runs_by_name(names: list[str]) -> dict[str, int]:
+    """How many flow runs of each name have not ended."""
+    from prefect.client.schemas.filters import FlowRunFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=names)))
+    return {name: sum(r.name == name and not r.state.is_final() for r in runs) for name in names}
+
+
+def pool_target(tmp_path: Path, pool: str, heartbeat_s: int | None = None):
+    """A work pool nobody polls (its runs' heartbeat period set in its base job template), and a
+    Target of a pushed commit on it."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.workers.process import ProcessWorker
+
+    from pipeline.results import Target
+
+    template = ProcessWorker.get_default_base_job_template()
+    if heartbeat_s is not None:
+        template["variables"]["properties"]["env"]["default"] = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(heartbeat_s)}
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
+    origin, commit = bare_origin_with_a_commit(tmp_path)
+    return Target(str(origin), commit, None, pool)
+
+
+def test_a_sweep_interrupted_after_submission_and_run_again_waits_for_the_same_runs(tmp_path):
+    """Ctrl-C once the points are submitted, then the same sweep again: one live run per point, not two."""
+    from pipeline import sweep
+    from pipeline.flows import dvc_experiment
+    from pipeline.grid import Point
+
+    target = pool_target(tmp_path, "units-rerun")
+    points = [Point(("seed=1",), "rerun-a"), Point(("seed=2",), "rerun-b")]
+
+    def ctrl_c_once_submitted(line: str) -> None:
+        if line.startswith("submitted"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(BaseException) as interrupted:
+        sweep.run_points(dvc_experiment, points, target, {}, [], timeout_s=60, retries=0, log=ctrl_c_once_submitted)
+    live: list[dict[str, int]] = []
+
+    def count_once_submitted(line: str) -> None:
+        if line.startswith("submitted"):
+            live.append(live_runs_by_name(["rerun-a", "rerun-b"]))
+
+    outcomes = sweep.run_points(
+        dvc_experiment, points, target, {}, [], timeout_s=2, retries=0, log=count_once_submitted
+    )
+    assert live == [{"rerun-a": 1, "rerun-b": 1}]
+    assert [o.status for o in outcomes] == ["no worker", "no worker"]  # then it gave up, as before
+    # what Ctrl-C said, in one line: which runs go on, how to wait for them, how to cancel them
+    message = str(interrupted.value)
+    assert isinstance(interrupted.value, sweep.SweepInterrupted) and "\n" not in message
+    assert message.startswith("interrupted: 2 flow run(s) go on: rerun-a (")
+    assert f"rerun-b ({outcomes[1].flow_run_id})" in message
+    assert "the same command again waits for them, and with --cancel cancels them" in message
+    assert "`prefect flow-run cancel <id>`" in message
+
+
+def test_cancel_stops_the_runs_of_a_sweep_that_have_not_ended(tmp_path):
+    from pipeline import sweep
+    from pipeline.flows import dvc_experiment
+    from pipeline.grid import Point
+
+    target = pool_target(tmp_path, "units-cancel")
+    points = [Point(("seed=1",), "cancel-a"), Point(("seed=2",), "cancel-b")]
+
+    def ctrl_c_once_submitted(line: str) -> None:
+        if line.startswith("submitted"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(sweep.SweepInterrupted):
+        sweep.run_points(dvc_experiment, points, target, {}, [], timeout_s=60, retries=0, log=ctrl_c_once_submitted)
+    assert live_runs_by_name(["cancel-a", "cancel-b"]) == {"cancel-a": 1, "cancel-b": 1}
+    assert sorted(sweep.cancel_runs(points[:1], target, {})) == ["cancel-a"]
+    assert live_runs_by_name(["cancel-a", "cancel-b"]) == {"cancel-a": 0, "cancel-b": 1}
+
+
+def crash_windows(deployment_id) -> list[float]:
+    """The windows of the crash automations that watch the runs of this deployment, in seconds."""
+    with get_client(sync_client=True) as client:
+        automations = client.read_automations()
+    windows = []
+    for automation in automations:
+        if not automation.name.startswith("convnets: mark silent"):
+            continue
+        related = automation.trigger.match_related
+        related = related if isinstance(related, list) else [related]
+        watched = [
+            spec
+            for spec in related
+            if spec.get("prefect.resource.name") in ("dvc-experiment", ["dvc-experiment"])
+            or f"prefect.deployment.{deployment_id}" in str(spec.get("prefect.resource.id"))
+        ]
+        if watched:
+            windows.append(automation.trigger.within.total_seconds())
+    return windows
+
+
+def test_the_crash_window_follows_the_heartbeat_of_the_pools_runs_not_the_submitters(tmp_path):
+    from prefect.client.schemas.actions import WorkPoolUpdate
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    from pipeline import sweep
+    from pipeline.flows import dvc_experiment
+    from pipeline.grid import Point
+
+    target = pool_target(tmp_path, "units-heartbeat", heartbeat_s=60)
+    point = Point(("seed=1",), "heartbeat-a")
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 30}):  # the submitting machine's own setting
+        sweep.run_points(dvc_experiment, [point], target, {}, [], timeout_s=1, retries=0, log=print)
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("dvc-experiment/units-heartbeat")
+    # the runs beat every 60 s, whatever their worker's own environment says, and 3 silent beats make a crash
+    assert deployment.job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "60"
+    assert crash_windows(deployment.id) == [180]
+
+    # the pool's heartbeat changes: the window follows, and stays the only one
+    with get_client(sync_client=True) as client:
+        pool = client.read_work_pool("units-heartbeat")
+        template = pool.base_job_template
+        template["variables"]["properties"]["env"]["default"] = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "90"}
+        client.update_work_pool("units-heartbeat", WorkPoolUpdate(base_job_template=template))
+    sweep.run_points(dvc_experiment, [point], target, {}, [], timeout_s=1, retries=0, log=print)
+    assert crash_windows(deployment.id) == [270]
+
+
+def test_a_point_whose_refs_are_home_without_its_outputs_runs_again_and_replaces_them(tmp_path, monkeypatch):
+    """Refs in the git remote, outputs not in the DVC remote (a push the DVC remote refused): not done."""
+    from test_sweep_units import dvc, toy_dvc_origin
+
+    from pipeline import experiment, sweep, workspace
+    from pipeline.flows import dvc_experiment
+    from pipeline.grid import Point
+    from pipeline.results import Target
+
+    monkeypatch.setenv(workspace.WORK_DIR_ENV, str(tmp_path / "runs"))
+    monkeypatch.setenv(workspace.DVC_CACHE_ENV, str(tmp_path / "dvc-cache"))
+    pool_target(tmp_path, "units-half-pushed")
+    origin, commit = toy_dvc_origin(tmp_path)
+    target = Target(origin, commit, str(tmp_path / "dvc-remote"), "units-half-pushed")
+    with workspace.clean_checkout(origin, commit, "half") as clone:
+        experiment.configure_dvc(clone, target.dvc_remote)
+        dvc(clone, "exp", "run", "-n", "half-pushed")
+        dvc(clone, "exp", "push", "--no-cache", "origin", "half-pushed")
+        (outcome,) = sweep.run_points(
+            dvc_experiment, [Point((), "half-pushed")], target, {}, [], timeout_s=1, retries=0, log=print
+        )
+        assert outcome.status == "no worker"  # submitted again, not "already done"
+        with get_client(sync_client=True) as client:
+            assert client.read_flow_run(outcome.flow_run_id).parameters["replace"] is True
+        dvc(clone, "push")  # now its outputs are home too
+    (outcome,) = sweep.run_points(
+        dvc_experiment, [Point((), "half-pushed")], target, {}, [], timeout_s=1, retries=0, log=print
+    )
+    assert outcome.status == "already done"

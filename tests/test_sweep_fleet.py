@@ -41,6 +41,7 @@ TINY = [
 ]
 GRID = ["-S", "train.learning_rate=0.001,0.002,0.003", "-S", "train.epochs=1"]
 SWEEP_TIMEOUT_S = 900
+HEARTBEAT_S = 30  # Prefect's minimum: a killed worker's experiment run is declared crashed after 90 s
 
 
 class Fleet:
@@ -68,9 +69,27 @@ class Fleet:
         )
         wait_for_server(server, self.port, log)
         for pool in ("gpu", "cpu"):
-            run(["prefect", "work-pool", "create", pool, "--type", "process"], self.submitter, self.env)
+            self.create_pool(pool)
         for name, pool in (("w1", "gpu"), ("w2", "gpu"), ("nightly", "cpu")):
             self.start_worker(name, pool)
+
+    def create_pool(self, pool: str) -> None:
+        """A process pool whose runs beat every HEARTBEAT_S (its base job template's env): the sweep
+        gives its experiment runs that period, and derives the crash automation's window from it."""
+        template = self.root / "process-template.json"
+        run(
+            ["prefect", "work-pool", "get-default-base-job-template", "--type", "process", "--file", str(template)],
+            self.submitter,
+            self.env,
+        )
+        job = json.loads(template.read_text())
+        job["variables"]["properties"]["env"]["default"] = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}
+        template.write_text(json.dumps(job))
+        run(
+            ["prefect", "work-pool", "create", pool, "--type", "process", "--base-job-template", str(template)],
+            self.submitter,
+            self.env,
+        )
 
     def start_worker(self, name: str, pool: str) -> None:
         """A worker in an empty folder of its own, with its own user cache (as on its own machine)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -340,3 +341,106 @@ def test_the_data_artifact_is_named_by_commit_and_data_params():
     assert one.startswith("data-0123456-") and one == sweep.data_artifact("0123456aaaa", '{"split": 1}')
     assert one != sweep.data_artifact("0123456789abcdef", '{"split": 2}')
     assert re.fullmatch(r"[a-z0-9-]+", one)  # what Prefect accepts as a key
+
+
+# --- a point is done only when its results are home: outputs first, refs last --------------------
+
+TOY_STAGE = """stages:
+  make:
+    cmd: mkdir -p out && echo ${x} > out/x && echo done > model.txt
+    params: [x]
+    outs: [out, model.txt]
+"""
+
+
+def toy_dvc_origin(tmp_path) -> tuple[str, str]:
+    """A bare git `origin` holding a one-stage DVC project (two outputs, one a folder); its URL and commit."""
+    work, origin = tmp_path / "toy", tmp_path / "toy-origin.git"
+    subprocess.run(["git", "init", "-q", "-b", "main", str(work)], check=True)
+    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
+    dvc(work, "init", "-q")
+    (work / "dvc.yaml").write_text(TOY_STAGE)
+    (work / "params.yaml").write_text("x: 1\n")
+    git(work, "add", "-A")
+    git(work, "commit", "-q", "-m", "toy")
+    git(work, "push", "-q", str(origin), "main")
+    return str(origin), git(work, "rev-parse", "HEAD").strip()
+
+
+def dvc(project, *args: str) -> str:
+    from pipeline.dvc import DVC_COMMAND, dvc_env
+
+    proc = subprocess.run([*DVC_COMMAND, *args], cwd=project, env=dvc_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.fixture
+def machine(tmp_path, monkeypatch):
+    """One worker machine: its work folder, git mirrors and DVC cache under tmp_path."""
+    monkeypatch.setenv(workspace.WORK_DIR_ENV, str(tmp_path / "runs"))
+    monkeypatch.setenv(workspace.GIT_MIRRORS_ENV, str(tmp_path / "mirrors"))
+    monkeypatch.setenv(workspace.DVC_CACHE_ENV, str(tmp_path / "dvc-cache"))
+    return tmp_path
+
+
+def remote_exps(origin: str) -> dict[str, str]:
+    """name -> commit of every experiment ref in the git remote."""
+    return {ref.rsplit("/", 1)[-1]: sha for sha, ref in workspace.ls_remote(origin, "refs/exps/*")}
+
+
+def test_a_dvc_remote_refusing_the_push_leaves_no_refs_and_keeps_the_clone_saying_where(machine):
+    from pipeline import experiment
+
+    origin, commit = toy_dvc_origin(machine)
+    (machine / "a-file").write_text("a DVC remote cannot live under a file: every upload fails\n")
+    with pytest.raises(workspace.KeepCheckout) as kept:
+        with workspace.clean_checkout(origin, commit, "refused") as clone:
+            experiment.configure_dvc(clone, str(machine / "a-file" / "remote"))
+            dvc(clone, "exp", "run", "-n", "refused")
+            experiment.push_home(clone, "refused", origin, {}, print)
+    assert remote_exps(origin) == {}  # no refs without their outputs: a rerun does not take it for done
+    message = str(kept.value)
+    assert "pushing its outputs and run cache to the DVC remote failed" in message
+    assert f"kept on {workspace.host()} in {clone}" in message
+    assert f"`cd {clone} && dvc push --run-cache && dvc exp push --no-cache origin refused`" in message
+    assert (clone / "model.txt").read_text() == "done\n"  # the clone is kept, results and all
+
+
+def test_refs_on_the_git_remote_without_their_outputs_on_the_dvc_remote_are_not_home(machine):
+    from pipeline import experiment, results
+
+    origin, commit = toy_dvc_origin(machine)
+    target = results.Target(origin, commit, str(machine / "dvc-remote"), "gpu")
+    logs: list[str] = []
+    with workspace.clean_checkout(origin, commit, "half") as clone:
+        experiment.configure_dvc(clone, target.dvc_remote)
+        dvc(clone, "exp", "run", "-n", "half")
+        dvc(clone, "exp", "push", "--no-cache", "origin", "half")  # the refs alone, as a refused push left them
+        assert sweep.results_home(target, ["half", "never-ran"], logs.append) == (set(), {"half"})
+        assert logs == [f"half: in {origin}, but the DVC remote lacks model.txt, out, out/x: it runs again"]
+        dvc(clone, "push")
+    assert sweep.results_home(target, ["half", "never-ran"], logs.append) == ({"half"}, set())
+    assert list((machine / "runs").iterdir()) == []  # the checks' clones are gone
+
+
+def test_a_diverged_experiment_is_a_failure_and_replace_pushes_over_it(machine):
+    from pipeline import experiment
+
+    origin, commit = toy_dvc_origin(machine)
+    storage = str(machine / "dvc-remote")
+    with workspace.clean_checkout(origin, commit, "first") as clone:
+        experiment.configure_dvc(clone, storage)
+        dvc(clone, "exp", "run", "-n", "twice")
+        experiment.push_home(clone, "twice", origin, {}, print)
+    first = remote_exps(origin)["twice"]
+    with pytest.raises(workspace.KeepCheckout, match="already holds another experiment named twice") as kept:
+        with workspace.clean_checkout(origin, commit, "second") as clone:
+            experiment.configure_dvc(clone, storage)
+            dvc(clone, "exp", "run", "-n", "twice", "-S", "x=2")
+            experiment.push_home(clone, "twice", origin, {}, print)
+    assert "(DVC: diverged)" in str(kept.value) and "dvc exp push --no-cache --force origin twice" in str(kept.value)
+    assert remote_exps(origin) == {"twice": first}  # the first one's refs, untouched
+    experiment.push_home(clone, "twice", origin, {}, print, replace=True)  # as a sweep asks for a point not home
+    assert remote_exps(origin)["twice"] != first
+    shutil.rmtree(clone)
