@@ -129,7 +129,7 @@ def sweep_main(argv: Sequence[str]) -> int:
     if args.cancel:
         return cancel_main(args)
     from pipeline.flows import dvc_sweep
-    from pipeline.results import ExperimentsFailed, text_table
+    from pipeline.results import ExperimentsFailed, bring_home_command, text_table
     from pipeline.sweep import SweepInterrupted
 
     state = dvc_sweep(
@@ -147,15 +147,15 @@ def sweep_main(argv: Sequence[str]) -> int:
     if isinstance(result, SweepInterrupted):
         print(result, file=sys.stderr)
         return 130  # as for SIGINT
-    if isinstance(result, ExperimentsFailed):
-        print(text_table(result.rows))
-        print(f"error: {result}", file=sys.stderr)
-        return 1
+    rows = result.rows if isinstance(result, ExperimentsFailed) else result
+    if isinstance(rows, list):
+        print(text_table(rows))
+        if command := bring_home_command(rows, args.git_remote):
+            print("the experiments are in `dvc exp show`; to bring the best one's outputs and metrics here, run:")
+            print(command)
     if isinstance(result, BaseException):
         print(f"error: {result}", file=sys.stderr)
-        return 2
-    print(text_table(result))
-    print("the experiments are in `dvc exp show`; `dvc exp apply NAME && dvc pull` brings one's outputs here")
+        return 1 if isinstance(result, ExperimentsFailed) else 2
     return 0
 
 

@@ -85,6 +85,19 @@ def leaderboard(outcomes: list[Outcome]) -> list[dict[str, str]]:
     return rows
 
 
+def bring_home_command(rows: list[dict[str, str]], git_remote: str) -> str | None:
+    """The command that brings the best experiment of the table (its first row, if it is home)
+    into a checkout of its commit: outputs and metrics, pulled, then checked out.
+
+    `dvc exp apply NAME && dvc pull` failed there: the sweep pulls the experiments' refs only,
+    and `dvc exp apply` deletes the outputs that the cache lacks, then exits 255.
+    """
+    if not rows or not rows[0]["status"].startswith(("done", "already done")):
+        return None
+    name = rows[0]["experiment"]
+    return f"dvc exp pull {git_remote} {name} && dvc exp apply {name}"
+
+
 def short_labels(points: Sequence[Point]) -> list[str]:
     """Each point's overrides as `Point.label` gives them, every value shortened alike per key
     (convnets.compare.short_forms: as little as keeps different values different)."""

@@ -148,7 +148,8 @@ def push_outputs(project: Path, stage: str, env: dict[str, str] | None = None) -
 def pull_experiments(project: Path, git_remote: str, names: list[str]) -> None:
     """`dvc exp pull --no-cache`: the experiments' refs, so they show in `dvc exp show` here.
 
-    Their outputs stay in the DVC remote until someone asks (`dvc exp apply NAME && dvc pull`).
+    Their outputs stay in the DVC remote until someone asks: `dvc exp pull origin NAME && dvc exp apply NAME`
+    (pipeline.results.bring_home_command).
     """
     logger = get_run_logger()
     check_dvc(project, ["exp", "pull", "--no-cache", "--force", git_remote, *names], on_line=logger.info)

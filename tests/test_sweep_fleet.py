@@ -197,6 +197,16 @@ def test_a_sweep_fans_out_over_both_workers_and_comes_home(fleet):
     for worker in ("w1", "w2"):
         assert list((fleet.root / f"{worker}-home").iterdir()) == []
         assert list((fleet.root / f"{worker}-cache" / "convnets" / "runs").iterdir()) == []
+    # the command the sweep printed to bring one home, run as printed in the submitting checkout
+    (command,) = [line for line in sweep.stdout.splitlines() if line.startswith("dvc exp ")]
+    best = command.rsplit(" ", 1)[-1]
+    assert best in names, command
+    run(["bash", "-c", command], fleet.submitter, fleet.env)
+    assert (fleet.submitter / "data/model/model.keras").is_file()
+    for metrics in ("data/train/metrics.json", "data/eval/metrics.json"):
+        assert json.loads((fleet.submitter / metrics).read_text()) == experiments[best][metrics], metrics
+    git(fleet.submitter, "checkout", "-q", "HEAD", "--", ".")  # HEAD again, clean, for the next sweeps
+    git(fleet.submitter, "clean", "-fdq")
 
 
 def test_the_same_sweep_again_trains_nothing(fleet):

@@ -103,6 +103,13 @@ def test_the_leaderboard_puts_the_best_first_and_failures_last_with_their_error(
     assert failed.failed == ["b"] and "1 experiment(s) failed: b (failed)" in str(failed)
 
 
+def test_the_printed_command_pulls_the_best_experiments_outputs_before_applying_it():
+    rows = results.leaderboard([outcome("a", "done", 0.7), outcome("c", "already done", 0.9)])
+    assert results.bring_home_command(rows, "origin") == "dvc exp pull origin c && dvc exp apply c"
+    failed = results.leaderboard([outcome("b", "failed", message="stage 'train' failed")])
+    assert results.bring_home_command(failed, "origin") is None  # nothing came home: nothing to bring
+
+
 def test_experiments_already_on_the_git_remote_are_found_by_their_baseline(tmp_path):
     origin = tmp_path / "origin.git"
     subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
