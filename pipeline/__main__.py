@@ -117,6 +117,23 @@ def parse_sweep_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--project", help="the DVC project (default: the one containing the working directory)")
     parser.add_argument(
+        "--halving",
+        type=int,
+        default=0,
+        metavar="FACTOR",
+        help="successive halving: every point to the first rung, then the best 1/FACTOR on to the next, "
+        "each continuing from its own checkpoint (docs/orchestration.md, Successive halving)",
+    )
+    parser.add_argument(
+        "--min-epochs", type=int, default=1, help="with --halving: the first rung's epochs (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--halving-metric",
+        default="val_loss",
+        choices=("val_loss", "val_accuracy"),
+        help="with --halving: the best epoch's validation figure that ranks the points (default: %(default)s)",
+    )
+    parser.add_argument(
         "--cancel",
         action="store_true",
         help="cancel the flow runs of this sweep (same -S and --name-prefix) that have not ended, and exit",
@@ -130,6 +147,7 @@ def sweep_main(argv: Sequence[str]) -> int:
         return cancel_main(args)
     from pipeline.flows import dvc_sweep
     from pipeline.results import ExperimentsFailed, bring_home_command, text_table
+    from pipeline.rungs import closing_line_of
     from pipeline.sweep import SweepInterrupted
 
     state = dvc_sweep(
@@ -141,6 +159,9 @@ def sweep_main(argv: Sequence[str]) -> int:
         project_dir=args.project,
         git_remote=args.git_remote,
         data_pool=args.data_pool,
+        halving=args.halving,
+        min_epochs=args.min_epochs,
+        halving_metric=args.halving_metric,
         return_state=True,
     )
     result = state.result(raise_on_failure=False)
@@ -150,6 +171,8 @@ def sweep_main(argv: Sequence[str]) -> int:
     rows = result.rows if isinstance(result, ExperimentsFailed) else result
     if isinstance(rows, list):
         print(text_table(rows))
+        if closing := closing_line_of(rows):
+            print(closing)
         if command := bring_home_command(rows, args.git_remote):
             print("the experiments are in `dvc exp show`; to bring the best one's outputs and metrics here, run:")
             print(command)

@@ -16,11 +16,12 @@ Everything but the clone's DVC settings (configure_dvc) goes through DVC's comma
 from __future__ import annotations
 
 import configparser
-import json
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from convnets.figures import TRAIN_DIR, read_json, read_run
+from convnets.layout import STOPPED
 from pipeline.dvc import DvcError, check_dvc, dvc_json, run_dvc, stage_failure
 from pipeline.locked import stage_entries
 from pipeline.workspace import DVC_REMOTE_NAME, KeepCheckout, clean_checkout, git, host, machine_dvc_cache, redact
@@ -228,21 +229,8 @@ def outputs_not_home(
     return missing
 
 
-def read_figures(checkout: Path) -> dict[str, float | int | None]:
-    """The headline metrics of a finished run, from its metrics files (blank when absent)."""
-    evaluation = read_json(checkout / "data/eval/metrics.json").get("test", {})
-    training = read_json(checkout / "data/train/metrics.json")
-    best = training.get("best", {})
-    return {
-        "test_accuracy": evaluation.get("accuracy"),
-        "roc_auc": evaluation.get("roc_auc"),
-        "best_epoch": best.get("epoch") + 1 if isinstance(best.get("epoch"), int) else None,
-        "epochs": training.get("step") + 1 if isinstance(training.get("step"), int) else None,
-    }
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+def read_figures(checkout: Path) -> dict[str, float | int | str | None]:
+    """The headline figures of a finished run (convnets.figures, the one reader; blank when absent),
+    and, for a run that stopped early (train.stop_at_epoch), the training state it kept."""
+    stopped = read_json(checkout / TRAIN_DIR / STOPPED) or {}
+    return {**read_run(checkout).headline(), "state": stopped.get("state") or ""}

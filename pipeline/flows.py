@@ -19,6 +19,7 @@ from pipeline import (
     prefect_api,
     remote,
     results,
+    rungs,
     sweep,
     tasks,
     workspace,
@@ -237,10 +238,15 @@ def dvc_sweep(
     project_dir: str | None = None,
     git_remote: str = "origin",
     data_pool: str | None = None,
+    halving: int = 0,
+    min_epochs: int = 1,
+    halving_metric: str = "val_loss",
 ) -> list[dict]:
     """Every point of the `-S` grid as one experiment on the pool; results pulled into this project.
 
     data_pool: where the shared data stages run (default: `cpu` when a worker polls it, else `pool`).
+    halving: 2 or more for successive halving by that factor (pipeline.rungs), from rungs of
+    `min_epochs`, ranked by the best epoch's `halving_metric` (val_loss or val_accuracy).
     """
     logger = get_run_logger()
     project = project_root(project_dir)
@@ -248,9 +254,15 @@ def dvc_sweep(
     logger.info(
         "%d experiment(s) of %s on pool %r: %s", len(points), target.commit[:7], pool, ", ".join(p.name for p in points)
     )
-    outcomes = sweep.run_points(
-        dvc_experiment, points, target, groups, data_stages, timeout, retries, logger.info, data_pool
-    )
+
+    def run(rung_points: list[grid.Point], groups_of_rung: dict[str, list[grid.Point]]) -> list[results.Outcome]:
+        return sweep.run_points(
+            dvc_experiment, rung_points, target, groups_of_rung, data_stages, timeout, retries, logger.info, data_pool
+        )
+
+    if halving:
+        return halving_sweep(project, points, target, groups, run, (halving, min_epochs, halving_metric), git_remote)
+    outcomes = run(points, groups)
     home = [o.point.name for o in outcomes if o.ok]
     if home:
         tasks.pull_experiments(project, git_remote, home)
@@ -264,6 +276,60 @@ def dvc_sweep(
     if not all(o.ok for o in outcomes):
         raise results.ExperimentsFailed(outcomes, rows)
     return rows
+
+
+def halving_sweep(
+    project: Path,
+    points: list[grid.Point],
+    target: results.Target,
+    groups: dict[str, list[grid.Point]],
+    run,
+    how: tuple[int, int, str],
+    git_remote: str,
+) -> list[dict]:
+    """dvc_sweep with --halving: the rungs (pipeline.rungs), each rung's ranking as an artifact, the
+    states of the points that are out removed from the mirror, one row per point."""
+    logger = get_run_logger()
+    eta, min_epochs, metric = how
+    full = halving_budget(project, points)
+
+    def run_rung(rung_points: list[grid.Point], base: dict[str, grid.Point]) -> list[results.Outcome]:
+        alive = {base[point.name].name: point for point in rung_points}
+        rung_groups = {key: [alive[p.name] for p in group if p.name in alive] for key, group in groups.items()}
+        return run(rung_points, {key: group for key, group in rung_groups.items() if group})
+
+    result = rungs.run_halving(points, full, eta, run_rung, logger.info, min_epochs, metric)
+    for index, rows in enumerate(result.decisions):
+        create_table_artifact(
+            key=f"dvc-halving-rung-{index + 1}",
+            table=rows,
+            description=f"Rung {index + 1} of the halving sweep of {target.commit[:7]}: ranking by {metric}",
+        )
+    if target.dvc_remote:
+        rungs.remove_states(
+            workspace.resume_url_beside(target.dvc_remote), rungs.eliminated_states(result), logger.info
+        )
+    outcomes = [record.outcome for record in result.records if record.outcome is not None]
+    home = [o.point.name for o in outcomes if o.ok]
+    if home:
+        tasks.pull_experiments(project, git_remote, home)
+    rows = rungs.leaderboard(result, metric)
+    create_table_artifact(key="dvc-sweep", table=rows, description=result.closing_line())
+    logger.info(result.closing_line())
+    if not all(o.ok for o in outcomes):
+        raise results.ExperimentsFailed(outcomes, rows)
+    return rows
+
+
+def halving_budget(project: Path, points: list[grid.Point]) -> int:
+    """The epochs every point trains to (train.epochs + train.fine_tune_epochs): one budget for all."""
+    budgets = set()
+    for point in points:
+        train_params = grid.check_point(project, point).get("train", {})
+        budgets.add(int(train_params.get("epochs") or 0) + int(train_params.get("fine_tune_epochs") or 0))
+    if len(budgets) != 1:
+        raise grid.SweepError(f"--halving needs one budget for every point; these train for {sorted(budgets)} epochs")
+    return budgets.pop()
 
 
 def sweep_plan(

@@ -45,6 +45,9 @@ DEFAULT_RETRIES = 2
 DATA_POOL = "cpu"  # where a sweep's data stages go by default, when a worker polls it
 EXP_REF = re.compile(r"^refs/exps/([0-9a-f]{2})/([0-9a-f]{38})/(.+)$")
 SWEEP_TAG = "convnets-sweep"
+# What a point's summary artifact carries for the sweep (pipeline.experiment.read_figures): the test
+# figures for the tables, the validation ones a halving sweep ranks by, the state a stopped rung kept.
+FIGURES = ("test_accuracy", "roc_auc", "best_epoch", "epochs", "val_loss", "val_accuracy", "state")
 
 
 class SweepInterrupted(RuntimeError):
@@ -217,7 +220,7 @@ def read_summaries(outcomes: list[Outcome], commit: str) -> None:
             row = rows[0]
             outcome.host = outcome.host or row.get("worker", "")
             outcome.lock = row.get("lock") or ""
-            outcome.figures = {k: row.get(k) for k in ("test_accuracy", "roc_auc", "best_epoch", "epochs")}
+            outcome.figures = {k: row.get(k) for k in FIGURES}
             if outcome.seconds is None and isinstance(row.get("seconds"), (int, float)):
                 outcome.seconds = row["seconds"]
 

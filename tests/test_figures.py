@@ -16,7 +16,11 @@ from convnets import compare
 from convnets.figures import Figures, epoch_of_step, figures_of, read_figures, read_history, read_run
 from convnets.report import headline_cards
 
-TRAIN = {"step": 9, "best": {"epoch": 4}, "devices": {"gpu_count": 1, "mixed_precision": 1}}
+TRAIN = {
+    "step": 9,
+    "best": {"epoch": 4, "val_loss": 0.25, "val_accuracy": 0.91},
+    "devices": {"gpu_count": 1, "mixed_precision": 1},
+}
 EVAL = {"test": {"accuracy": 0.9, "roc_auc": 0.95, "loss": 0.3, "macro_f1": 0.89, "per_class": {"cat": {}}}}
 TIMINGS = {"seconds": 95.0, "seconds_per_epoch": 9.5, "finished": "2026-01-02 03:04 UTC"}
 
@@ -44,7 +48,14 @@ def test_the_best_epoch_and_the_epochs_count_from_1():
     assert (figures.test_accuracy, figures.roc_auc, figures.test_loss, figures.macro_f1) == (0.9, 0.95, 0.3, 0.89)
     assert (figures.training_seconds, figures.training_exact, figures.finished) == (95.0, True, TIMINGS["finished"])
     assert (figures.gpu_count, figures.mixed_precision) == (1, True)
-    assert figures.headline() == {"test_accuracy": 0.9, "roc_auc": 0.95, "best_epoch": 5, "epochs": 10}
+    assert figures.headline() == {
+        "test_accuracy": 0.9,
+        "roc_auc": 0.95,
+        "best_epoch": 5,
+        "epochs": 10,
+        "val_loss": 0.25,  # the best epoch's: what a halving sweep ranks by
+        "val_accuracy": 0.91,
+    }
 
 
 def test_what_a_run_did_not_record_is_blank():

@@ -80,3 +80,78 @@ def test_promotion_keeps_the_best_half_and_never_a_failed_run():
 
 def test_the_closing_line():
     assert closing_line(40, 16, 8) == "epochs trained: 40 of the full grid's 128"
+
+
+# --- the rungs of a sweep (pipeline.rungs), with a fake pool ----------------------------------------
+
+
+def fake_rung(losses: dict[str, float | None], runs: list):
+    """run_rung for run_halving: every point's run ends at once with its loss (None: it failed)."""
+    from pipeline.results import Outcome
+
+    def run_rung(rung_points, base):
+        runs.append([(point.name, point.overrides) for point in rung_points])
+        outcomes = []
+        for point in rung_points:
+            loss = losses[base[point.name].name]
+            stop = next((o.split("=")[1] for o in point.overrides if o.startswith("train.stop_at_epoch=")), None)
+            figures = {
+                "val_loss": loss,
+                "test_accuracy": 0.9,
+                "state": f"state-{base[point.name].name}" if stop else "",
+            }
+            if loss is None:  # a failed run publishes no figures
+                outcomes.append(Outcome(point, status="failed", message="train: out of memory"))
+                continue
+            outcomes.append(Outcome(point, status="done", figures=figures))
+        return outcomes
+
+    return run_rung
+
+
+def test_a_halving_sweep_runs_rungs_of_stopped_points_then_the_plain_finalists():
+    from pipeline.grid import Point
+    from pipeline.rungs import closing_line_of, eliminated_states, leaderboard, run_halving
+
+    points = [Point((f"train.learning_rate={rate}",), f"sweep-lr-{rate}") for rate in ("a", "b", "c", "d")]
+    losses = {"sweep-lr-a": 0.4, "sweep-lr-b": 0.1, "sweep-lr-c": None, "sweep-lr-d": 0.2}
+    runs, lines = [], []
+    result = run_halving(points, 4, 2, fake_rung(losses, runs), lines.append)
+
+    assert [[name for name, _ in rung] for rung in runs] == [
+        ["sweep-lr-a-e1", "sweep-lr-b-e1", "sweep-lr-c-e1", "sweep-lr-d-e1"],
+        ["sweep-lr-b-e2", "sweep-lr-d-e2"],
+        ["sweep-lr-b"],  # the last rung is the plain point: a plain sweep's name and overrides
+    ]
+    assert runs[0][0][1] == ("train.learning_rate=a", "train.stop_at_epoch=1")
+    assert runs[2][0][1] == ("train.learning_rate=b",)
+    assert result.epochs_trained() == 2 * 1 + 1 * 2 + 1 * 4
+    assert result.closing_line() == "epochs trained: 8 of the full grid's 16"
+    assert any("sweep-lr-b, sweep-lr-d go on by val_loss" in line for line in lines)
+    assert [row["decision"] for row in result.decisions[0]] == ["goes on", "goes on", "out", "failed"]
+
+    rows = leaderboard(result, "val_loss")
+    assert [(row["experiment"], row["rung"], row["rank"], row["epochs"]) for row in rows] == [
+        ("sweep-lr-b", "3 of 3", "1 of 1", "4 of 4"),
+        ("sweep-lr-d-e2", "2 of 3", "2 of 2", "2 of 4"),
+        ("sweep-lr-a-e1", "1 of 3", "3 of 4", "1 of 4"),
+        ("sweep-lr-c-e1", "1 of 3", "4 of 4", "1 of 4"),
+    ]
+    assert rows[0]["test accuracy"] == "0.9000" and rows[1]["test accuracy"] == ""  # test figures: finishers only
+    assert rows[3]["status"] == "failed: train: out of memory"
+    assert closing_line_of(rows) == result.closing_line()
+    assert sorted(eliminated_states(result)) == ["state-sweep-lr-a", "state-sweep-lr-d"]
+
+
+def test_the_sweep_ranks_by_validation_accuracy_when_asked():
+    from pipeline.grid import Point
+    from pipeline.results import Outcome
+    from pipeline.rungs import run_halving
+
+    accuracy = {"p1": 0.6, "p2": 0.9}
+
+    def run_rung(rung_points, base):
+        return [Outcome(p, status="done", figures={"val_accuracy": accuracy[base[p.name].name]}) for p in rung_points]
+
+    result = run_halving([Point((), "p1"), Point((), "p2")], 2, 2, run_rung, lambda line: None, metric="val_accuracy")
+    assert [record.point.name for record in result.records if record.rung == 1] == ["p2"]

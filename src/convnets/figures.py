@@ -70,14 +70,18 @@ class Figures:
     finished: str = ""  # when training finished (timings; `dvc exp run` only)
     gpu_count: int | None = None
     mixed_precision: bool = False
+    val_loss: float | None = None  # of the best epoch: what a halving sweep ranks by (never a test figure)
+    val_accuracy: float | None = None
 
     def headline(self) -> dict[str, float | int | None]:
-        """The four figures a sweep's tables and artifacts carry, by their names there."""
+        """The figures a sweep's tables and artifacts carry, by their names there."""
         return {
             "test_accuracy": self.test_accuracy,
             "roc_auc": self.roc_auc,
             "best_epoch": self.best_epoch,
             "epochs": self.epochs,
+            "val_loss": self.val_loss,
+            "val_accuracy": self.val_accuracy,
         }
 
 
@@ -109,6 +113,8 @@ def figures_of(train: dict | None, evaluation: dict | None, timings: dict | None
         finished=finished if isinstance(finished, str) else "",
         gpu_count=int(gpus) if gpus is not None else None,
         mixed_precision=bool(finite(devices.get("mixed_precision"))),
+        val_loss=finite(section(train, "best").get("val_loss")),
+        val_accuracy=finite(section(train, "best").get("val_accuracy")),
     )
 
 
