@@ -230,6 +230,29 @@ def test_a_new_point_on_data_that_already_ran_runs_no_data_stages(fleet):
     assert sum(fleet.log(worker).count(handed) for worker in ("w1", "w2")) == before + 1
 
 
+def test_a_halving_sweep_stops_the_losing_points_and_continues_the_others_from_their_checkpoints(fleet):
+    """4 points, 2 epochs, factor 2: all to epoch 1 (stopped, state kept), the best 2 go on to epoch 2
+    from their own state (on whichever worker takes them: the mirror), 6 epochs of the grid's 8."""
+    resumed = "resuming train at epoch 2 of 2"
+    before = sum(fleet.log(worker).count(resumed) for worker in ("w1", "w2"))
+    grid = ["-S", "train.learning_rate=0.0011,0.0012,0.0013,0.0014", "-S", "train.epochs=2"]
+    sweep = fleet.sweep(*TINY, *grid, "--halving", "2", "--name-prefix", "halving", "--timeout", "120")
+    assert sweep.returncode == 0, failure(fleet, sweep)
+    assert "epochs trained: 6 of the full grid's 8" in sweep.stdout, sweep.stdout
+    experiments = fleet.experiments()
+    first = [name for name in experiments if name.startswith("halving-") and name.endswith("-e1")]
+    final = [name for name in experiments if name.startswith("halving-") and not name.endswith("-e1")]
+    assert len(first) == 4 and len(final) == 2, sorted(experiments)
+    assert all(name + "-e1" in first for name in final)  # `dvc exp show` lists a point's rungs together
+    for name in final:
+        assert experiments[name]["data/train/metrics.json"]["step"] == 1  # two epochs in its history
+        assert 0 < experiments[name]["data/eval/metrics.json"]["test"]["accuracy"] <= 1
+    # the finalists trained only their second epoch, from their own state
+    assert sum(fleet.log(worker).count(resumed) for worker in ("w1", "w2")) == before + 2
+    rows = [line for line in sweep.stdout.splitlines() if line.startswith("halving-")]
+    assert len(rows) == 4 and rows[0].split()[0] in final  # one row per point, the winner first
+
+
 def test_nightly_runs_the_new_head_of_main_and_brings_it_home(fleet):
     (fleet.submitter / "NOTES.md").write_text("a change since the last sweep\n")
     git(fleet.submitter, "add", "NOTES.md")
