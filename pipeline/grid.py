@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.locked import lookup, param_keys
+from pipeline.overrides import OverridesError, refuse_secrets, secret_in
 
 MAX_NAME = 80  # long grids still get names a person can read in `dvc exp show`
 
@@ -69,7 +70,7 @@ def experiment_name(prefix: str, varying: Sequence[str], fixed: Sequence[str] = 
     e.g. sweep-seed-1-3fa2c1 for `-S seed=1,2 -S train.epochs=3`: the digest keeps the name
     of `seed=1` with 3 epochs apart from the one with 5, so a rerun never mistakes one for the other.
     """
-    parts = [prefix, *(re.sub(r"^[+~]+", "", o) for o in varying)]
+    parts = [prefix, *(re.sub(r"^[+~]+", "", name_part(o)) for o in varying)]
     if fixed:
         parts.append(digest(fixed))
     elif not varying:
@@ -81,6 +82,14 @@ def experiment_name(prefix: str, varying: Sequence[str], fixed: Sequence[str] = 
     return name
 
 
+def name_part(override: str) -> str:
+    """An override as a name shows it: the key alone when its value carries a secret (a name is a git ref)."""
+    if secret_in(override) is None:
+        return override
+    key, assigns, _ = override.partition("=")
+    return key if assigns and "://" not in key else "secret"
+
+
 def digest(overrides: Sequence[str]) -> str:
     return hashlib.sha1("\0".join(overrides).encode()).hexdigest()[:6]
 
@@ -88,6 +97,7 @@ def digest(overrides: Sequence[str]) -> str:
 def make_points(set_params: Sequence[str], prefix: str) -> list[Point]:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", prefix):
         raise SweepError(f"--name-prefix {prefix!r}: use letters, digits, '.', '_' and '-'")
+    refuse_secret_overrides(set_params)  # before expand, whose errors quote the overrides
     grid = expand(set_params)
     # every point has the same keys in the same order; a position varies if its values differ
     varies = [len({point[i] for point in grid}) > 1 for i in range(len(grid[0]))]
@@ -108,19 +118,29 @@ def make_points(set_params: Sequence[str], prefix: str) -> list[Point]:
     return points
 
 
+def refuse_secret_overrides(overrides: Sequence[str]) -> None:
+    """SweepError, in one line without the secret, for an override that would commit one (pipeline.overrides)."""
+    try:
+        refuse_secrets(overrides)
+    except OverridesError as exc:
+        raise SweepError(str(exc)) from None
+
+
 def check_point(project: Path, point: Point, validate: bool = True) -> dict:
     """params.yaml as `dvc exp run -S ...` would write it, validated by the model every stage uses.
 
-    SweepError names the bad override, key or preset, before anything is submitted; also a
-    fetch URL whose scheme no installed filesystem reads (fetch_url_problem), and a path that
-    the fetch stage would read on a worker but that only this machine has (worker_path_problem).
-    validate=False checks only those: the nightly run checks another commit's params with this
-    machine's code, whose params model may be older.
+    SweepError names the bad override, key or preset, before anything is submitted; also an
+    override or a fetch URL with a secret in it (never shown), a fetch URL whose scheme no
+    installed filesystem reads (fetch_url_problem), and a path that the fetch stage would read
+    on a worker but that only this machine has (worker_path_problem). validate=False checks
+    only those: the nightly run checks another commit's params with this machine's code, whose
+    params model may be older.
     """
     from convnets.errors import ParamsError
     from convnets.params import load_params
-    from pipeline.overrides import OverridesError, compose_params
+    from pipeline.overrides import compose_params
 
+    refuse_secret_overrides(point.overrides)  # the point's label, in every message below, shows them
     with tempfile.TemporaryDirectory() as folder:
         target = Path(folder) / "params.yaml"
         try:
@@ -144,10 +164,11 @@ FETCH_PATH_KEYS = {"archive": "archive", "mnist_url": "keras"}
 
 
 def fetch_url_problem(params: dict) -> str | None:
-    """One line if the source's URL has a scheme no filesystem installed here reads (s3:// without
-    s3fs), naming the extra to install.
+    """One line if a fetch URL has credentials in it (whichever source), or if the source's URL has a
+    scheme no filesystem installed here reads (s3:// without s3fs), naming the extra to install.
     """
     from convnets.downloads import filesystem_problem, is_url
+    from convnets.params import credentials_refusal, url_credentials
 
     fetch = params.get("fetch") if isinstance(params, dict) else None
     if not isinstance(fetch, dict):
@@ -157,6 +178,9 @@ def fetch_url_problem(params: dict) -> str | None:
         value = fetch.get(key)
         if not isinstance(value, str):
             continue
+        found = url_credentials(value)  # from a conf/ file: the overrides were checked already
+        if found:
+            return f"fetch.{key}: {credentials_refusal(found)}"
         problem = filesystem_problem(value) if source == reader and is_url(value) else None
         if problem:
             return f"fetch.{key}: {problem}"

@@ -5,25 +5,74 @@ runs the repro one stage at a time, so it does the first and last steps itself: 
 module calls the same DVC functions `dvc exp run` calls (Hydra composition of params.yaml
 from conf/ when `hydra.enabled`, a plain key update otherwise), so a flow run and a
 `dvc exp run` with the same overrides give the same params.yaml.
+
+params.yaml is committed: an override that would put a secret there (a URL with
+credentials, an interpolation) is refused before anything is written (refuse_secrets).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from convnets.params import credentials_refusal, url_credentials
+
 DEFAULT_PARAMS_FILE = "params.yaml"
+# Every place a URL starts in an override's text, overlapping (a lookahead), so that the second
+# URL of a sweep `a,b` is read as well as the first; a URL ends at a space, a quote or a bracket.
+URL_STARTS = re.compile(r"(?=([A-Za-z][A-Za-z0-9+.-]*://[^\s'\"\[\]{}]*))")
+# A key as refusals show it: dotted names, a params file's `path:` prefix, Hydra's +/~ marks.
+PLAIN_KEY = re.compile(r"[+~]*[\w.:/-]+")
+INTERPOLATION = "${"
+# Hydra's escapes: a sweep's points come back as `fetch.archive=https\://host/...`.
+HYDRA_ESCAPE = re.compile(r"\\(.)")
 
 
 class OverridesError(ValueError):
     """An override that DVC/Hydra cannot apply (bad syntax, unknown key, unknown preset)."""
 
 
+def secret_in(override: str) -> str | None:
+    """One line on why `override` would write a secret into params.yaml, without the secret; None if it would not.
+
+    A URL with credentials would be committed as it is; an interpolation (`${oc.env:...}`) is
+    resolved when DVC composes params.yaml, so whatever it reads would be committed too.
+    """
+    text = HYDRA_ESCAPE.sub(r"\1", override)
+    if INTERPOLATION in text:
+        return (
+            f"{override_name(override)}: an interpolation (${{...}}) is resolved when DVC composes params.yaml, "
+            "so what it reads (an environment variable, a secret) would be written into params.yaml and git: "
+            "give the value itself; credentials are read from ~/.netrc and the environment when downloading"
+        )
+    for match in URL_STARTS.finditer(text):
+        found = url_credentials(match.group(1))
+        if found:
+            return f"{override_name(override)}: {credentials_refusal(found)}"
+    return None
+
+
+def override_name(override: str) -> str:
+    """How a refusal names an override: by its key, never its value (where the secret is)."""
+    key, assigns, _ = override.partition("=")
+    return f"-S {key}=..." if assigns and PLAIN_KEY.fullmatch(key) and "://" not in key else "an -S override"
+
+
+def refuse_secrets(overrides: Sequence[str]) -> None:
+    """OverridesError, in one line without the secret, for the first override that would commit one."""
+    for override in overrides:
+        problem = secret_in(override)
+        if problem:
+            raise OverridesError(problem)
+
+
 def apply_overrides(project: Path, overrides: Sequence[str]) -> list[str]:
     """Write `overrides` into the project's params files; return the files written."""
     from dvc.utils.cli_parse import to_path_overrides
 
+    refuse_secrets(overrides)
     project = project.resolve()
     hydra = hydra_config(project)
     path_overrides = to_path_overrides(overrides)
@@ -39,6 +88,7 @@ def compose_params(project: Path, overrides: Sequence[str], target: Path) -> Non
     """Write to `target` the params.yaml that `overrides` would give, leaving the project as it is."""
     import shutil
 
+    refuse_secrets(overrides)
     project = project.resolve()
     hydra = hydra_config(project)
     if not hydra.get("enabled"):

