@@ -141,8 +141,23 @@ def parse_sweep_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def secrets_refused(overrides: Sequence[str] | None) -> bool:
+    """Print the one-line refusal of an override with a credential or an interpolation in it:
+    checked here, before a flow is called, since a flow's parameters go to the Prefect API."""
+    from pipeline.overrides import OverridesError, refuse_secrets
+
+    try:
+        refuse_secrets(list(overrides or []))
+    except OverridesError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return True
+    return False
+
+
 def sweep_main(argv: Sequence[str]) -> int:
     args = parse_sweep_args(argv)
+    if secrets_refused(args.set_params):
+        return 2
     if args.cancel:
         return cancel_main(args)
     from pipeline.flows import dvc_sweep
@@ -208,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(graph.plan(args.stages, args.single_item)))
         return 0
 
+    if secrets_refused(args.overrides):
+        return 2
     from pipeline.flows import dvc_pipeline
 
     try:

@@ -201,3 +201,20 @@ def test_the_downloader_reads_credentials_from_netrc_and_logs_none(tmp_path, mon
     assert sorted(catalog["label"]) == ["cat", "dog"]
     assert len(server.authorizations) == 1 and server.authorizations[0]
     assert_secret_free(caplog.text, catalog.to_csv())
+
+
+@pytest.mark.parametrize("command", [["sweep"], []], ids=["sweep", "pipeline"])
+def test_the_command_refuses_a_secret_before_any_flow_gets_it(command, monkeypatch, capsys):
+    """A flow's parameters go to the Prefect API: the command checks the overrides before calling one."""
+    import pipeline.flows
+    from pipeline.__main__ import main
+
+    def no_flow(*args, **kwargs):
+        raise AssertionError("a flow was called with the secret")
+
+    monkeypatch.setattr(pipeline.flows, "dvc_sweep", no_flow)
+    monkeypatch.setattr(pipeline.flows, "dvc_pipeline", no_flow)
+    code = main([*command, "-S", "fetch.archive=https://alice:s3cr3tTok@example.org/train.zip"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "s3cr3tTok" not in captured.out + captured.err and captured.err.startswith("error: ")
