@@ -37,6 +37,7 @@ class HalvingResult:
     records: list[PointRecord]
     rung_epochs: list[int]
     decisions: list[list[dict[str, str]]] = field(default_factory=list)  # each rung's ranking
+    runs: list[Outcome] = field(default_factory=list)  # every rung's runs, each a DVC experiment
 
     def epochs_trained(self) -> int:
         """Epochs trained in all: a point continued from its checkpoint trains each epoch once."""
@@ -71,6 +72,7 @@ def run_halving(
         rung = {rung_point(point, epochs, full_epochs).name: point for point in alive}
         log(f"rung {index + 1} of {len(epochs_of)}: {len(alive)} point(s) to epoch {epochs} of {full_epochs}")
         outcomes = run_rung([rung_point(point, epochs, full_epochs) for point in alive], rung)
+        result.runs += outcomes
         standings = record_rung(records, outcomes, rung, index, metric)
         if epochs == full_epochs:
             result.decisions.append(decision_rows(standings, [], metric, index, epochs))

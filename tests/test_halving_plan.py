@@ -126,6 +126,7 @@ def test_a_halving_sweep_runs_rungs_of_stopped_points_then_the_plain_finalists()
     assert runs[0][0][1] == ("train.learning_rate=a", "train.stop_at_epoch=1")
     assert runs[2][0][1] == ("train.learning_rate=b",)
     assert result.epochs_trained() == 2 * 1 + 1 * 2 + 1 * 4
+    assert [outcome.point.name for outcome in result.runs] == [name for rung in runs for name, _ in rung]
     assert result.closing_line() == "epochs trained: 8 of the full grid's 16"
     assert any("sweep-lr-b, sweep-lr-d go on by val_loss" in line for line in lines)
     assert [row["decision"] for row in result.decisions[0]] == ["goes on", "goes on", "out", "failed"]
