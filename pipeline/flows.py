@@ -309,7 +309,7 @@ def halving_sweep(
         rungs.remove_states(
             workspace.resume_url_beside(target.dvc_remote), rungs.eliminated_states(result), logger.info
         )
-    outcomes = [record.outcome for record in result.records if record.outcome is not None]
+    outcomes = result.runs
     home = [o.point.name for o in outcomes if o.ok]
     if home:
         tasks.pull_experiments(project, git_remote, home)
