@@ -221,10 +221,10 @@ def outputs_not_home(
     """
     with clean_checkout(repository, commit, "home-check") as checkout:
         configure_dvc(checkout, dvc_remote)
-        git(checkout, "fetch", "--quiet", "--no-tags", GIT_REMOTE, *(f"+{ref}:{ref}" for ref in refs.values()))
+        git(checkout, "fetch", "--quiet", "--no-tags", "--", GIT_REMOTE, *(f"+{ref}:{ref}" for ref in refs.values()))
         missing = {}
         for name, ref in refs.items():
-            git(checkout, "checkout", "--quiet", "--detach", ref)
+            git(checkout, "checkout", "--quiet", "--detach", ref, "--")  # refs/exps/...: git's own names
             missing[name] = outputs_not_on_remote(checkout, env)
     return missing
 

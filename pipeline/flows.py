@@ -143,6 +143,7 @@ def dvc_stage(
     files: the parent's params.yaml and dvc.lock; dvc_remote: the DVC remote both sides use.
     """
     logger = get_run_logger()
+    workspace.check_trusted(repository, dvc_remote, logger.warning)
     with (
         workspace.clean_checkout(repository, commit, f"stage-{stage}") as checkout,
         environments.environment_for(checkout, on_line=logger.debug) as runenv,
@@ -184,6 +185,7 @@ def dvc_experiment(
     """
     logger = get_run_logger()
     started = time.monotonic()
+    workspace.check_trusted(repository, dvc_remote, logger.warning)
     with (
         workspace.clean_checkout(repository, commit, name) as checkout,
         environments.environment_for(checkout, on_line=logger.debug) as runenv,

@@ -128,7 +128,7 @@ def write_shipped_files(project: Path, files: dict[str, str | None]) -> None:
 
 def git_remote_url(project: Path, remote: str = "origin") -> str:
     try:
-        return git(project, "remote", "get-url", remote).strip()
+        return git(project, "remote", "get-url", "--", remote).strip()
     except RemoteStageError:
         raise RemoteStageError(
             f"no git remote {remote!r} in {project}: workers clone the commit from it, so add one "
@@ -138,7 +138,7 @@ def git_remote_url(project: Path, remote: str = "origin") -> str:
 
 def check_pushed(project: Path, commit: str, remote: str = "origin") -> None:
     """The commit must be on the git remote, or no worker can check it out."""
-    branches = git(project, "branch", "-r", "--contains", commit).split()
+    branches = git(project, "branch", "-r", f"--contains={commit}").split()
     if not any(b.startswith(f"{remote}/") for b in branches):
         raise RemoteStageError(
             f"commit {commit[:7]} is not on {remote!r}: workers check out the commit from there, "

@@ -18,12 +18,13 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import posixpath
 import re
 import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from convnets.layout import RESUME_URL_ENV, user_cache_dir
@@ -33,10 +34,17 @@ DVC_CACHE_ENV = "CONVNETS_DVC_CACHE"  # the DVC cache the clones of one machine 
 DVC_REMOTE_NAME = "convnets-run"  # the remote a run's clone pushes to (config.local only)
 GIT_MIRRORS_ENV = "CONVNETS_GIT_MIRRORS"  # the bare mirrors the clones of one machine are made from
 FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
+TRUSTED_ENV = "CONVNETS_TRUSTED_REPOSITORIES"  # the git (and DVC) remotes a worker runs, set when it starts
+SCHEME_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(?:[^/]*@)?([^/]*)(.*)$")  # the last @ ends the user part
+SCP_LIKE = re.compile(r"^(?:[^/]*@)?([^/:]+):(.*)$")  # git's user@host:path
 
 
 class WorkspaceError(RuntimeError):
     """The run cannot get a workspace: an unknown commit, a git remote refusing."""
+
+
+class UntrustedRepository(WorkspaceError):
+    """The run names a repository this worker was not started to run (never retried: it fails, not crashes)."""
 
 
 class KeepCheckout(WorkspaceError):
@@ -77,6 +85,68 @@ def without_credentials(url: str) -> str:
     return re.sub(r"^(https?://)[^/@\s]+@", r"\1", url)
 
 
+def url_parts(url: str) -> tuple[str, str, str]:
+    """(scheme, host, path) of a git URL, without its user part; ("", "", path) for a local path."""
+    scheme_url = SCHEME_URL.match(url)
+    if scheme_url:
+        scheme, host, path = scheme_url.groups()
+        return scheme.lower(), host.lower(), path
+    scp_like = SCP_LIKE.match(url)
+    if scp_like and not url.startswith(("/", ".")):
+        host, path = scp_like.groups()
+        return "ssh", host.lower(), path
+    return "", "", url
+
+
+def comparable(url: str) -> str:
+    """`url` as the allow-list compares it: no user or token, scheme and host in lower case,
+    `..` resolved, no trailing / or .git; git's user@host:path as ssh://host/path.
+
+    Local paths (and file://) are compared as written, normalised, not resolved against a folder.
+    """
+    scheme, host, path = url_parts(url)
+    path = posixpath.normpath("/" + path.lstrip("/") if scheme else path or ".")
+    path = path.rstrip("/").removesuffix(".git")
+    return f"{scheme}://{host}{path}" if scheme not in ("", "file") else path
+
+
+def trusted_entries(environ: Mapping[str, str]) -> list[str]:
+    """The allow-list of $CONVNETS_TRUSTED_REPOSITORIES (comma- or space-separated URLs or
+    URL prefixes), comparable; [] when it is not set."""
+    return [comparable(entry) for entry in re.split(r"[\s,]+", environ.get(TRUSTED_ENV, "")) if entry]
+
+
+def is_trusted(url: str, entries: list[str]) -> bool:
+    """`url` is an entry, or lies under one: a prefix matches whole path segments only."""
+    candidate = comparable(url)
+    return any(candidate == entry or candidate.startswith(entry.rstrip("/") + "/") for entry in entries)
+
+
+def check_trusted(
+    repository: str, dvc_remote: str | None, warn: Callable[[str], object], environ: Mapping[str, str] = os.environ
+) -> None:
+    """Refuse, before anything is cloned, a run whose repository (or DVC remote) is not on the
+    worker's allow-list: whoever reaches the Prefect API would otherwise run any code on the
+    worker, with the worker's credentials. Without an allow-list, say so once per run."""
+    entries = trusted_entries(environ)
+    if not entries:
+        warn(f"this worker runs any repository: {TRUSTED_ENV} was not set where it was started")
+        return
+    for kind, url in (("repository", repository), ("DVC remote", dvc_remote)):
+        if url is not None and not is_trusted(url, entries):
+            raise UntrustedRepository(
+                f"{kind} {redact(url)} is not on this worker's allow-list ({TRUSTED_ENV}): it runs only "
+                f"{', '.join(entries)}; submit to a pool whose workers run it, or add it there and restart the worker"
+            )
+
+
+def refuse_options(**values: str) -> None:
+    """A repository or commit that git could read as an option (`--upload-pack=...`) is no repository."""
+    for what, value in values.items():
+        if value.startswith("-"):
+            raise WorkspaceError(f"refusing {what} {redact(value)!r}: it starts with '-'")
+
+
 def git(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         ["git", *args], cwd=cwd, capture_output=True, text=True, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"}
@@ -89,7 +159,8 @@ def git(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProces
 
 def ls_remote(repository: str, *patterns: str) -> list[tuple[str, str]]:
     """(commit, ref) pairs the git remote itself reports, never a stale local view of it."""
-    proc = git(Path.cwd(), "ls-remote", repository, *patterns)
+    refuse_options(repository=repository)
+    proc = git(Path.cwd(), "ls-remote", "--", repository, *patterns)
     return [tuple(line.split("\t", 1)) for line in proc.stdout.splitlines() if "\t" in line]
 
 
@@ -101,16 +172,23 @@ def clean_checkout(repository: str, commit: str, label: str) -> Iterator[Path]:
     `origin` is set back to `repository`, so `dvc exp push origin` and the like go to the
     real remote, as from a plain clone.
     """
+    refuse_options(repository=repository, commit=commit)
     folder = Path(tempfile.mkdtemp(prefix=f"{safe_name(label)}-", dir=work_root()))
     keep = False
     try:
         with git_mirror(repository, commit) as mirror:
-            git(folder.parent, "clone", "--quiet", "--no-checkout", "--local", str(mirror), str(folder))
-        git(folder, "remote", "set-url", "origin", repository)
-        if git(folder, "checkout", "--quiet", "--detach", commit, check=False).returncode != 0:
+            git(folder.parent, "clone", "--quiet", "--no-checkout", "--local", "--", str(mirror), str(folder))
+        git(folder, "remote", "set-url", "--", "origin", repository)
+        # `git checkout` takes no end of options before a commit (`--` would make it a path):
+        # it gets the full SHA git itself resolved, which cannot start with '-'.
+        resolved = git(
+            folder, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{commit}^{{commit}}", check=False
+        )
+        if resolved.returncode != 0:
             raise WorkspaceError(
                 f"commit {commit[:7]} is not on {redact(repository)}: push it (git push) and submit again"
             )
+        git(folder, "checkout", "--quiet", "--detach", resolved.stdout.strip(), "--")
         yield folder
     except KeepCheckout:
         keep = True
@@ -145,10 +223,10 @@ def git_mirror(repository: str, commit: str) -> Iterator[Path]:
     mirror.parent.mkdir(parents=True, exist_ok=True)
     with open(mirror.with_name(mirror.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
-        git(mirror.parent, "init", "--quiet", "--bare", str(mirror))  # a no-op once it exists
+        git(mirror.parent, "init", "--quiet", "--bare", "--", str(mirror))  # a no-op once it exists
         git(mirror, "config", "gc.autoDetach", "false")
         known = bool(FULL_SHA.match(commit)) and (
-            git(mirror, "cat-file", "-e", f"{commit}^{{commit}}", check=False).returncode == 0
+            git(mirror, "cat-file", "-e", "--end-of-options", f"{commit}^{{commit}}", check=False).returncode == 0
         )
         if not known:
             # From the work root, as `git clone` ran before: a relative local path means the same.
@@ -160,6 +238,7 @@ def git_mirror(repository: str, commit: str) -> Iterator[Path]:
                 "--prune",
                 "--no-tags",
                 "--no-write-fetch-head",  # FETCH_HEAD would keep the URL
+                "--",
                 repository,
                 "+refs/heads/*:refs/heads/*",
                 "+refs/tags/*:refs/tags/*",
