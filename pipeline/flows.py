@@ -315,6 +315,7 @@ def halving_sweep(
     home = [o.point.name for o in outcomes if o.ok]
     if home:
         tasks.pull_experiments(project, git_remote, home)
+        tasks.publish_leaderboard(project, home)  # from `dvc exp show`: one row per point there too
     rows = rungs.leaderboard(result, metric)
     create_table_artifact(key="dvc-sweep", table=rows, description=result.closing_line())
     logger.info(result.closing_line())

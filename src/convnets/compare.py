@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import re
 import statistics
 import sys
@@ -290,12 +291,17 @@ def leaderboard(experiments: list[Experiment], conf_dir: Path | None = None) -> 
 
     The figures come first, then the preset and the params that differ (shortened), the device,
     and the environment when the experiments' environments differ (environment_note says it otherwise).
+    The rungs of a halving sweep make one row per point (halving_rungs).
     """
+    rungs = halving_rungs(experiments)
+    if rungs:
+        experiments = [exp for exp in experiments if id(exp) in rungs]
     varying = differing_params(experiments)
     shown_params = [k for k in varying if k != "seed"] + (["seed"] if "seed" in varying else [])
     env_differs = len(environments(experiments)) > 1
-    columns = ["experiment", *FIGURES, "preset", *shown_params, "device", *(["environment"] if env_differs else [])]
-    ordered = sort_by_accuracy(experiments)
+    columns = ["experiment", *FIGURES, *(RUNG_COLUMNS if rungs else [])]
+    columns += ["preset", *shown_params, "device", *(["environment"] if env_differs else [])]
+    ordered = sorted(experiments, key=lambda e: rungs[id(e)].order) if rungs else sort_by_accuracy(experiments)
     groups = seed_groups(experiments)
     # Each param column shortened as a whole, over every value it shows (a group row shows its first's).
     shown_by = [*ordered, *(g[0] for g in groups)]
@@ -307,6 +313,8 @@ def leaderboard(experiments: list[Experiment], conf_dir: Path | None = None) -> 
     rows = []
     for exp in ordered:
         row = experiment_row(exp, preset_of(exp, presets))
+        if rungs:
+            row.update(rungs[id(exp)].columns(row))
         row.update({k: short[k].get(id(exp), "") for k in shown_params})
         row["device"] = exp.device
         if env_differs:
@@ -318,6 +326,66 @@ def leaderboard(experiments: list[Experiment], conf_dir: Path | None = None) -> 
         row["seed"] = "various" if "seed" in shown_params else ""
         rows.append({k: row.get(k, "") for k in columns})
     return columns, rows
+
+
+# --- a halving sweep's rungs: one row per point ------------------------------------------------
+
+STOP = "train.stop_at_epoch"
+RUNG_COLUMNS = ["rung", "rank"]
+
+
+@dataclass(frozen=True)
+class Rung:
+    """Where a point of a halving sweep got to: its furthest run, and its rank among those that got as far."""
+
+    stop: int | None  # the epoch that run stopped at; None: it trained to the end
+    budget: int | None
+    rank: int
+    of: int
+
+    @property
+    def order(self) -> tuple:
+        return (self.stop is not None, -(self.stop or 0), self.rank)
+
+    def columns(self, row: dict[str, str]) -> dict[str, str]:
+        """The rung and rank cells; a point that stopped early shows no test figures (they decided nothing)."""
+        cells = {"rung": "finished" if self.stop is None else f"stopped at {self.stop} of {self.budget}"}
+        cells["rank"] = f"{self.rank} of {self.of}"
+        if self.stop is not None:
+            cells.update({"test accuracy": "", "ROC AUC": ""})
+        return cells
+
+
+def halving_rungs(experiments: list[Experiment]) -> dict[int, Rung]:
+    """{id of each point's furthest run: its Rung} when some experiments stopped early (train.stop_at_epoch), else {}.
+
+    Runs of one point share every param but the stop, and the commit; a run that trained to the
+    end goes furthest. Points that got equally far rank by their best epoch's validation loss,
+    as the sweep ranked them (pipeline.halving), ties by name.
+    """
+    if not any(exp.params.get(STOP) is not None for exp in experiments):
+        return {}
+    points: dict[str, Experiment] = {}
+    for exp in experiments:
+        key = exp.baseline + json.dumps({k: _show(v) for k, v in exp.params.items() if k != STOP}, sort_keys=True)
+        if key not in points or reach(exp) > reach(points[key]):
+            points[key] = exp
+    furthest: dict[float, list[Experiment]] = {}
+    for exp in points.values():
+        furthest.setdefault(reach(exp), []).append(exp)
+    rungs = {}
+    for group in furthest.values():
+        group.sort(key=lambda e: (e.figures.val_loss is None, e.figures.val_loss or 0.0, e.name))
+        for place, exp in enumerate(group, start=1):
+            budget = exp.params.get("train.epochs")
+            rungs[id(exp)] = Rung(exp.params.get(STOP), budget, place, len(group))
+    return rungs
+
+
+def reach(exp: Experiment) -> float:
+    """How far a run trained: its stop, or past every stop when it trained to the end."""
+    stop = exp.params.get(STOP)
+    return math.inf if stop is None else float(stop)
 
 
 def preset_of(exp: Experiment, presets: Presets | None) -> str:
