@@ -202,7 +202,9 @@ def cancel_main(args: argparse.Namespace) -> int:
     from pipeline.flows import cancel_sweep
 
     try:
-        cancelled = cancel_sweep(args.set_params, args.pool, args.name_prefix, args.project, args.git_remote)
+        cancelled = cancel_sweep(
+            args.set_params, args.pool, args.name_prefix, args.project, args.git_remote, args.halving, args.min_epochs
+        )
     except Exception as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

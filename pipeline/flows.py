@@ -356,9 +356,20 @@ def cancel_sweep(
     name_prefix: str = "sweep",
     project_dir: str | None = None,
     git_remote: str = "origin",
+    halving: int = 0,
+    min_epochs: int = 1,
 ) -> list[str]:
-    """`python -m pipeline sweep ... --cancel`: cancel the runs of that sweep that have not ended; their names."""
-    points, target, groups, _ = sweep_plan(project_root(project_dir), set_params, name_prefix, pool, git_remote)
+    """`python -m pipeline sweep ... --cancel`: cancel the runs of that sweep that have not ended; their names.
+
+    With halving, the runs of every rung (the points as pipeline.rungs names them) are cancelled too.
+    """
+    project = project_root(project_dir)
+    points, target, groups, _ = sweep_plan(project, set_params, name_prefix, pool, git_remote)
+    if halving:
+        full = halving_budget(project, points)
+        points = [
+            rungs.rung_point(p, epochs, full) for p in points for epochs in rungs.rung_epochs(full, halving, min_epochs)
+        ]
     return sweep.cancel_runs(points, target, groups)
 
 

@@ -47,6 +47,10 @@ class HalvingResult:
         return halving.closing_line(self.epochs_trained(), len(self.records), self.rung_epochs[-1])
 
 
+def rung_epochs(full_epochs: int, eta: int, min_epochs: int = 1) -> list[int]:
+    return halving.rung_epochs(full_epochs, eta, min_epochs)
+
+
 def rung_point(point: Point, epochs: int, full: int) -> Point:
     """The point as rung `epochs` runs it: stopped there, and named so; the last rung is the point itself."""
     if epochs == full:

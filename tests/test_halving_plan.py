@@ -156,3 +156,16 @@ def test_the_sweep_ranks_by_validation_accuracy_when_asked():
 
     result = run_halving([Point((), "p1"), Point((), "p2")], 2, 2, run_rung, lambda line: None, metric="val_accuracy")
     assert [record.point.name for record in result.records if record.rung == 1] == ["p2"]
+
+
+def test_cancel_names_every_rung_as_the_sweep_runs_it():
+    """`sweep ... --halving 2 --cancel` cancels the runs of each rung: the names run_halving submits."""
+    from pipeline.grid import Point
+    from pipeline.rungs import rung_epochs, rung_point, run_halving
+
+    points = [Point(("seed=1",), "p1"), Point(("seed=2",), "p2")]
+    runs = []
+    run_halving(points, 4, 2, fake_rung({"p1": 0.1, "p2": 0.2}, runs), lambda line: None)
+    submitted = {name for rung in runs for name, _ in rung}
+    cancelled = {rung_point(p, epochs, 4).name for p in points for epochs in rung_epochs(4, 2)}
+    assert submitted <= cancelled == {"p1-e1", "p1-e2", "p1", "p2-e1", "p2-e2", "p2"}
