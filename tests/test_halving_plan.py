@@ -161,7 +161,7 @@ def test_the_sweep_ranks_by_validation_accuracy_when_asked():
 def test_cancel_names_every_rung_as_the_sweep_runs_it():
     """`sweep ... --halving 2 --cancel` cancels the runs of each rung: the names run_halving submits."""
     from pipeline.grid import Point
-    from pipeline.rungs import rung_epochs, rung_point, run_halving
+    from pipeline.rungs import run_halving, rung_epochs, rung_point
 
     points = [Point(("seed=1",), "p1"), Point(("seed=2",), "p2")]
     runs = []
