@@ -12,7 +12,7 @@ Massively Parallel Hyperparameter Tuning", MLSys 2020, synchronous variant).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 # The figures a rung may rank by, and whether higher is better. Never a test figure: the
@@ -79,11 +79,6 @@ def planned_epochs(points: int, full_epochs: int, eta: int, min_epochs: int = 1)
         total += count * (epochs - done)
         done, count = epochs, survivors(count, eta)
     return total
-
-
-def epochs_trained(reached: Mapping[str, int]) -> int:
-    """Epochs trained in all, from each point's furthest epoch (a continued point trains each once)."""
-    return sum(reached.values())
 
 
 def closing_line(trained: int, points: int, full_epochs: int) -> str:
