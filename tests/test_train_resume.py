@@ -81,6 +81,14 @@ def saved_weights(model_dir) -> list[np.ndarray]:
     return keras.models.load_model(model_dir / "model.keras").get_weights()
 
 
+def assert_same_training(a, b) -> None:
+    """Two runs' outputs (model/ and train/ under a and b): the same per-epoch history, the same weights."""
+    for split in ("train", "eval"):
+        pd.testing.assert_frame_equal(history(a / "train", split), history(b / "train", split))
+    for left, right in zip(saved_weights(a / "model"), saved_weights(b / "model"), strict=True):
+        np.testing.assert_array_equal(left, right)
+
+
 # Residual blocks (BatchNorm after each convolution, no random layers): with train.ema the
 # averaged weights get BatchNorm statistics of their own before each validation.
 RESIDUAL = {"block": "residual", "stem_filters": 8, "conv_filters": [8, 16], "pooled_blocks": 2}
@@ -126,12 +134,7 @@ def test_interrupted_run_ends_exactly_like_an_uninterrupted_one(
     resumed = train(params, prepared, tmp_path / "b" / "model", tmp_path / "b" / "train")
     assert "resuming train at epoch 3 of 4" in capsys.readouterr().out
     assert resumed == straight
-    for split in ("train", "eval"):
-        pd.testing.assert_frame_equal(
-            history(tmp_path / "a" / "train", split), history(tmp_path / "b" / "train", split)
-        )
-    for a, b in zip(saved_weights(tmp_path / "a" / "model"), saved_weights(tmp_path / "b" / "model"), strict=True):
-        np.testing.assert_array_equal(a, b)
+    assert_same_training(tmp_path / "a", tmp_path / "b")
     assert json.loads((tmp_path / "b" / "train" / "metrics.json").read_text())["step"] == 3
     assert not resume_dir.exists()  # removed after success
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["model", "train"]

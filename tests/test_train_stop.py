@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-import pandas as pd
 import pytest
-from test_train_resume import PLAIN, RESIDUAL, history, resume_root, saved_weights
+from test_train_resume import PLAIN, RESIDUAL, assert_same_training, history, resume_root
 
 from conftest import write_params
 from convnets.errors import ParamsError
@@ -45,12 +43,7 @@ def test_rungs_that_stop_early_and_go_on_end_as_one_straight_run(tmp_path, capsy
     assert "resuming train at epoch 3 of 4" in capsys.readouterr().out
     assert not (tmp_path / "b" / "train" / "stopped.json").exists()
     assert final == straight
-    for split in ("train", "eval"):
-        pd.testing.assert_frame_equal(
-            history(tmp_path / "a" / "train", split), history(tmp_path / "b" / "train", split)
-        )
-    for a, b in zip(saved_weights(tmp_path / "a" / "model"), saved_weights(tmp_path / "b" / "model"), strict=True):
-        np.testing.assert_array_equal(a, b)
+    assert_same_training(tmp_path / "a", tmp_path / "b")
     assert not (user_cache / "convnets" / "train-resume").exists() or not any(
         (user_cache / "convnets" / "train-resume").iterdir()
     )  # the full run removed the state
