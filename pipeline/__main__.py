@@ -20,7 +20,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
         description="Run the DVC pipeline one stage at a time as a Prefect flow (see docs/orchestration.md).",
-        epilog="`python -m pipeline sweep --help`: a -S grid as DVC experiments on a Prefect work pool.",
+        epilog="`python -m pipeline sweep --help`: a -S grid as DVC experiments on a Prefect work pool; "
+        "`python -m pipeline clean --help`: what a worker's disk no longer needs.",
     )
     parser.add_argument(
         "-S",
@@ -212,10 +213,44 @@ def cancel_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_clean_args(argv: Sequence[str]) -> argparse.Namespace:
+    from pipeline.clean import DEFAULT_OLDER_THAN_DAYS, default_resume_url
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline clean",
+        description="Remove what a worker's disk no longer needs: clones of dead runs, old resume states, "
+        "environments beyond the kept ones (see docs/orchestration.md, What grows on a worker).",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
+    parser.add_argument(
+        "--older-than",
+        type=float,
+        default=DEFAULT_OLDER_THAN_DAYS,
+        metavar="DAYS",
+        help="resume states, and clones holding an experiment, untouched this long go (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--resume-url",
+        default=default_resume_url(),
+        metavar="URL",
+        help="also clean the resume mirror at URL, e.g. <DVC remote>-train-resume (default: $CONVNETS_RESUME_URL)",
+    )
+    return parser.parse_args(argv)
+
+
+def clean_main(argv: Sequence[str]) -> int:
+    from pipeline.clean import run
+
+    args = parse_clean_args(argv)
+    return run(args.older_than, args.resume_url, args.dry_run)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["sweep"]:
         return sweep_main(argv[1:])
+    if argv[:1] == ["clean"]:
+        return clean_main(argv[1:])
     args = parse_args(argv)
     if args.list:
         from pipeline.dag import read_stage_graph
