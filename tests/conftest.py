@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,50 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         slow.setdefault(item.module.__name__, 0)
         slow[item.module.__name__] += item.get_closest_marker("slow") is not None
     items.sort(key=lambda item: -slow[item.module.__name__])  # stable: a module's own order is kept
+
+
+def global_state() -> dict:
+    """What a test module must leave as it found it: the process's environment, working folder and,
+    once Keras is loaded, its dtype policy, float type and eager mode."""
+    environ = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}  # pytest's own, per test
+    state = {"environ": environ, "cwd": os.getcwd()}
+    if "keras" in sys.modules:
+        import keras
+        import tensorflow as tf
+
+        state["keras"] = (keras.config.dtype_policy().name, keras.config.floatx(), tf.config.functions_run_eagerly())
+    return state
+
+
+def reset_seeds() -> None:
+    """Forget the global seeds `train` sets on purpose (keras.utils.set_random_seed): a module that
+    runs after it must not depend on them (issue 27: a global seed of 0 broke the next module)."""
+    random.seed()
+    if "numpy" in sys.modules:
+        import numpy as np
+
+        np.random.seed()
+    if "tensorflow" in sys.modules:
+        import tensorflow as tf
+
+        tf.random.set_seed(None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def module_leaves_no_state():
+    """Each test module runs as if alone: global seeds are reset after it, and a module that leaves
+    the environment, the working folder or Keras's settings changed fails here, by name. With
+    xdist, which modules share a process depends on timing, so a leak would fail only sometimes."""
+    before = global_state()
+    yield
+    after = global_state()
+    reset_seeds()
+    leaked = sorted(key for key in after if key in before and after[key] != before[key])
+    if "environ" in leaked:
+        changed = {k for k in before["environ"].keys() | after["environ"].keys()}
+        changed = sorted(k for k in changed if before["environ"].get(k) != after["environ"].get(k))
+        leaked[leaked.index("environ")] = f"environment variables {changed}"
+    assert not leaked, f"this module left global state changed: {', '.join(leaked)}"
 
 
 @pytest.fixture(autouse=True)
