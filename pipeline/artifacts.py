@@ -54,6 +54,8 @@ def show(value: object) -> str:
 
 
 def markdown_table(rows: list[dict[str, str]]) -> str:
+    # By hand, not tabulate: tabulate leaves a `|` in a cell unescaped (it would end the cell), so
+    # the escaping stays here anyway, and it pads every cell to its column's width, which markdown needn't.
     if not rows:
         return ""
     header = list(rows[0])

@@ -17,7 +17,6 @@ from uuid import UUID
 from pipeline.grid import SweepError
 
 EXPERIMENT_FLOW = "dvc-experiment"
-PULL_STEPS = [{"pipeline.workspace.enter_work_folder": {}}]
 LEGACY_CRASH_AUTOMATION = "convnets: mark silent dvc-experiment runs crashed"  # one for all pools, until issue 24
 CRASH_AUTOMATION = "convnets: mark silent dvc-experiment runs on pool {pool} crashed"
 HEARTBEATS_MISSED = 3  # a run is declared crashed after this many silent heartbeat periods
@@ -68,12 +67,22 @@ def ensure_deployment(client, flow, pool: str) -> ExperimentDeployment:
         name=pool,
         work_pool_name=pool,
         entrypoint="pipeline.flows.dvc_experiment",
-        pull_steps=PULL_STEPS,
+        pull_steps=pull_steps(),
         parameter_openapi_schema=parameter_schema(flow).model_dump_for_openapi(),
         job_variables={"env": {HEARTBEAT_ENV: str(heartbeat_s)}},
         description="One DVC experiment in a clean clone at the requested commit (python -m pipeline sweep).",
     )
     return ExperimentDeployment(f"{EXPERIMENT_FLOW}/{pool}", deployment_id, pool, heartbeat_s)
+
+
+def pull_steps() -> list[dict]:
+    """prefect.yaml's pull steps: a sweep's own deployment starts its runs as `prefect deploy`'s do."""
+    import yaml
+
+    from pipeline.remote import installed_checkout
+
+    config = yaml.safe_load((installed_checkout() / "prefect.yaml").read_text(encoding="utf-8"))
+    return config["pull"]
 
 
 def pool_heartbeat_seconds(pool) -> int:
@@ -211,17 +220,10 @@ def cancel_run(client, flow_run) -> None:
 
 def latest_table(key: str) -> list[dict]:
     """The rows of the newest version of a keyed table artifact ([] if there is none)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.client.schemas.sorting import ArtifactSort
+    from prefect.artifacts import Artifact
 
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.UPDATED_DESC, limit=1
-        )
-    if not found:
-        return []
-    data = found[0].data
+    found = Artifact.get(key)
+    data = found.data if found else None
     return (json.loads(data) if isinstance(data, str) else data) or []
 
 
