@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from convnets.downloads import TRANSIENT_FAILURE
+
 # `python -m dvc` of this interpreter, so the flow, DVC and the stages share one venv,
 # unless the run names another environment (VIRTUAL_ENV, as `activate` sets it: a worker's
 # environment built from the run's own uv.lock, pipeline.environments).
@@ -28,13 +30,14 @@ STAGE_ERROR = "error:"
 DVC_ERROR = "ERROR:"
 BAD_PARAMS = "error: invalid parameters"
 
-# Failures worth another try: DVC's lock held by another DVC process, and the network
-# errors the fetch stage reports once its own retries are spent (convnets.downloads).
-# The fetch stage says "after N tries" only of a transient error it did retry: a missing
-# local file (file://), tried once, reads "...: the file does not exist" and fails at once.
+# Failures worth another try: DVC's lock held by another DVC process, and a transient network
+# error (URL, object store or Kaggle) that outlasted the fetch stage's own retries, in the one
+# form convnets.downloads writes it ("could not download ... after N tries"). A refusal (401,
+# 403, 404) or a missing local file reads "could not download ...: ..." and fails at once.
 TRANSIENT_PATTERNS = (
     re.compile(r"Unable to acquire lock"),
-    re.compile(r"could not download .+ after \d+ tries"),
+    TRANSIENT_FAILURE,
+    # How the fetch stage of older commits (a worker runs any commit) ended on a transient HTTP error.
     re.compile(r"could not download .+: HTTP (408|425|429|5\d\d)\b"),
 )
 

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from prefect.states import Failed
 
 from conftest import SHARED_DIR
 from convnets.errors import DataError, ParamsError
@@ -160,10 +161,13 @@ def test_the_dogs_vs_cats_preset_finds_the_replica_from_the_repo_root(monkeypatc
 
 
 class FlakyServer(http.server.ThreadingHTTPServer):
-    """Serves one file over real HTTP on localhost; the first `failures` requests get a 503."""
+    """Serves one file over real HTTP on localhost; the first `failures` requests get `status` (a 503)."""
 
-    def __init__(self, payload: bytes, failures: int = 0, truncate: bool = False, seconds: float = 0.0):
+    def __init__(
+        self, payload: bytes, failures: int = 0, truncate: bool = False, seconds: float = 0.0, status: int = 503
+    ):
         self.payload, self.failures, self.truncate, self.requests = payload, failures, truncate, 0
+        self.status = status
         self.seconds = seconds  # how long sending the body takes: a slow network
         super().__init__(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
@@ -178,7 +182,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         server = self.server
         server.requests += 1
         if server.requests <= server.failures:
-            self.send_error(503, "try later")
+            self.send_error(server.status, "refused")
             return
         body = server.payload[: len(server.payload) // 2] if server.truncate else server.payload
         self.send_response(200)
@@ -229,7 +233,9 @@ def test_url_gives_up_after_the_retries_and_keeps_the_old_output(tmp_path, serve
     out = tmp_path / "data" / "raw"
     out.mkdir(parents=True)
     (out / "catalog.csv").write_text("old\n")
-    with pytest.raises(DataError, match=r"could not download http://127.0.0.1:\d+/files/train.zip: HTTP 503"):
+    with pytest.raises(
+        DataError, match=r"^could not download http://127.0.0.1:\d+/files/train.zip after 3 tries: HTTP 503"
+    ):
         fetch(archive_params(server.url(), download_retries=2), out)
     assert server.requests == 3
     assert (out / "catalog.csv").read_text() == "old\n"
@@ -338,6 +344,43 @@ def test_a_download_that_failed_every_retry_is_retried_by_the_flow(tmp_path, cap
     assert type(failure) is dvc.TransientStageError
     assert len(download_tries) == server.requests == 3
     assert "after 3 tries: got" in str(failure)
+
+
+@pytest.mark.parametrize("status", [503, 500, 429, 408])
+def test_a_url_refused_on_every_retry_is_retried_by_the_flow(tmp_path, capsys, serve, status):
+    """The same rule and the same message as for Kaggle (test_data_kaggle): the flow tries the stage again."""
+    from pipeline import dvc, tasks
+
+    server = serve(b"never served", failures=10, status=status)
+    failure = stage_failure_of_fetch(tmp_path, capsys, {"archive": server.url(), "download_retries": 2})
+    assert type(failure) is dvc.TransientStageError, str(failure)
+    assert f"could not download {server.url()} after 3 tries: HTTP {status}" in str(failure)
+    assert server.requests == 3
+    assert tasks.retry_if_transient(None, None, Failed(data=failure))
+
+
+def test_a_url_with_another_checksum_fails_the_flow_at_once(tmp_path, capsys, photos, serve):
+    """A complete file with the wrong SHA-256 is a bad file, or a wrong archive_sha256: no retry changes it."""
+    from pipeline import dvc
+
+    server = serve(write_zip(tmp_path / "train.zip", photos).read_bytes())
+    fetch_params = {"archive": server.url(), "archive_sha256": "0" * 64, "download_retries": 3}
+    failure = stage_failure_of_fetch(tmp_path, capsys, fetch_params)
+    assert type(failure) is dvc.StageFailed, str(failure)
+    assert f"could not download {server.url()}: SHA-256 " in str(failure)
+    assert server.requests == 1
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_a_url_refused_for_good_fails_the_flow_at_once(tmp_path, capsys, serve, status):
+    from pipeline import dvc, tasks
+
+    server = serve(b"never served", failures=10, status=status)
+    failure = stage_failure_of_fetch(tmp_path, capsys, {"archive": server.url(), "download_retries": 3})
+    assert type(failure) is dvc.StageFailed, str(failure)
+    assert f"could not download {server.url()}: HTTP {status}" in str(failure) and "tries" not in str(failure)
+    assert server.requests == 1
+    assert not tasks.retry_if_transient(None, None, Failed(data=failure))
 
 
 # --- refusals ------------------------------------------------------------------------

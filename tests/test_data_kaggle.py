@@ -20,6 +20,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import requests
+from prefect.states import Failed
+from test_data_fetch import stage_failure_of_fetch
 
 from convnets.errors import DataError
 from convnets.fetch import fetch
@@ -237,9 +239,47 @@ def test_transient_errors_are_retried_then_succeed(tmp_path, credentials, monkey
 
 def test_transient_errors_give_up_after_the_retries(tmp_path, credentials, monkeypatch):
     fake = network(monkeypatch, replies=[429, 502, 503, 504])
-    with pytest.raises(DataError, match=r"Kaggle download of dogs-vs-cats failed: HTTP 503; try again later"):
+    with pytest.raises(
+        DataError, match=r"^could not download the dogs-vs-cats files from Kaggle after 3 tries: HTTP 503"
+    ):
         run_fetch(tmp_path, download_retries=2)
     assert len(fake.requests) == 3
+
+
+def kaggle_stage_failure(tmp_path, capsys, download_retries: int):
+    """What the flow makes of the kaggle fetch stage's failure (through pipeline.dvc, as for URLs)."""
+    fetch_params = {"source": "kaggle", "classes": ["cat", "dog"], "download_retries": download_retries}
+    return stage_failure_of_fetch(tmp_path, capsys, fetch_params)
+
+
+@pytest.mark.parametrize(
+    "reply", [503, 429, requests.Timeout("read timed out"), requests.ConnectionError("reset by peer")]
+)
+def test_a_transient_error_that_outlasts_the_retries_is_retried_by_the_flow(
+    tmp_path, credentials, monkeypatch, capsys, reply
+):
+    """The stage spent its own retries on a hiccup: the flow must try the stage again, as for a URL."""
+    from pipeline import dvc, tasks
+
+    fake = network(monkeypatch, replies=[reply] * 10)
+    failure = kaggle_stage_failure(tmp_path, capsys, download_retries=2)
+    assert type(failure) is dvc.TransientStageError, str(failure)
+    assert "could not download the dogs-vs-cats files from Kaggle after 3 tries" in str(failure)
+    assert len(fake.requests) == 3
+    assert tasks.retry_if_transient(None, None, Failed(data=failure))
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_a_refusal_fails_the_flow_at_once(tmp_path, credentials, monkeypatch, capsys, status):
+    """No retry makes credentials valid, rules accepted or a competition exist: one request, no flow retry."""
+    from pipeline import dvc, tasks
+
+    fake = network(monkeypatch, replies=[status] * 10)
+    failure = kaggle_stage_failure(tmp_path, capsys, download_retries=3)
+    assert type(failure) is dvc.StageFailed, str(failure)
+    assert f"(HTTP {status})" in str(failure) and "tries" not in str(failure)
+    assert len(fake.requests) == 1
+    assert not tasks.retry_if_transient(None, None, Failed(data=failure))
 
 
 def test_retries_wait_longer_each_time(monkeypatch):

@@ -29,8 +29,10 @@ import logging
 import math
 import netrc
 import os
+import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import urllib.error
@@ -54,7 +56,13 @@ T = TypeVar("T")
 
 CHUNK = 1 << 20
 TIMEOUT_S = 60
-TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
+# HTTP statuses worth another try, with every 5xx: a timeout, "too early", "too many requests".
+TRANSIENT_STATUS = {408, 425, 429}
+# Errors below HTTP worth another try: timeouts, refused or reset connections, a transfer cut short.
+TRANSIENT_ERRORS = (TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException)
+# The one message of a transient error that outlasted every try (transient_failure), for URLs and
+# Kaggle alike; the flow retries a stage that prints it (pipeline.dvc imports this pattern).
+TRANSIENT_FAILURE = re.compile(r"could not download .+ after \d+ tr(?:y|ies)\b")
 URLLIB_SCHEMES = {"http", "https", "file"}
 # The extra of pyproject.toml that installs each package fsspec names for a scheme (s3:// -> s3fs).
 FILESYSTEM_EXTRAS = {"s3fs": "s3", "gcsfs": "gs"}
@@ -66,21 +74,74 @@ class IncompleteDownload(Exception):
     """The transfer ended early or the file is damaged; worth another try."""
 
 
+class WrongChecksum(Exception):
+    """A complete file whose SHA-256 is not the expected one: another copy would be the same file."""
+
+
+class RetriesSpent(Exception):
+    """A transient error outlasted every try: `error` is the last one's, `tries` how many there were."""
+
+    def __init__(self, error: Exception, tries: int):
+        super().__init__(f"{describe(error)} after {tries} tries")
+        self.error, self.tries = error, tries
+
+
+def is_transient(exc: BaseException) -> bool:
+    """The one rule for every fetch (URLs, object stores, Kaggle): may another try succeed?
+
+    Yes for HTTP 408, 425, 429 and 5xx, timeouts, refused or reset connections and transfers cut
+    short; no for any other status (401, 403, 404, ...), a missing or unreadable file, and the rest.
+    """
+    status = http_status(exc)
+    if status is not None:
+        return status in TRANSIENT_STATUS or status >= 500
+    if isinstance(exc, urllib.error.URLError):
+        # Refused or reset connections and timeouts pass; a missing or unreadable local file does not.
+        return not isinstance(exc.reason, LOCAL_FILE_ERRORS)
+    return isinstance(exc, (IncompleteDownload, *TRANSIENT_ERRORS, *client_network_errors()))
+
+
+def client_network_errors() -> tuple[type[BaseException], ...]:
+    """The network errors of requests and urllib3 (the Kaggle client's), where they are loaded.
+
+    Looked up, not imported: an error of a library this process never loaded cannot have been raised.
+    """
+    errors: list[type[BaseException]] = []
+    requests = sys.modules.get("requests")
+    if requests is not None:
+        errors += [requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError]
+    urllib3 = sys.modules.get("urllib3.exceptions")
+    if urllib3 is not None:
+        errors += [urllib3.ProtocolError, urllib3.ReadTimeoutError]
+    return tuple(errors)
+
+
+def transient_failure(subject: str, tries: int, reason: object) -> str:
+    """The message of a transient error that outlasted `tries` tries: the flow retries the stage on it."""
+    return f"could not download {subject} after {tries} {'try' if tries == 1 else 'tries'}: {reason}"
+
+
 def with_retries(
     action: Callable[[], T],
     what: str,
     retries: int,
     backoff_s: float,
-    is_transient: Callable[[BaseException], bool],
+    is_transient: Callable[[BaseException], bool] = is_transient,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
-    """Run `action`; on a transient error wait backoff_s, 2 x backoff_s, ... and try again."""
+    """Run `action`; on a transient error wait backoff_s, 2 x backoff_s, ... and try again.
+
+    A permanent error is raised as it is, at once; a transient one that outlasts retries + 1
+    tries as RetriesSpent, for the caller to report with transient_failure.
+    """
     for attempt in range(retries + 1):
         try:
             return action()
         except Exception as exc:
-            if attempt == retries or not is_transient(exc):
+            if not is_transient(exc):
                 raise
+            if attempt == retries:
+                raise RetriesSpent(exc, attempt + 1) from exc
             delay = backoff_s * 2**attempt
             log.warning("%s: %s; retry %d of %d in %.0f s", what, describe(exc), attempt + 1, retries, delay)
             sleep(delay)
@@ -169,10 +230,13 @@ def is_verified(path: Path, expected_sha256: str = "") -> bool:
 
 
 def verify_download(path: Path, expected_sha256: str = "") -> None:
-    """Check a fresh download; raise IncompleteDownload if it is damaged, then note it as verified."""
+    """Check a fresh download, then note it as verified.
+
+    WrongChecksum for another file than the expected one; IncompleteDownload for a damaged zip.
+    """
     actual = sha256_of(path)
     if expected_sha256 and actual != expected_sha256.lower():
-        raise IncompleteDownload(f"SHA-256 {actual} differs from the expected {expected_sha256}")
+        raise WrongChecksum(f"SHA-256 {actual} differs from the expected {expected_sha256}")
     if path.suffix == ".zip":
         check_zip(path)
     note_path(path).write_text(json.dumps({"size": path.stat().st_size, "sha256": actual}) + "\n")
@@ -274,11 +338,8 @@ def download_url(
 
 def download_verified(url: str, download: Path, retries: int, backoff_s: float, sha256: str, subject: str) -> None:
     """Download `url` to `download` and verify it, retrying transient failures; DataError if it cannot."""
-    tries = 0
 
     def attempt() -> None:
-        nonlocal tries
-        tries += 1
         try:
             fetch_to(url, download)
             verify_download(download, sha256)
@@ -287,27 +348,28 @@ def download_verified(url: str, download: Path, retries: int, backoff_s: float, 
             raise
 
     # A local file reads the same on every try: none of its failures is worth another.
-    is_transient = is_transient_url_error if urllib.parse.urlsplit(url).scheme != "file" else lambda exc: False
+    worth_retrying = is_transient if urllib.parse.urlsplit(url).scheme != "file" else lambda exc: False
     try:
-        with_retries(attempt, f"downloading {redact(url)}", retries, backoff_s, is_transient)
-    except urllib.error.HTTPError as exc:
-        raise DataError(f"could not download {subject}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException, IncompleteDownload) as exc:
-        raise DataError(download_failure(subject, exc, tries)) from None
+        with_retries(attempt, f"downloading {redact(url)}", retries, backoff_s, worth_retrying)
+    except RetriesSpent as spent:
+        raise DataError(transient_failure(subject, spent.tries, url_failure_reason(spent.error))) from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException, IncompleteDownload, WrongChecksum) as exc:
+        raise DataError(download_failure(subject, exc)) from None
 
 
-def download_failure(subject: str, exc: BaseException, tries: int) -> str:
-    """What went wrong; "after N tries" only when a transient error outlasted N > 1 tries.
-
-    The flow retries a stage whose message says "after N tries" (pipeline.dvc): a missing
-    local file or a full disk, tried once, must not read as a network hiccup.
-    """
+def download_failure(subject: str, exc: BaseException) -> str:
+    """What went wrong, for an error no retry helps: it never says "after N tries" (pipeline.dvc)."""
     reason = getattr(exc, "reason", None) or exc
     if isinstance(reason, FileNotFoundError):  # urllib's for file:, fsspec's own for an object store
         return f"could not download {subject}: the file does not exist"
-    if tries > 1 and is_transient_url_error(exc):
-        return f"could not download {subject} after {tries} tries: {reason}"
-    return f"could not download {subject}: {reason}"
+    return f"could not download {subject}: {url_failure_reason(exc)}"
+
+
+def url_failure_reason(exc: BaseException) -> object:
+    """ "HTTP 404 Not Found" for a status, else urllib's reason or the error itself."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    return getattr(exc, "reason", None) or exc
 
 
 def fetch_to(url: str, path: Path) -> None:
@@ -369,14 +431,3 @@ def netrc_authorization(url: str) -> str | None:
         return None
     login, _, password = entry
     return "Basic " + base64.b64encode(f"{login}:{password or ''}".encode()).decode()
-
-
-def is_transient_url_error(exc: BaseException) -> bool:
-    if isinstance(exc, urllib.error.HTTPError):
-        return exc.code in TRANSIENT_STATUS
-    if isinstance(exc, urllib.error.URLError):
-        # Refused or reset connections and timeouts pass; a missing or unreadable local file does not.
-        return not isinstance(exc.reason, LOCAL_FILE_ERRORS)
-    return isinstance(
-        exc, (IncompleteDownload, TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException)
-    )

@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 from convnets.downloads import (
-    TRANSIENT_STATUS,
     IncompleteDownload,
+    RetriesSpent,
     describe,
     forget,
     http_status,
@@ -28,6 +28,7 @@ from convnets.downloads import (
     prepare_downloads_dir,
     publish,
     reuse,
+    transient_failure,
     verify_download,
     with_retries,
 )
@@ -68,7 +69,7 @@ def partial_folder(target: Path) -> Path:
 def download_into(folder: Path, competition: str, retries: int, backoff_s: float) -> Path:
     """<folder>/<competition>.zip, downloaded by the client and verified."""
     api = with_kaggle_errors(
-        competition, lambda: with_retries(authenticated_api, "signing in to Kaggle", retries, backoff_s, is_transient)
+        competition, lambda: with_retries(authenticated_api, "signing in to Kaggle", retries, backoff_s)
     )
     download = folder / f"{competition}.zip"
     force = False  # let the client resume a partial file from an earlier run
@@ -91,9 +92,7 @@ def download_into(folder: Path, competition: str, retries: int, backoff_s: float
 
     with_kaggle_errors(
         competition,
-        lambda: with_retries(
-            attempt, f"downloading the {competition} files from Kaggle", retries, backoff_s, is_transient
-        ),
+        lambda: with_retries(attempt, f"downloading the {competition} files from Kaggle", retries, backoff_s),
     )
     return download
 
@@ -114,11 +113,20 @@ def authenticated_api():
 
 
 def with_kaggle_errors(competition: str, action):
-    """Run `action`, turning HTTP errors into one-line messages that say what to do."""
+    """Run `action`, turning HTTP errors into one-line messages that say what to do.
+
+    Errors are told apart by convnets.downloads.is_transient, as for URLs: a transient one
+    that outlasted the retries reads as theirs ("... after N tries"), which the flow retries;
+    a refusal fails at once. Only the status or the error's type is told: a client's message
+    may hold the signed storage URL.
+    """
+    subject = f"the {competition} files from Kaggle"
     try:
         return action()
     except DataError:
         raise
+    except RetriesSpent as spent:
+        raise DataError(transient_failure(subject, spent.tries, describe(spent.error))) from None
     except Exception as exc:
         status = http_status(exc)
         if status == 401:
@@ -136,27 +144,6 @@ def with_kaggle_errors(competition: str, action):
             raise DataError(
                 f"Kaggle has no competition {competition!r} (HTTP 404): check fetch.kaggle_competition"
             ) from None
-        if status is not None or is_transient(exc):
-            raise DataError(f"Kaggle download of {competition} failed: {describe(exc)}; try again later") from None
+        if status is not None:
+            raise DataError(f"could not download {subject}: {describe(exc)}") from None
         raise
-
-
-def is_transient(exc: BaseException) -> bool:
-    status = http_status(exc)
-    if status is not None:
-        return status in TRANSIENT_STATUS
-    if isinstance(exc, (IncompleteDownload, TimeoutError, ConnectionError)):
-        return True
-    import requests  # a dependency of the kaggle client, loaded with it
-    import urllib3.exceptions
-
-    return isinstance(
-        exc,
-        (
-            requests.ConnectionError,
-            requests.Timeout,
-            requests.exceptions.ChunkedEncodingError,
-            urllib3.exceptions.ProtocolError,
-            urllib3.exceptions.ReadTimeoutError,
-        ),
-    )
