@@ -2,10 +2,12 @@
 
 A worker is started once. For every flow run it builds, or finds already built, the virtual
 environment of the run's own `uv.lock` (`uv sync --frozen --no-install-project`), kept in the
-worker's user cache under a key of the lock's SHA-256, the Python version and the extras
-(`gpu` on a machine with an NVIDIA GPU). The run's DVC, and so its stages, run with that
-environment's `python`; the project's code comes from the run's clone (the stage commands
-put `src` on PYTHONPATH), so one environment serves every commit with the same lock.
+worker's user cache under a key of the lock's SHA-256, the Python version and the extras:
+`gpu` on a machine with an NVIDIA GPU, and `s3` or `gs` when the run's params (the commit's
+params.yaml and presets, the run's overrides) name a URL that the extra's filesystem reads (s3fs,
+gcsfs): the submitter's check passed it with the submitter's packages. The run's DVC, and so its
+stages, run with that environment's `python`; the project's code comes from the run's clone (the
+stage commands put `src` on PYTHONPATH), so one environment serves every commit with the same lock.
 
 uv installs from its own cache by hard links where the file system allows, so a second
 environment of the same packages costs seconds and little disk. Nothing is compiled to bytecode
@@ -34,10 +36,12 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+import tomllib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from convnets.downloads import filesystem_extra
 from convnets.environment import SHORT, lock_digest, write_stamp
 from convnets.layout import user_cache_dir
 
@@ -49,6 +53,7 @@ COMPLETE = ".complete"  # written last: an environment without it is a broken bu
 LAST_USED = ".last-used"  # touched by every run: pruning keeps the most recently used
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one entry per GPU where NVIDIA's driver is loaded
 BYTECODE_ENV = "PYTHONDONTWRITEBYTECODE"
+URL_SCHEME = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*)://")  # s3://bucket/... in a params text
 
 
 class RunEnvironmentError(RuntimeError):
@@ -101,6 +106,37 @@ def machine_extras(gpus: Path = NVIDIA_GPUS) -> tuple[str, ...]:
     return ("gpu",) if has_gpu else ()
 
 
+def run_extras(checkout: Path, params: Sequence[str] = ()) -> tuple[str, ...]:
+    """The extras of a run's environment: the machine's (gpu) and those of the object stores it reads."""
+    return (*machine_extras(), *store_extras(checkout, params))
+
+
+def store_extras(checkout: Path, params: Sequence[str] = ()) -> tuple[str, ...]:
+    """The lock's extras that install a filesystem for an object-store URL the run may fetch (s3:// -> s3).
+
+    Looked for in the commit's params.yaml and presets (conf/) and in `params`, the run's own
+    (its overrides, or the params.yaml a parent run shipped). An extra the lock lacks is left
+    out: the build would fail, and the fetch stage names what to install.
+    """
+    texts = [*params, *(path.read_text(encoding="utf-8", errors="replace") for path in params_files(checkout))]
+    schemes = {scheme.lower() for text in texts for scheme in URL_SCHEME.findall(text)}
+    wanted = {filesystem_extra(scheme) for scheme in schemes} - {None}
+    return tuple(sorted(wanted & lock_extras(checkout / LOCK_FILE))) if wanted else ()
+
+
+def params_files(checkout: Path) -> list[Path]:
+    files = [checkout / "params.yaml", *sorted((checkout / "conf").rglob("*.yaml"))]
+    return [path for path in files if path.is_file()]
+
+
+def lock_extras(lock: Path) -> set[str]:
+    """The extras the lock's own project provides (uv.lock's `provides-extras`)."""
+    for package in tomllib.loads(lock.read_text(encoding="utf-8")).get("package", []):
+        if set(package.get("source", {}).items()) & {("editable", "."), ("virtual", ".")}:
+            return set(package.get("metadata", {}).get("provides-extras", []))
+    return set()
+
+
 def environment_key(digest: str, extras: tuple[str, ...]) -> str:
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
     return "-".join([digest[:16], python, *sorted(extras)])
@@ -111,13 +147,18 @@ def environment_for(
     checkout: Path,
     extras: tuple[str, ...] | None = None,
     on_line: Callable[[str], None] = lambda line: None,
+    params: Sequence[str] = (),
 ) -> Iterator[RunEnvironment]:
-    """The environment of `checkout`'s uv.lock, built or reused, held (not prunable) until exit."""
+    """The environment of `checkout`'s uv.lock, built or reused, held (not prunable) until exit.
+
+    extras: None for the run's (run_extras, which reads `params`: the run's overrides, or the
+    params.yaml its parent run shipped).
+    """
     lock = checkout / LOCK_FILE
     if not lock.is_file():
         raise RunEnvironmentError(f"the commit has no {LOCK_FILE}: run `make lock` and commit it")
     digest = lock_digest(lock)
-    extras = machine_extras() if extras is None else tuple(extras)
+    extras = run_extras(checkout, params) if extras is None else tuple(extras)
     root = envs_root()
     key = environment_key(digest, extras)
     folder = root / key

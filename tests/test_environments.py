@@ -315,6 +315,43 @@ def test_a_machine_without_an_nvidia_gpu_gets_no_extra(tmp_path):
     assert environments.machine_extras(tmp_path / "driver-without-gpus") == ()
 
 
+def store_project(folder: Path) -> Path:
+    """A tiny project whose probe package comes only with its `s3` extra, as s3fs with the project's."""
+    tiny_project(folder)
+    pyproject = folder / "pyproject.toml"
+    text = pyproject.read_text()
+    probe = re.search(r'dependencies = \["([^"]+)"\]', text).group(1)
+    text = text.replace(
+        f'dependencies = ["{probe}"]', f'dependencies = []\n\n[project.optional-dependencies]\ns3 = ["{probe}"]'
+    )
+    pyproject.write_text(text)
+    subprocess.run([uv(), "lock", "--offline", "--quiet"], cwd=folder, check=True, env=uv_env())
+    return folder
+
+
+def test_a_run_whose_params_name_an_object_store_gets_its_extra(envs, tmp_path, monkeypatch):
+    """A sweep point with fetch.archive=s3://... passed the submitter's check (s3fs there): the worker
+    must install the lock's `s3` extra too, in an environment of its own, or the fetch fails there."""
+    monkeypatch.setattr(environments, "machine_extras", lambda: ())  # whatever GPU this machine has
+    checkout = store_project(tmp_path / "clone")
+    with environments.environment_for(checkout, params=["fetch.archive=s3://bucket/train.zip"]) as store:
+        assert store.path.name.endswith("-s3")
+        assert probe_in(store, checkout).startswith("probe ")  # the extra's package is installed
+    with environments.environment_for(checkout, params=["fetch.archive=https://example.org/train.zip"]) as plain:
+        assert plain.path != store.path and not plain.path.name.endswith("-s3")
+    # gs:// names an extra this lock does not have: left out (the fetch stage says what to install).
+    (checkout / "params.yaml").write_text("fetch:\n  mnist_url: gs://bucket/mnist.npz\n")
+    with environments.environment_for(checkout, params=["fetch.archive=S3://bucket/train.zip"]) as both:
+        assert both.path == store.path
+
+
+def test_the_projects_own_lock_provides_the_object_store_extras():
+    """The rule read against this repository's uv.lock: its params name https only, a sweep may name more."""
+    assert environments.store_extras(REPO_ROOT) == ()
+    overrides = ["fetch.archive=s3://bucket/train.zip", "fetch.mnist_url=gcs://bucket/mnist.npz"]
+    assert environments.store_extras(REPO_ROOT, overrides) == ("gs", "s3")
+
+
 def test_gpu_machines_get_the_gpu_extra_in_the_key():
     digest = "a" * 64
     assert environments.environment_key(digest, ("gpu",)).endswith("-gpu")

@@ -185,18 +185,30 @@ def filesystem_problem(url: str) -> str | None:
     if protocol in URLLIB_SCHEMES:
         return None
     import fsspec
-    from fsspec.registry import known_implementations
 
     try:
         fsspec.get_filesystem_class(protocol)
     except ValueError:
         return f"no filesystem reads {protocol}:// URLs (fsspec knows none by that name)"
     except ImportError:
-        package = known_implementations[protocol]["class"].split(".")[0]
-        extra = FILESYSTEM_EXTRAS.get(package)
+        package = filesystem_package(protocol)
+        extra = filesystem_extra(protocol)
         install = f'the project with the `{extra}` extra (make install EXTRAS="--extra {extra}")' if extra else package
         return f"{protocol}:// needs {package}: install {install}"
     return None
+
+
+def filesystem_package(protocol: str) -> str | None:
+    """The package of the fsspec filesystem for `protocol` (s3 -> s3fs), installed or not; None if fsspec knows none."""
+    from fsspec.registry import known_implementations
+
+    known = known_implementations.get(protocol)
+    return known["class"].split(".")[0] if known else None
+
+
+def filesystem_extra(protocol: str) -> str | None:
+    """The extra of pyproject.toml that installs `protocol`'s filesystem (s3 -> s3), if the project has one."""
+    return FILESYSTEM_EXTRAS.get(filesystem_package(protocol) or "")
 
 
 # --- verified files ---------------------------------------------------------------------
