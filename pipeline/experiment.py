@@ -221,7 +221,8 @@ def outputs_not_home(
     """
     with clean_checkout(repository, commit, "home-check") as checkout:
         configure_dvc(checkout, dvc_remote)
-        git(checkout, "fetch", "--quiet", "--no-tags", "--", GIT_REMOTE, *(f"+{ref}:{ref}" for ref in refs.values()))
+        fetched = (f"+{ref}:{ref}" for ref in refs.values())
+        git(checkout, "fetch", "--quiet", "--no-tags", "--", GIT_REMOTE, *fetched, remote=repository)
         missing = {}
         for name, ref in refs.items():
             git(checkout, "checkout", "--quiet", "--detach", ref, "--")  # refs/exps/...: git's own names

@@ -24,7 +24,9 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from convnets.layout import RESUME_URL_ENV, user_cache_dir
@@ -37,6 +39,19 @@ FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
 TRUSTED_ENV = "CONVNETS_TRUSTED_REPOSITORIES"  # the git (and DVC) remotes a worker runs, set when it starts
 SCHEME_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(?:[^/]*@)?([^/]*)(.*)$")  # the last @ ends the user part
 SCP_LIKE = re.compile(r"^(?:[^/]*@)?([^/:]+):(.*)$")  # git's user@host:path
+# The bounds on a worker's waits (docs/orchestration.md, "Every wait bounded"), set where it starts:
+GIT_TIMEOUT_ENV = "CONVNETS_GIT_TIMEOUT"  # seconds one git command may take, all told
+GIT_STALL_ENV = "CONVNETS_GIT_STALL_S"  # seconds a git transfer may stall (http, ssh) before it is dropped
+MIRROR_LOCK_TIMEOUT_ENV = "CONVNETS_MIRROR_LOCK_TIMEOUT"  # seconds a run waits for the machine's mirror lock
+DEFAULT_GIT_TIMEOUT_S = 1800.0  # a first fetch of a large history over a slow link, with room to spare
+DEFAULT_GIT_STALL_S = 60.0
+# Past the longest a holder may keep it: one fetch (bounded by the git timeout) and a clone.
+DEFAULT_MIRROR_LOCK_TIMEOUT_S = DEFAULT_GIT_TIMEOUT_S + 600.0
+LOW_SPEED_BYTES = 1000  # bytes/s below which an http transfer counts as stalled
+STALLED = re.compile(r"Operation too slow|timed out|Timeout", re.IGNORECASE)
+LOCK_POLL_S = 0.2
+NETRC = " (netrc, credential helper)"
+CREDENTIALS = {"ssh": " (ssh key, known_hosts)", "http": NETRC, "https": NETRC}  # what a refusal points at
 
 
 class WorkspaceError(RuntimeError):
@@ -147,20 +162,90 @@ def refuse_options(**values: str) -> None:
             raise WorkspaceError(f"refusing {what} {redact(value)!r}: it starts with '-'")
 
 
-def git(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        ["git", *args], cwd=cwd, capture_output=True, text=True, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"}
+def seconds_from(environ: Mapping[str, str], name: str, default: float) -> float:
+    """A bound in seconds from the worker's environment; the default when unset or not a positive number."""
+    try:
+        value = float(environ.get(name, ""))
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+def git_environment(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """git's environment on a worker: it never prompts (no terminal to answer); an http transfer
+    slower than LOW_SPEED_BYTES for the stall bound is dropped (curl otherwise waits on a silent
+    server forever); ssh runs in batch mode and gives up on a host that does not answer instead
+    of waiting for TCP's own timeout (minutes, or never).
+
+    The low-speed limit goes in git's own GIT_HTTP_LOW_SPEED_* variables, which mean what
+    `-c http.lowSpeedLimit=... -c http.lowSpeedTime=...` mean, so that git's argv stays the
+    command itself. The worker's own GIT_SSH_COMMAND is kept, these options after it: ssh takes
+    the first value of an option, so its own -o settings win.
+    """
+    stall = int(seconds_from(environ, GIT_STALL_ENV, DEFAULT_GIT_STALL_S))
+    alive = max(1, min(15, stall))
+    ssh = " ".join(
+        [
+            environ.get("GIT_SSH_COMMAND") or "ssh",
+            "-o BatchMode=yes",
+            f"-o ConnectTimeout={stall}",
+            f"-o ServerAliveInterval={alive}",
+            f"-o ServerAliveCountMax={max(1, stall // alive)}",
+        ]
     )
+    return {
+        **environ,
+        "GIT_TERMINAL_PROMPT": "0",
+        "GIT_SSH_COMMAND": ssh,
+        "GIT_HTTP_LOW_SPEED_LIMIT": str(LOW_SPEED_BYTES),
+        "GIT_HTTP_LOW_SPEED_TIME": str(stall),
+    }
+
+
+def git(cwd: Path, *args: str, check: bool = True, remote: str | None = None) -> subprocess.CompletedProcess:
+    """git in `cwd`, bounded (git_environment, $CONVNETS_GIT_TIMEOUT); remote: the URL it talks
+    to, named in the one line it fails with when the remote does not answer.
+
+    On the timeout subprocess.run kills git; git's own protocol (git://) ends with it, and its
+    helpers for http and ssh end on their own bounds (the low-speed limit, ssh's ServerAlive).
+    """
+    limit = seconds_from(os.environ, GIT_TIMEOUT_ENV, DEFAULT_GIT_TIMEOUT_S)
+    try:
+        proc = subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, env=git_environment(), timeout=limit
+        )
+    except subprocess.TimeoutExpired:
+        raise WorkspaceError(
+            unanswered(args, remote, f"did not finish within {limit:.0f} s ({GIT_TIMEOUT_ENV})")
+        ) from None
     if check and proc.returncode != 0:
+        said = redact(proc.stderr.strip())
+        if remote is not None and STALLED.search(said):
+            stall = seconds_from(os.environ, GIT_STALL_ENV, DEFAULT_GIT_STALL_S)
+            raise WorkspaceError(unanswered(args, remote, f"stalled for {stall:.0f} s ({GIT_STALL_ENV})"))
         command = redact(" ".join(args))
-        raise WorkspaceError(f"`git {command}` failed in {cwd}: {redact(proc.stderr.strip())}")
+        raise WorkspaceError(f"`git {command}` failed in {cwd}: {said}")
     return proc
+
+
+def unanswered(args: Sequence[str], remote: str | None, what: str) -> str:
+    """One line for a git command the remote left hanging: which remote, and what to check."""
+    verb = next((arg for arg in args if not arg.startswith("-")), "")
+    if remote is None:
+        return f"`git {redact(' '.join(args))}` {what} on {host()}: check the remote it talks to"
+    scheme, remote_host, _ = url_parts(remote)
+    where = remote_host or redact(remote)
+    return (
+        f"git {verb} from {redact(remote)} {what} on {host()}: check that {where} is reachable from this "
+        f"machine and answers (`git ls-remote {redact(remote)}`), and the credentials this worker uses for it"
+        + CREDENTIALS.get(scheme, "")
+    )
 
 
 def ls_remote(repository: str, *patterns: str) -> list[tuple[str, str]]:
     """(commit, ref) pairs the git remote itself reports, never a stale local view of it."""
     refuse_options(repository=repository)
-    proc = git(Path.cwd(), "ls-remote", "--", repository, *patterns)
+    proc = git(Path.cwd(), "ls-remote", "--", repository, *patterns, remote=repository)
     return [tuple(line.split("\t", 1)) for line in proc.stdout.splitlines() if "\t" in line]
 
 
@@ -213,16 +298,17 @@ def git_mirror(repository: str, commit: str) -> Iterator[Path]:
     the file); `--dissociate` would copy the objects instead. git's own gc of the mirror runs in
     the foreground (gc.autoDetach false), inside the lock.
 
-    The lock (an exclusive flock on <mirror>.lock) serialises the fetches and clones of all
-    runs on the machine: two runs starting together never fetch into, or clone from, a
-    half-updated mirror. A clone from the mirror takes a fraction of a second.
+    The lock (an exclusive flock on <mirror>.lock, mirror_lock) serialises the fetches and clones
+    of all runs on the machine: two runs starting together never fetch into, or clone from, a
+    half-updated mirror. A clone from the mirror takes a fraction of a second; a fetch at most
+    $CONVNETS_GIT_TIMEOUT, and a run waits for the lock no longer than $CONVNETS_MIRROR_LOCK_TIMEOUT.
+    Other remotes have other mirrors and locks: a remote that hangs holds up only its own runs.
     """
     url = without_credentials(repository)
     tail = safe_name(url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git")) or "repo"
     mirror = git_mirrors() / f"{tail}-{hashlib.sha256(url.encode()).hexdigest()[:16]}.git"
     mirror.parent.mkdir(parents=True, exist_ok=True)
-    with open(mirror.with_name(mirror.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+    with mirror_lock(mirror.with_name(mirror.name + ".lock"), redact(url)):
         git(mirror.parent, "init", "--quiet", "--bare", "--", str(mirror))  # a no-op once it exists
         git(mirror, "config", "gc.autoDetach", "false")
         known = bool(FULL_SHA.match(commit)) and (
@@ -242,8 +328,63 @@ def git_mirror(repository: str, commit: str) -> Iterator[Path]:
                 repository,
                 "+refs/heads/*:refs/heads/*",
                 "+refs/tags/*:refs/tags/*",
+                remote=repository,
             )
         yield mirror
+
+
+@contextlib.contextmanager
+def mirror_lock(path: Path, what: str) -> Iterator[None]:
+    """The exclusive flock on `path`, waited for until $CONVNETS_MIRROR_LOCK_TIMEOUT at most.
+
+    The holder writes who it is into the file (holder_line), so that a run that gives up can say
+    in one line who holds the mirror; a holder that dies lets go with its file descriptor, and
+    the next one overwrites the stale line.
+    """
+    limit = seconds_from(os.environ, MIRROR_LOCK_TIMEOUT_ENV, DEFAULT_MIRROR_LOCK_TIMEOUT_S)
+    with open(path, "a+") as lock:  # a+: never truncated by a run that only waits
+        if not wait_for_flock(lock, time.monotonic() + limit):
+            raise WorkspaceError(
+                f"the git mirror of {what} on {host()} is held by {read_holder(path)}; gave up after "
+                f"{limit:.0f} s ({MIRROR_LOCK_TIMEOUT_ENV}): check what that run is doing (its flow run's "
+                "log), or stop it"
+            )
+        lock.seek(0)
+        lock.truncate()
+        lock.write(holder_line())
+        lock.flush()
+        try:
+            yield
+        finally:
+            lock.truncate(0)  # released when the file is closed
+
+
+def wait_for_flock(lock, deadline: float) -> bool:
+    """Take the exclusive flock on `lock`, polling, until monotonic `deadline`; whether it was taken."""
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(LOCK_POLL_S)
+
+
+def holder_line() -> str:
+    """Who holds a lock: this process, its machine, its flow run (the worker sets its id), since when."""
+    since = datetime.now(UTC).isoformat(timespec="seconds")
+    flow_run = os.environ.get("PREFECT__FLOW_RUN_ID")
+    return f"pid {os.getpid()} on {host()}" + (f", flow run {flow_run}" if flow_run else "") + f", since {since}"
+
+
+def read_holder(path: Path) -> str:
+    """The holder's own line in the lock file ("a run that did not say who it is": not yet written)."""
+    try:
+        said = path.read_text(encoding="utf-8").strip()
+    except OSError:
+        said = ""
+    return said.splitlines()[0] if said else "a run that did not say who it is"
 
 
 def safe_name(text: str) -> str:

@@ -107,17 +107,17 @@ def test_runs_starting_together_take_turns_on_the_mirror(machine, monkeypatch):
     active, most, errors, heads = [0], [0], [], []
     real_git = workspace.git
 
-    def watched_git(cwd, *args, check=True):
+    def watched_git(cwd, *args, **kwargs):
         """git, counting the commands that touch the mirror (init, config, fetch, clone) at once."""
         on_mirror = str(cwd).startswith(mirrors) or any(mirrors in arg for arg in args)
         if not on_mirror:
-            return real_git(cwd, *args, check=check)
+            return real_git(cwd, *args, **kwargs)
         with guard:
             active[0] += 1
             most[0] = max(most[0], active[0])
         try:
             time.sleep(0.05)  # widens the window in which an unlocked run would overlap
-            return real_git(cwd, *args, check=check)
+            return real_git(cwd, *args, **kwargs)
         finally:
             with guard:
                 active[0] -= 1
