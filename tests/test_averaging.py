@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from convnets.averaging import (
     STATISTICS_PHOTOS,
@@ -15,7 +16,7 @@ from convnets.averaging import (
     statistics_batches,
     with_warmed_up_average,
 )
-from convnets.train import make_optimizer
+from convnets.train import make_optimizer, seed_everything
 
 
 def momentum_at(step: int, ema: float) -> float:
@@ -157,3 +158,93 @@ def test_frozen_and_nested_batch_normalizations():
     frozen.trainable = False
     model = keras.Model(inputs, frozen(inner(inputs)))
     assert [layer.name for layer in batch_normalizations(model)] == ["inner_bn"]
+
+
+# --- today's numbers, kept: the averaging as first written, step by step in eager Python -----------
+
+
+class ReferenceWarmedUpAverage:
+    """The warmed-up average as first written: momentum 0 at step 0, then min(ema, (1 + t) / (10 + t))."""
+
+    def _update_model_variables_moving_average(self, trainable_variables):
+        step = keras.ops.cast(self.iterations, "float32")
+        warming = keras.ops.minimum(self.ema_momentum, (1.0 + step) / (10.0 + step))
+        momentum = keras.ops.where(keras.ops.equal(step, 0.0), 0.0, warming)
+        for var, average in zip(trainable_variables, self._model_variables_moving_average, strict=True):
+            kept = keras.ops.cast(momentum, var.dtype)
+            average.assign(kept * average + (1.0 - kept) * var)
+
+
+class ReferenceAveragedWeights(keras.callbacks.SwapEMAWeights):
+    """Keras's swaps, and before each validation the BatchNorm statistics recomputed batch by batch:
+    a traced forward pass in training mode with momentum 0, each batch's statistics read back and
+    averaged in float64."""
+
+    def __init__(self, batches):
+        super().__init__(swap_on_epoch=True)
+        self.batches, self.forward = batches, None
+
+    def on_test_begin(self, logs=None):
+        super().on_test_begin(logs)
+        layers = batch_normalizations(self.model)
+        momenta = [layer.momentum for layer in layers]
+        for layer in layers:
+            layer.momentum = 0.0
+        self.forward = self.forward or tf.function(lambda images: self.model(images, training=True))
+        means = [np.zeros(layer.moving_mean.shape, "float64") for layer in layers]
+        variances = [np.zeros(layer.moving_variance.shape, "float64") for layer in layers]
+        for count, images in enumerate(self.batches, start=1):
+            self.forward(images)
+            for index, layer in enumerate(layers):
+                means[index] += np.asarray(layer.moving_mean)
+                variances[index] += np.asarray(layer.moving_variance)
+        for layer, mean, variance, momentum in zip(layers, means, variances, momenta, strict=True):
+            layer.moving_mean.assign(mean / count)
+            layer.moving_variance.assign(variance / count)
+            layer.momentum = momentum
+
+
+def augmented_normalised_model() -> keras.Model:
+    """A tiny convnet with what the record model has around its BatchNorms: augmentation and Dropout,
+    whose random states the statistics pass moves on."""
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.RandomFlip("horizontal")(inputs)
+    x = keras.layers.RandomContrast(0.2)(x)
+    for filters in (4, 6):
+        x = keras.layers.BatchNormalization()(x)
+        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+    x = keras.layers.Dropout(0.5)(keras.layers.GlobalAveragePooling2D()(x))
+    return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(x))
+
+
+def state_after_two_epochs(optimizer_class, callback_for) -> list[np.ndarray]:
+    """Every variable of the model and the optimizer after 2 epochs of train.ema (averages, BatchNorm
+    statistics and random states included), trained as train.py trains it."""
+    seed_everything(4, deterministic=True)
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, size=(80, 8, 8, 3)).astype("uint8")
+    labels = (images[..., 0].mean(axis=(1, 2)) > 127).astype("float32")
+    model = augmented_normalised_model()
+    optimizer = optimizer_class(learning_rate=0.01, weight_decay=0.05, use_ema=True, ema_momentum=0.999)
+    model.compile(optimizer=optimizer, loss="binary_crossentropy")
+    callback = callback_for(statistics_batches(images, batch_size=16, seed=4))
+    model.fit(
+        images,
+        labels,
+        batch_size=16,
+        epochs=2,
+        validation_data=(images[:32], labels[:32]),
+        callbacks=[callback],
+        verbose=0,
+    )
+    return [np.array(v) for v in model.variables + optimizer.variables]
+
+
+def test_two_epochs_end_with_the_numbers_the_first_averaging_gave():
+    """Identical bits, not close ones: a faster averaging pass must not change a run's numbers."""
+    reference_optimizer = type("AdamW", (ReferenceWarmedUpAverage, keras.optimizers.AdamW), {})
+    expected = state_after_two_epochs(reference_optimizer, ReferenceAveragedWeights)
+    got = state_after_two_epochs(with_warmed_up_average(keras.optimizers.AdamW), AveragedWeights)
+    assert len(got) == len(expected)
+    for index, (value, reference) in enumerate(zip(got, expected, strict=True)):
+        assert np.array_equal(value, reference), f"variable {index} differs from today's numbers"
