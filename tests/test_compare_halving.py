@@ -1,7 +1,10 @@
 """compare.html and the `dvc-leaderboard` table show a halving sweep's rungs as one row per point:
-the rung it reached, its rank there, test figures only for the points that finished."""
+the rung it reached, its rank among every run of that rung (as the sweep ranked them), test figures
+only for the points that finished."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from convnets.compare import Experiment, leaderboard
 from convnets.figures import Figures
@@ -27,9 +30,9 @@ def test_each_point_is_one_row_at_the_rung_it_reached_ranked_there():
     assert columns[:7] == ["experiment", "test accuracy", "ROC AUC", "best epoch", "training time", "rung", "rank"]
     assert [(row["experiment"], row["rung"], row["rank"]) for row in rows] == [
         ("lr-c", "finished", "1 of 1"),
-        ("lr-b-e2", "stopped at 2 of 4", "1 of 1"),
-        ("lr-a-e1", "stopped at 1 of 4", "1 of 2"),
-        ("lr-d-e1", "stopped at 1 of 4", "2 of 2"),
+        ("lr-b-e2", "stopped at 2 of 4", "2 of 2"),  # ranked among every run of rung 2, as the sweep ranked it
+        ("lr-a-e1", "stopped at 1 of 4", "3 of 4"),
+        ("lr-d-e1", "stopped at 1 of 4", "4 of 4"),
     ]
     assert rows[0]["test accuracy"] == "0.9300"
     assert all(row["test accuracy"] == "" for row in rows[1:])  # a stopped rung's test figures decided nothing
@@ -39,3 +42,13 @@ def test_experiments_without_rungs_keep_their_rows():
     plain = [run("a", 0.1, None, 0.3, accuracy=0.8), run("b", 0.01, None, 0.2, accuracy=0.9)]
     columns, rows = leaderboard(plain)
     assert "rung" not in columns and [row["experiment"] for row in rows] == ["b", "a"]
+
+
+def test_the_rungs_rank_by_the_sweeps_metric_higher_accuracy_first():
+    experiments = [run("lr-a-e1", 0.1, 1, 0.5), run("lr-b-e1", 0.01, 1, 0.3), run("lr-a", 0.1, None, 0.4)]
+    for exp, accuracy in zip(experiments[:2], (0.9, 0.6), strict=True):
+        exp.figures = replace(exp.figures, val_accuracy=accuracy)
+    ranks = {row["experiment"]: row["rank"] for row in leaderboard(experiments, metric="val_accuracy")[1]}
+    assert ranks == {"lr-a": "1 of 1", "lr-b-e1": "2 of 2"}  # by val_loss lr-b-e1 would be 1 of 2
+    by_loss = {row["experiment"]: row["rank"] for row in leaderboard(experiments)[1]}
+    assert by_loss["lr-b-e1"] == "1 of 2"

@@ -20,8 +20,9 @@ experiments that differ only in `seed` also get one grouped row, mean ± standar
 deviation (n). Each experiment's environment (the uv.lock hash, Python,
 TensorFlow and Keras versions that trained it) is read from its
 data/train/devices.json at its commit: the page states it once when all agree,
-and flags it and shows it per experiment when they do not. `leaderboard_rows`
-and `charts_markdown` give the same for a Prefect table and markdown artifact.
+and flags it and shows it per experiment when they do not. `board` and
+`charts_markdown` give the same for a Prefect table and markdown artifact: the
+one leaderboard, which a sweep extends with what only it knows (pipeline.results).
 """
 
 from __future__ import annotations
@@ -181,6 +182,7 @@ def select(experiments: list[Experiment], names: Sequence[str] | None) -> list[E
 FIGURES = ["test accuracy", "ROC AUC", "best epoch", "training time"]  # right after the name, before any param
 HASH = re.compile(r"[0-9a-fA-F]{32,}")  # an MD5, SHA-1 or SHA-256 digest
 SHORT_HASH = 8
+RANK_METRIC = "val_loss"  # what a halving sweep's rungs rank by unless told (pipeline.halving)
 
 
 def _show(value) -> str:
@@ -286,22 +288,23 @@ def mean_std(values: list[float | None]) -> str:
     return f"{number(statistics.fmean(values))} ± {number(std)} (n={len(values)})"
 
 
-def leaderboard(experiments: list[Experiment], conf_dir: Path | None = None) -> tuple[list[str], list[dict[str, str]]]:
+def leaderboard(
+    experiments: list[Experiment], conf_dir: Path | None = None, metric: str = RANK_METRIC
+) -> tuple[list[str], list[dict[str, str]]]:
     """(columns, rows): one row per experiment sorted by test accuracy, then one per group of seeds.
 
     The figures come first, then the preset and the params that differ (shortened), the device,
     and the environment when the experiments' environments differ (environment_note says it otherwise).
-    The rungs of a halving sweep make one row per point (halving_rungs).
+    The rungs of a halving sweep make one row per point (halving_rungs, ranked by `metric`).
+    Every row has every column, in the columns' order.
     """
-    rungs = halving_rungs(experiments)
-    if rungs:
-        experiments = [exp for exp in experiments if id(exp) in rungs]
+    ordered, rungs = rows_of(experiments, metric)
+    experiments = [exp for exp in experiments if id(exp) in rungs] if rungs else experiments
     varying = differing_params(experiments)
     shown_params = [k for k in varying if k != "seed"] + (["seed"] if "seed" in varying else [])
     env_differs = len(environments(experiments)) > 1
     columns = ["experiment", *FIGURES, *(RUNG_COLUMNS if rungs else [])]
     columns += ["preset", *shown_params, "device", *(["environment"] if env_differs else [])]
-    ordered = sorted(experiments, key=lambda e: rungs[id(e)].order) if rungs else sort_by_accuracy(experiments)
     groups = seed_groups(experiments)
     # Each param column shortened as a whole, over every value it shows (a group row shows its first's).
     shown_by = [*ordered, *(g[0] for g in groups)]
@@ -319,13 +322,21 @@ def leaderboard(experiments: list[Experiment], conf_dir: Path | None = None) -> 
         row["device"] = exp.device
         if env_differs:
             row["environment"] = environment_text(exp.environment) if _finished(exp) else ""
-        rows.append(row)
+        rows.append({k: row.get(k, "") for k in columns})
     for group in groups:
         row = group_row(group, preset_of(group[0], presets), env_differs)
         row.update({k: short[k].get(id(group[0]), "") for k in shown_params if k != "seed"})
         row["seed"] = "various" if "seed" in shown_params else ""
         rows.append({k: row.get(k, "") for k in columns})
     return columns, rows
+
+
+def rows_of(experiments: list[Experiment], metric: str = RANK_METRIC) -> tuple[list[Experiment], dict[int, Rung]]:
+    """The experiments that get a row, in the leaderboard's order, and their rungs (a halving sweep's: {} otherwise)."""
+    rungs = halving_rungs(experiments, metric)
+    if rungs:
+        return sorted((exp for exp in experiments if id(exp) in rungs), key=lambda e: rungs[id(e)].order), rungs
+    return sort_by_accuracy(experiments), rungs
 
 
 # --- a halving sweep's rungs: one row per point ------------------------------------------------
@@ -356,30 +367,37 @@ class Rung:
         return cells
 
 
-def halving_rungs(experiments: list[Experiment]) -> dict[int, Rung]:
+def halving_rungs(experiments: list[Experiment], metric: str = RANK_METRIC) -> dict[int, Rung]:
     """{id of each point's furthest run: its Rung} when some experiments stopped early (train.stop_at_epoch), else {}.
 
     Runs of one point share every param but the stop, and the commit; a run that trained to the
-    end goes furthest. Points that got equally far rank by their best epoch's validation loss,
-    as the sweep ranked them (pipeline.halving), ties by name.
+    end goes furthest. A point ranks where it stopped, among every run of its commit that got
+    there (the points that went on too), by its best epoch's `metric`, as the sweep ranked them
+    at that rung (pipeline.halving), ties by name.
     """
     if not any(exp.params.get(STOP) is not None for exp in experiments):
         return {}
     points: dict[str, Experiment] = {}
+    at_rung: dict[tuple[str, float], list[Experiment]] = {}
     for exp in experiments:
         key = exp.baseline + json.dumps({k: _show(v) for k, v in exp.params.items() if k != STOP}, sort_keys=True)
         if key not in points or reach(exp) > reach(points[key]):
             points[key] = exp
-    furthest: dict[float, list[Experiment]] = {}
-    for exp in points.values():
-        furthest.setdefault(reach(exp), []).append(exp)
+        at_rung.setdefault((exp.baseline, reach(exp)), []).append(exp)
     rungs = {}
-    for group in furthest.values():
-        group.sort(key=lambda e: (e.figures.val_loss is None, e.figures.val_loss or 0.0, e.name))
-        for place, exp in enumerate(group, start=1):
-            budget = exp.params.get("train.epochs")
-            rungs[id(exp)] = Rung(exp.params.get(STOP), budget, place, len(group))
+    for exp in points.values():
+        ranked = sorted(at_rung[(exp.baseline, reach(exp))], key=lambda e: rank_key(e, metric))
+        budget = exp.params.get("train.epochs")
+        rungs[id(exp)] = Rung(exp.params.get(STOP), budget, ranked.index(exp) + 1, len(ranked))
     return rungs
+
+
+def rank_key(exp: Experiment, metric: str) -> tuple:
+    """Best first by `metric` (a loss lower, anything else higher); runs without it last; ties by name."""
+    figure = getattr(exp.figures, metric, None)
+    if not isinstance(figure, (int, float)) or math.isnan(figure):
+        return (1, 0.0, exp.name)
+    return (0, figure if metric.endswith("loss") else -figure, exp.name)
 
 
 def reach(exp: Experiment) -> float:
@@ -420,15 +438,36 @@ def group_row(group: list[Experiment], preset: str, env_differs: bool) -> dict[s
     return row
 
 
+@dataclass
+class Board:
+    """The leaderboard of some experiments: its columns, its rows, and the environment note (environment_note)."""
+
+    columns: list[str]
+    rows: list[dict[str, str]]
+    note: str = ""
+
+
+def board(
+    show: list,
+    names: Sequence[str] | None = None,
+    conf_dir: Path | None = None,
+    reader: PlotReader | None = None,
+    metric: str = RANK_METRIC,
+) -> Board:
+    """The leaderboard of `dvc exp show --json`'s experiments (`names`: these only; [] none), as compare.html
+    shows it; with a `reader`, their environments too (a column where they differ, else the note)."""
+    experiments = [] if names is not None and not names else select(experiments_from_show(show), names)
+    if reader is not None:
+        read_environments(experiments, reader)
+    columns, rows = leaderboard(experiments, conf_dir, metric)
+    return Board(columns, rows, environment_note(experiments))
+
+
 def leaderboard_rows(
     show: list, names: Sequence[str] | None = None, conf_dir: Path | None = None, reader: PlotReader | None = None
 ) -> list[dict[str, str]]:
-    """The leaderboard for a Prefect table artifact: `show` is `dvc exp show --json`'s parsed output;
-    with a `reader`, the experiments' environments too (leaderboard_note says what the rows do not)."""
-    experiments = select(experiments_from_show(show), names)
-    if reader is not None:
-        read_environments(experiments, reader)
-    return leaderboard(experiments, conf_dir)[1]
+    """The leaderboard's rows (board): `show` is `dvc exp show --json`'s parsed output."""
+    return board(show, names, conf_dir, reader).rows
 
 
 def leaderboard_note(show: list, reader: PlotReader, names: Sequence[str] | None = None) -> str:
@@ -563,9 +602,9 @@ def render_compare(
 ) -> str:
     read_environments(experiments, reader)
     columns, rows = leaderboard(experiments, conf_dir)
-    ordered = sort_by_accuracy(experiments)
+    ordered = rows_of(experiments)[0]  # the experiments of the rows, in their order (a halving point: its furthest run)
     whole = [{k: _show(e.params[k]) for k in columns if k in e.params} for e in ordered]
-    grouped = rows[len(experiments) :]
+    grouped = rows[len(ordered) :]
     charts = "".join(
         f'<figure><img alt="validation {m} of every experiment" '
         f'src="{data_uri(overlay_chart(ordered, reader, m))}"></figure>'
@@ -581,7 +620,7 @@ only the params that differ among them are shown, a path by its file name and a 
 characters (hover for the whole value). Blanks: a failed experiment, or figures DVC does not have.</p>
 {env_html}
 <h2>Leaderboard</h2>
-{leaderboard_html(columns, rows[: len(experiments)], "leaderboard", whole)}
+{leaderboard_html(columns, rows[: len(ordered)], "leaderboard", whole)}
 {groups}
 <h2>Validation accuracy and loss</h2>
 <div class="grid">{charts}</div>
