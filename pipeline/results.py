@@ -1,11 +1,11 @@
-"""What the points of a sweep came to, and the table of them (terminal, Prefect artifact).
+"""What the points of a sweep came to, and the one table of them (terminal, Prefect artifact).
 
-No Prefect here: the flows and the CLI build their tables from these records.
+The table is compare's leaderboard of the experiments that came home (convnets.compare.board: the
+rows compare.html shows) with what only the sweep knows beside it (leaderboard). No Prefect here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from uuid import UUID
 
@@ -51,37 +51,48 @@ class Outcome:
         return self.status in ("done", "already done")
 
 
-def leaderboard(outcomes: list[Outcome]) -> list[dict[str, str]]:
-    """One row per experiment, best test accuracy first; failed ones last with their error.
+@dataclass(frozen=True)
+class PointRow:
+    """What only the sweep knows of one point (its cells: status, worker, ...), and the experiments
+    `dvc exp show` may list it as (a halving point: one per rung); `name` heads its row when none came home."""
 
-    The figures lead (as in convnets.compare), then the overrides, shortened: a path to its file
-    name, a hash to 8 characters, so that an archive's absolute path and its sha256 do not push
-    the test accuracy off the screen. Then the status, the worker.
+    name: str
+    experiments: tuple[str, ...]
+    cells: dict[str, str]
+
+
+def point_rows(outcomes: list[Outcome]) -> list[PointRow]:
+    """A plain sweep's points: each one experiment, if it came home."""
+    return [PointRow(o.point.name, (o.point.name,) if o.ok else (), sweep_cells(o)) for o in outcomes]
+
+
+def sweep_cells(outcome: Outcome | None) -> dict[str, str]:
+    """The run's cells of its point's row: how it ended, where, after how many tries, how long it took."""
+    if outcome is None:
+        return {"status": "not run", "worker": "", "attempts": "", "wall time": ""}
+    return {
+        "status": outcome.status + (f": {first_line(outcome.message)}" if outcome.message else ""),
+        "worker": outcome.host,
+        "attempts": str(outcome.attempts),
+        "wall time": duration(outcome.seconds),
+    }
+
+
+def leaderboard(columns: list[str], compared: list[dict[str, str]], points: list[PointRow]) -> list[dict[str, str]]:
+    """The one leaderboard of a sweep: compare's rows for its experiments (convnets.compare.board, what
+    compare.html shows), each with its point's cells, then a row for each point that has no experiment.
+
+    A row of compare's that is no point's (a group of seeds) gets blank cells.
     """
-
-    def accuracy(outcome: Outcome) -> float:
-        value = outcome.figures.get("test_accuracy")
-        return value if isinstance(value, (int, float)) else -1.0
-
-    ordered = sorted(outcomes, key=lambda o: (not o.ok, -accuracy(o), o.point.name))
-    labels = short_labels([o.point for o in ordered])
-    rows = []
-    for outcome, label in zip(ordered, labels, strict=True):
-        figures = outcome.figures
-        best, epochs = figures.get("best_epoch"), figures.get("epochs")
-        rows.append(
-            {
-                "experiment": outcome.point.name,
-                "test accuracy": number(figures.get("test_accuracy")),
-                "ROC AUC": number(figures.get("roc_auc")),
-                "best epoch": f"{best} of {epochs}" if best and epochs else "",
-                "wall time": duration(outcome.seconds),
-                "overrides": label,
-                "status": outcome.status + (f": {first_line(outcome.message)}" if outcome.message else ""),
-                "worker": outcome.host,
-                "environment": f"uv.lock {outcome.lock}" if outcome.lock else "",
-            }
-        )
+    extra = list(dict.fromkeys(cell for point in points for cell in point.cells if cell not in columns))
+    blank = dict.fromkeys([*columns, *extra], "")
+    by_experiment = {name: point for point in points for name in point.experiments}
+    rows, shown = [], set()
+    for row in compared:
+        point = by_experiment.get(row.get("experiment", ""))
+        rows.append({**blank, **row, **(point.cells if point else {})})
+        shown.add(point.name if point else None)
+    rows += [{**blank, "experiment": p.name, **p.cells} for p in points if p.name not in shown]
     return rows
 
 
@@ -96,24 +107,6 @@ def bring_home_command(rows: list[dict[str, str]], git_remote: str) -> str | Non
         return None
     name = rows[0]["experiment"]
     return f"dvc exp pull {git_remote} {name} && dvc exp apply {name}"
-
-
-def short_labels(points: Sequence[Point]) -> list[str]:
-    """Each point's overrides as `Point.label` gives them, every value shortened alike per key
-    (convnets.compare.short_forms: as little as keeps different values different)."""
-    from convnets.compare import short_forms
-
-    split = [[override.partition("=") for override in point.overrides] for point in points]
-    by_key: dict[str, list[str]] = {}
-    for parts in split:
-        for key, eq, value in parts:
-            if eq:
-                by_key.setdefault(key, []).append(value)
-    shortened = {key: iter(short_forms(values)) for key, values in by_key.items()}
-    return [
-        " ".join(key + eq + (next(shortened[key]) if eq else "") for key, eq, _ in parts) or "(defaults)"
-        for parts in split
-    ]
 
 
 def first_line(text: str) -> str:
@@ -133,10 +126,9 @@ def duration(seconds: float | None) -> str:
 
 
 def text_table(rows: list[dict[str, str]]) -> str:
+    """The rows as the terminal shows them: aligned columns, the cells as they are (no number parsing)."""
+    from tabulate import tabulate
+
     if not rows:
         return "(no experiments)"
-    header = list(rows[0])
-    widths = [max(len(h), *(len(r[h]) for r in rows)) for h in header]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines += ["  ".join(r[h].ljust(w) for h, w in zip(header, widths, strict=True)) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
+    return tabulate(rows, headers="keys", tablefmt="plain", disable_numparse=True)

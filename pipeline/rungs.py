@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from pipeline import halving
 from pipeline.grid import Point
-from pipeline.results import Outcome, duration, first_line, number
+from pipeline.results import Outcome, PointRow, number, sweep_cells
 
 
 @dataclass
@@ -135,41 +135,21 @@ def decision_rows(
     return rows
 
 
-def leaderboard(result: HalvingResult, metric: str) -> list[dict[str, str]]:
-    """One row per point: furthest rung first, then its rank there; test figures for those that finished."""
-    last = len(result.rung_epochs) - 1
-
-    def order(record: PointRecord):
-        return (-record.rung, record.rank or 1_000_000, record.point.name)
-
+def point_rows(result: HalvingResult) -> list[PointRow]:
+    """Each point's cells for the leaderboard (results.leaderboard): how far it trained ("epochs",
+    which closing_line_of counts) and its last run's status; its experiments are its runs that came home."""
+    full = result.rung_epochs[-1]
+    home = {outcome.point.name for outcome in result.runs if outcome.ok}
     rows = []
-    for record in sorted(result.records, key=order):
+    for record in result.records:
         outcome = record.outcome
-        figures = outcome.figures if outcome else {}
-        finished = record.rung == last and outcome is not None and outcome.ok
-        best, epochs = figures.get("best_epoch"), figures.get("epochs")
-        rows.append(
-            {
-                "experiment": outcome.point.name if outcome else record.point.name,
-                "rung": f"{record.rung + 1} of {len(result.rung_epochs)}",
-                "epochs": f"{result.rung_epochs[record.rung] if outcome else 0} of {result.rung_epochs[-1]}",
-                "rank": f"{record.rank} of {record.of}" if record.rank else "",
-                metric: number(figures.get(metric)),
-                "test accuracy": number(figures.get("test_accuracy")) if finished else "",
-                "ROC AUC": number(figures.get("roc_auc")) if finished else "",
-                "best epoch": f"{best} of {epochs}" if finished and best and epochs else "",
-                "wall time": duration(outcome.seconds) if outcome else "",
-                "status": status_of(outcome),
-                "worker": outcome.host if outcome else "",
-            }
+        runs = tuple(
+            name for epochs in result.rung_epochs if (name := rung_point(record.point, epochs, full).name) in home
         )
+        trained = result.rung_epochs[record.rung] if outcome else 0
+        cells = {"epochs": f"{trained} of {full}", **sweep_cells(outcome)}
+        rows.append(PointRow(outcome.point.name if outcome else record.point.name, runs, cells))
     return rows
-
-
-def status_of(outcome: Outcome | None) -> str:
-    if outcome is None:
-        return "not run"
-    return outcome.status + (f": {first_line(outcome.message)}" if outcome.message else "")
 
 
 def eliminated_states(result: HalvingResult) -> list[str]:
@@ -200,8 +180,8 @@ def remove_states(mirror_url: str, states: Sequence[str], log: Callable[[str], N
 
 
 def closing_line_of(rows: Sequence[dict[str, str]]) -> str | None:
-    """The closing line from a halving leaderboard's rows ("epochs": "E of N"); None for a plain sweep's."""
-    if not rows or "rung" not in rows[0]:
+    """The closing line from a halving sweep's leaderboard ("epochs": "E of N"); None for a plain sweep's."""
+    counts = [row["epochs"].split(" of ") for row in rows if row.get("epochs")]  # a seed group's row has none
+    if not counts:
         return None
-    counts = [row["epochs"].split(" of ") for row in rows]
-    return halving.closing_line(sum(int(done) for done, _ in counts), len(rows), int(counts[0][1]))
+    return halving.closing_line(sum(int(done) for done, _ in counts), len(counts), int(counts[0][1]))

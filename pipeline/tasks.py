@@ -16,7 +16,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.tasks import exponential_backoff
 
-from pipeline import artifacts, remote
+from pipeline import artifacts, remote, results
 from pipeline.dvc import (
     ReproRun,
     StageRanLocally,
@@ -33,6 +33,7 @@ from pipeline.results import Outcome
 from pipeline.waiting import wait_for
 from pipeline.workspace import without_credentials
 
+LEADERBOARD = "dvc-leaderboard"  # the one table of experiments side by side (a sweep's too)
 STAGE_RETRIES = 3
 STAGE_BACKOFF_S = 5  # waits of about 5, 10, 20 s between tries
 
@@ -202,34 +203,45 @@ def publish_report(project: Path, report_dir: str) -> int:
 
 
 @task(name="publish-leaderboard", cache_policy=NO_CACHE)
-def publish_leaderboard(project: Path, names: list[str] | None = None) -> int:
-    """The experiments of this commit (or `names`) side by side: a table and a charts artifact.
+def publish_leaderboard(
+    project: Path,
+    points: list[results.PointRow] | None = None,
+    metric: str = "val_loss",
+    description: str = "Experiments side by side, best test accuracy first",
+) -> list[dict[str, str]]:
+    """The one leaderboard: a table artifact (`dvc-leaderboard`) and a charts artifact; its rows.
 
-    What `python -m convnets.compare` shows, read from `dvc exp show --json` and the
-    experiments' plot files; nothing is rerun.
+    The experiments of this commit (or the sweep's `points` that came home) as compare.html shows
+    them, read from `dvc exp show` and the experiments' files (convnets.compare.board), with what
+    only the sweep knows beside them (results.leaderboard); a point with no experiment keeps a row.
+    `metric`: what a halving sweep's rungs ranked by. Nothing is rerun.
     """
     from convnets import compare
 
     logger = get_run_logger()
     show = compare.exp_show(project)
     reader = compare.PlotReader(project)  # each experiment's devices.json and plots, one DVC file system each
-    try:
-        rows = compare.leaderboard_rows(show, names=names, conf_dir=project / "conf", reader=reader)
-        note = compare.leaderboard_note(show, reader, names=names)  # the environment, if the rows do not show it
-        charts = compare.charts_markdown(show, repo=project, names=names, reader=reader)
-    except KeyError as exc:  # an experiment named but not in `dvc exp show`
-        logger.warning("no leaderboard: %s", exc)
-        return 0
+    names = None if points is None else shown_experiments(show, points, logger.warning)
+    board = compare.board(show, names, conf_dir=project / "conf", reader=reader, metric=metric)
+    rows = results.leaderboard(board.columns, board.rows, points or [])
     if rows:
-        create_table_artifact(
-            key="dvc-leaderboard",
-            table=rows,
-            description="Experiments side by side, best test accuracy first (convnets.compare)"
-            + (f". {note}" if note else ""),
+        note = f" (convnets.compare). {board.note}" if board.note else " (convnets.compare)"
+        create_table_artifact(key=LEADERBOARD, table=rows, description=description + note)
+    if names is None or names:
+        create_markdown_artifact(
+            key="dvc-experiment-charts",
+            markdown=compare.charts_markdown(show, repo=project, names=names, reader=reader),
+            description="Validation accuracy and loss of the experiments, overlaid",
         )
-    create_markdown_artifact(
-        key="dvc-experiment-charts",
-        markdown=charts,
-        description="Validation accuracy and loss of the experiments, overlaid",
-    )
-    return len(rows)
+    return rows
+
+
+def shown_experiments(show: list, points: list[results.PointRow], warn) -> list[str]:
+    """The points' experiments that `dvc exp show` lists (one it lacks is warned of, and its point shown bare)."""
+    from convnets import compare
+
+    listed = {exp.name for exp in compare.experiments_from_show(show)}
+    wanted = [name for point in points for name in point.experiments]
+    if missing := [name for name in wanted if name not in listed]:
+        warn("`dvc exp show` does not list %s: no figures for them", ", ".join(missing))
+    return [name for name in wanted if name in listed]

@@ -110,8 +110,9 @@ def fake_rung(losses: dict[str, float | None], runs: list):
 
 
 def test_a_halving_sweep_runs_rungs_of_stopped_points_then_the_plain_finalists():
+    from pipeline import results
     from pipeline.grid import Point
-    from pipeline.rungs import closing_line_of, eliminated_states, leaderboard, run_halving
+    from pipeline.rungs import closing_line_of, eliminated_states, point_rows, run_halving
 
     points = [Point((f"train.learning_rate={rate}",), f"sweep-lr-{rate}") for rate in ("a", "b", "c", "d")]
     losses = {"sweep-lr-a": 0.4, "sweep-lr-b": 0.1, "sweep-lr-c": None, "sweep-lr-d": 0.2}
@@ -131,16 +132,26 @@ def test_a_halving_sweep_runs_rungs_of_stopped_points_then_the_plain_finalists()
     assert any("sweep-lr-b, sweep-lr-d go on by val_loss" in line for line in lines)
     assert [row["decision"] for row in result.decisions[0]] == ["goes on", "goes on", "out", "failed"]
 
-    rows = leaderboard(result, "val_loss")
-    assert [(row["experiment"], row["rung"], row["rank"], row["epochs"]) for row in rows] == [
-        ("sweep-lr-b", "3 of 3", "1 of 1", "4 of 4"),
-        ("sweep-lr-d-e2", "2 of 3", "2 of 2", "2 of 4"),
-        ("sweep-lr-a-e1", "1 of 3", "3 of 4", "1 of 4"),
-        ("sweep-lr-c-e1", "1 of 3", "4 of 4", "1 of 4"),
+    points_of = {p.name: p for p in point_rows(result)}
+    assert {name: (p.experiments, p.cells["epochs"]) for name, p in points_of.items()} == {
+        "sweep-lr-a-e1": (("sweep-lr-a-e1",), "1 of 4"),
+        "sweep-lr-b": (("sweep-lr-b-e1", "sweep-lr-b-e2", "sweep-lr-b"), "4 of 4"),
+        "sweep-lr-c-e1": ((), "1 of 4"),  # failed at the first rung: no experiment, still a row
+        "sweep-lr-d-e2": (("sweep-lr-d-e1", "sweep-lr-d-e2"), "2 of 4"),
+    }
+    assert points_of["sweep-lr-c-e1"].cells["status"] == "failed: train: out of memory"
+    compared = [
+        {"experiment": name, "rung": "", "rank": ""} for name in ("sweep-lr-b", "sweep-lr-d-e2", "sweep-lr-a-e1")
     ]
-    assert rows[0]["test accuracy"] == "0.9000" and rows[1]["test accuracy"] == ""  # test figures: finishers only
-    assert rows[3]["status"] == "failed: train: out of memory"
+    rows = results.leaderboard(["experiment", "rung", "rank"], compared, point_rows(result))
+    assert [(row["experiment"], row["epochs"]) for row in rows] == [
+        ("sweep-lr-b", "4 of 4"),
+        ("sweep-lr-d-e2", "2 of 4"),
+        ("sweep-lr-a-e1", "1 of 4"),
+        ("sweep-lr-c-e1", "1 of 4"),
+    ]
     assert closing_line_of(rows) == result.closing_line()
+    assert closing_line_of([*rows, {"experiment": "mean of a, b", "epochs": ""}]) == result.closing_line()
     assert sorted(eliminated_states(result)) == ["state-sweep-lr-a", "state-sweep-lr-d"]
 
 

@@ -1,8 +1,8 @@
 """The leaderboards lead with their figures, then the params that differ, shortened.
 
 A dogs-vs-cats experiment carries an absolute archive path and its sha256: shown whole and
-first, they pushed the test accuracy off a 1400 px screen (compare.html, the Prefect
-`dvc-leaderboard` table, the sweep's table).
+first, they pushed the test accuracy off a 1400 px screen (compare.html, and the one leaderboard of
+the Prefect `dvc-leaderboard` table and the sweep's terminal, which are compare's rows).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pipeline import results
 from pipeline.grid import Point
 
 FIGURES = ["experiment", "test accuracy", "ROC AUC", "best epoch", "training time"]
-SWEEP_FIGURES = ["experiment", "test accuracy", "ROC AUC", "best epoch", "wall time"]
 SHA_A = "e1c360618467dcbd782242a99736d0656aa3a124f63cff8ea62b3a18acd792de"
 SHA_B = "0f3a9c2b5d7e41a8c6b0e2f4a1d3c5e7f9b1a3c5e7d9f1b3a5c7e9f1d3b5a7c9"
 ARCHIVE_A = "/home/someone/projects/shared/data/dogs-vs-cats-128/dogs-vs-cats.zip"
@@ -123,35 +122,27 @@ def test_compare_page_leads_with_the_figures_and_keeps_the_whole_value_on_hover(
     assert f'title="{ARCHIVE_A}">dogs-vs-cats.zip<' in board and f'title="{SHA_A}">{SHA_A[:8]}<' in board
 
 
-def test_the_sweep_table_leads_with_the_figures_and_shortens_the_overrides():
-    fixed = (f"fetch.archive={ARCHIVE_A}", f"fetch.archive_sha256={SHA_A}")
+def test_the_sweep_table_is_compares_with_the_sweeps_columns_after_it():
     outcomes = [
-        results.Outcome(
-            Point((*fixed, f"seed={seed}"), f"dogs-seed-{seed}"),
-            status="done",
-            figures={"test_accuracy": 0.7 + seed / 100, "roc_auc": 0.8, "best_epoch": 3, "epochs": 10},
-            host="gpu-1",
-            lock=f"{seed}" * 12,
-            seconds=600.0,
-        )
-        for seed in (1, 2)
+        results.Outcome(Point((f"fetch.archive={archive}",), name), status="done", host="gpu-1", seconds=600.0)
+        for name, archive in (("at-128", ARCHIVE_A), ("at-180", ARCHIVE_B))
     ]
     outcomes.append(results.Outcome(Point(("+experiment=scratch",), "plain"), status="failed", message="boom"))
-    rows = results.leaderboard(outcomes)
-    assert list(rows[0]) == [*SWEEP_FIGURES, "overrides", "status", "worker", "environment"]
-    assert rows[0]["environment"] == "uv.lock 222222222222" and rows[2]["environment"] == ""
-    assert [r["experiment"] for r in rows] == ["dogs-seed-2", "dogs-seed-1", "plain"]
-    assert rows[0]["overrides"] == f"fetch.archive=dogs-vs-cats.zip fetch.archive_sha256={SHA_A[:8]} seed=2"
-    assert rows[2]["overrides"] == "+experiment=scratch" and rows[2]["status"] == "failed: boom"
+    board = compare.board(DOGS, ["at-128", "at-180"])
+    rows = results.leaderboard(board.columns, board.rows, results.point_rows(outcomes))
+    assert list(rows[0]) == [*board.columns, "status", "worker", "attempts", "wall time"]
+    assert list(rows[0])[:5] == FIGURES and [{c: r[c] for c in board.columns} for r in rows[:2]] == board.rows
+    assert [r["experiment"] for r in rows] == ["at-180", "at-128", "plain"]
+    assert rows[0]["fetch.archive"] == "kaggle-train.zip" and rows[0]["wall time"] == "10m 00s"
+    assert rows[2]["status"] == "failed: boom" and rows[2]["fetch.archive"] == ""
     table = results.text_table(rows)
     header = table.splitlines()[0]
-    assert header.index("test accuracy") < header.index("overrides") < header.index("status")
+    assert header.index("test accuracy") < header.index("fetch.archive") < header.index("status")
     assert ARCHIVE_A not in table and SHA_A not in table
 
 
-def test_sweep_overrides_that_would_look_alike_keep_their_folders():
-    points = [Point(("fetch.archive=/a/x.zip",), "a"), Point(("fetch.archive=/b/x.zip",), "b"), Point((), "d")]
-    assert results.short_labels(points) == ["fetch.archive=a/x.zip", "fetch.archive=b/x.zip", "(defaults)"]
+def test_shortening_keeps_what_tells_values_apart():
+    assert compare.short_forms(["/a/x.zip", "/b/x.zip"]) == ["a/x.zip", "b/x.zip"]
     assert compare.shorten("/data") == "data" and compare.shorten("/a/x.zip", 1) == "a/x.zip"
     assert compare.shorten("/a/x.zip", 2) == "/a/x.zip"  # whole, at last
 
