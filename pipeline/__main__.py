@@ -114,6 +114,20 @@ def parse_sweep_args(argv: Sequence[str]) -> argparse.Namespace:
         help="resubmissions of an experiment whose worker died (default: %(default)s)",
     )
     parser.add_argument(
+        "--run-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="cancel, and count as failed, a run that stays RUNNING this long (default: its pool's, "
+        "6 h on cpu, 24 h elsewhere)",
+    )
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        metavar="SECONDS",
+        help="stop after this long: cancel what has not ended, name those points and exit 1 "
+        "(the same command again goes on with them)",
+    )
+    parser.add_argument(
         "--git-remote", default="origin", help="git remote the workers clone from (default: %(default)s)"
     )
     parser.add_argument("--project", help="the DVC project (default: the one containing the working directory)")
@@ -178,6 +192,7 @@ def sweep_main(argv: Sequence[str]) -> int:
         halving=args.halving,
         min_epochs=args.min_epochs,
         halving_metric=args.halving_metric,
+        **bound_options(args),
         return_state=True,
     )
     result = state.result(raise_on_failure=False)
@@ -194,8 +209,24 @@ def sweep_main(argv: Sequence[str]) -> int:
             print(command)
     if isinstance(result, BaseException):
         print(f"error: {result}", file=sys.stderr)
+        if isinstance(rows, list) and (left := past_deadline(rows)):
+            print(left, file=sys.stderr)
         return 1 if isinstance(result, ExperimentsFailed) else 2
     return 0
+
+
+def bound_options(args: argparse.Namespace) -> dict[str, float]:
+    """--run-timeout and --deadline for dvc_sweep, only those given (the flow's defaults otherwise)."""
+    given = {"run_timeout": args.run_timeout, "deadline": args.deadline}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def past_deadline(rows: list[dict]) -> str | None:
+    """The closing line for the points the sweep's --deadline left unfinished (None: none)."""
+    from pipeline.waiting import PAST_DEADLINE, resume_line
+
+    left = [row["experiment"] for row in rows if str(row.get("status", "")).startswith(PAST_DEADLINE)]
+    return resume_line(left) if left else None
 
 
 def cancel_main(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from uuid import UUID
 
 from pipeline.dvc import DvcError
@@ -38,7 +39,7 @@ from pipeline.prefect_api import (
     runs_tagged,
 )
 from pipeline.results import Outcome, Target
-from pipeline.waiting import wait_for
+from pipeline.waiting import PAST_DEADLINE, past, wait_for
 from pipeline.workspace import WorkspaceError, ls_remote, redact
 
 DEFAULT_RETRIES = 2
@@ -52,6 +53,16 @@ FIGURES = ("test_accuracy", "roc_auc", "best_epoch", "epochs", "val_loss", "val_
 
 class SweepInterrupted(RuntimeError):
     """Ctrl-C: the sweep stopped waiting; the message says which runs go on and how to cancel them."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """How long a sweep waits: run_timeout_s, the most one run may stay RUNNING (None: its pool's
+    default, pipeline.waiting.run_timeout_for); deadline, a time.monotonic() past which whatever
+    has not ended is cancelled (None: none)."""
+
+    run_timeout_s: float | None = None
+    deadline: float | None = None
 
 
 def experiments_on_remote(repository: str, commit: str) -> set[str]:
@@ -235,9 +246,11 @@ def run_points(
     retries: int,
     log: Callable[[str], None],
     data_pool: str | None = None,
+    bounds: Bounds | None = None,
 ) -> list[Outcome]:
     """Run the points not yet home as flow runs of `flow` (pipeline.flows.dvc_experiment); the
     shared data stages of each group run first, once, on `data_pool` (see choose_data_pool).
+    bounds: how long one run may stay RUNNING, and the sweep's deadline (pipeline.waiting.wait_for).
 
     data_groups: the points by the params their data stages read (grid.data_key). A group whose
     data stages an earlier data-stage run of this commit already ran (its dvc.lock entries are
@@ -254,7 +267,17 @@ def run_points(
     for registered in dict.fromkeys([deployment, data_deployment]):
         ensure_crash_detection(registered)
     try:
-        return fan_out(points, target, data_groups, data_stages, timeout_s, retries, log, (deployment, data_deployment))
+        return fan_out(
+            points,
+            target,
+            data_groups,
+            data_stages,
+            timeout_s,
+            retries,
+            log,
+            (deployment, data_deployment),
+            bounds or Bounds(),
+        )
     except KeyboardInterrupt:
         raise SweepInterrupted(going_on(sweep_identities(points, target, data_groups))) from None
 
@@ -268,6 +291,7 @@ def fan_out(
     retries: int,
     log: Callable[[str], None],
     deployments: tuple[ExperimentDeployment, ExperimentDeployment],
+    bounds: Bounds,
 ) -> list[Outcome]:
     """run_points once the deployments are there: adopt, check what is home, run the data stages, submit, wait."""
     deployment, data_deployment = deployments
@@ -279,7 +303,7 @@ def fan_out(
             outcome.status = "already done"
     if done:
         log(f"already home in {redact(target.repository)}, not run again: " + ", ".join(sorted(done)))
-    todo = [o for o in outcomes if o.status == "pending"]
+    todo = not_past_deadline([o for o in outcomes if o.status == "pending"], bounds.deadline)
     if not todo:
         read_summaries(outcomes, target.commit)
         return outcomes
@@ -291,19 +315,31 @@ def fan_out(
         log(f"data stages already run for {target.commit[:7]}, their dvc.lock handed to: {', '.join(locks)}")
     if shared and data_stages:
         data = Target(target.repository, target.commit, target.dvc_remote, data_deployment.pool)
-        locks.update(prepare_data(shared, data_deployment.name, data, data_stages, timeout_s, retries, log, outcomes))
+        locks.update(
+            prepare_data(shared, data_deployment.name, data, data_stages, (timeout_s, retries, bounds), log, outcomes)
+        )
 
     def submit_point(point: Point) -> UUID:
         return submit(deployment.name, target, point, data_lock=locks.get(point.name), replace=point.name in stale)
 
-    new = [o for o in todo if o.status == "pending" and o.flow_run_id is None]
+    new = not_past_deadline([o for o in todo if o.status == "pending" and o.flow_run_id is None], bounds.deadline)
     for outcome in new:
         outcome.flow_run_id = submit_point(outcome.point)
         outcome.attempts = 1
     log(f"submitted {len(new)} experiment(s) to pool {target.pool!r}")
-    wait_for(todo, target.pool, timeout_s, log, retries, submit_point)
+    wait_for(todo, target.pool, timeout_s, log, retries, submit_point, bounds.run_timeout_s, bounds.deadline)
     read_summaries(outcomes, target.commit)
     return outcomes
+
+
+def not_past_deadline(outcomes: list[Outcome], deadline: float | None) -> list[Outcome]:
+    """`outcomes`, to be submitted; none once the sweep's deadline has passed (a later rung of a
+    halving sweep, the points after a slow data-stage run): those count as PAST_DEADLINE."""
+    if not past(deadline):
+        return outcomes
+    for outcome in outcomes:
+        outcome.status, outcome.message = PAST_DEADLINE, "the sweep's --deadline passed before it was submitted"
+    return []
 
 
 def plan_data_runs(
@@ -341,16 +377,17 @@ def prepare_data(
     deployment: str,
     target: Target,
     data_stages: Sequence[str],
-    timeout_s: float,
-    retries: int,
+    waits: tuple[float, int, Bounds],
     log: Callable[[str], None],
     outcomes: list[Outcome],
 ) -> dict[str, dict]:
     """One run of the data stages per group of points that share them; their results go to the run cache.
 
     Returns, for each point of a group whose run succeeded, the dvc.lock entries that run
-    published (data_lock of pipeline.flows.dvc_experiment).
+    published (data_lock of pipeline.flows.dvc_experiment). waits: timeout_s, retries and
+    bounds, as for wait_for.
     """
+    timeout_s, retries, bounds = waits
     runs, artifacts = [], {}
     for key, group in groups.items():
         first = group[0]
@@ -368,6 +405,8 @@ def prepare_data(
         log,
         retries,
         lambda point: submit(deployment, target, point, data_stages, data_artifact=artifacts[point.name]),
+        bounds.run_timeout_s,
+        bounds.deadline,
     )
     by_name = {o.point.name: o for o in outcomes}
     locks: dict[str, dict] = {}
