@@ -668,7 +668,7 @@ def test_a_sweep_with_failed_experiments_prints_the_table_and_exits_non_zero(
     subprocess.run(["git", "remote", "add", "origin", str(origin)], cwd=project_copy, check=True)
     subprocess.run(["git", "push", "-q", "-u", "origin", "main"], cwd=project_copy, check=True, capture_output=True)
 
-    def run_points(flow, points, target, groups, data_stages, timeout_s, retries, log, data_pool=None):
+    def run_points(flow, points, target, groups, data_stages, timeout_s, retries, log, data_pool=None, bounds=None):
         assert (
             [p.name for p in points] == ["t-seed-1", "t-seed-2"] and target.commit and data_stages[-1] == "preprocess"
         )
