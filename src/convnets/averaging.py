@@ -85,15 +85,17 @@ class BatchStatistics:
 
     Runs the model forward in training mode (augmentation and dropout included, as training
     sees the photos) with every layer's momentum at 0, so that each pass leaves its batch's
-    statistics, and averages those. The forward pass is a tf.function, traced once and kept
-    (eager calls cost about twice as much on mini_xception); the momentum of 0 is read when
-    it is traced, and set again before every recompute in case a new batch shape retraces it.
+    statistics, and averages those in float64. The whole pass, the loop over the batches
+    included, is one tf.function, traced once and kept: nothing returns to Python between
+    batches (eager calls cost about twice as much on mini_xception, and a read-back of every
+    layer's statistics per batch stalls the pass on a loaded machine). The momentum of 0 is
+    read when it is traced, and set again before every recompute in case it retraces.
     """
 
     def __init__(self, model: keras.Model, batches: tf.data.Dataset):
         self.model, self.batches = model, batches
         self.layers = batch_normalizations(model)
-        self._forward = None
+        self._pass = None
 
     def recompute(self) -> int:
         """Recompute the statistics for the model's current weights; returns the number of layers."""
@@ -103,24 +105,37 @@ class BatchStatistics:
         try:
             for layer in self.layers:
                 layer.momentum = 0.0
-            if self._forward is None:
-                self._forward = tf.function(lambda images: self.model(images, training=True))
-            means = [np.zeros(layer.moving_mean.shape, "float64") for layer in self.layers]
-            variances = [np.zeros(layer.moving_variance.shape, "float64") for layer in self.layers]
-            count = 0
-            for images in self.batches:
-                self._forward(images)
-                for index, layer in enumerate(self.layers):
-                    means[index] += np.asarray(layer.moving_mean)
-                    variances[index] += np.asarray(layer.moving_variance)
-                count += 1
-            for layer, mean, variance in zip(self.layers, means, variances, strict=True):
-                layer.moving_mean.assign(mean / count)
-                layer.moving_variance.assign(variance / count)
+            if self._pass is None:
+                self._pass = tf.function(self._averaged_statistics)
+            self._pass(self.batches)
         finally:
             for layer, momentum in zip(self.layers, momenta, strict=True):
                 layer.momentum = momentum
         return len(self.layers)
+
+    def _averaged_statistics(self, batches: tf.data.Dataset) -> None:
+        statistics = self._statistics()
+        sums = tuple(tf.zeros(variable.shape, "float64") for variable in statistics)
+        count = tf.constant(0.0, "float64")
+        for images in batches:  # AutoGraph: a loop in the graph
+            sums = self._add_batch(images, sums)
+            count += 1.0
+        self._assign_means(sums, count)
+
+    def _statistics(self) -> list:
+        """Each layer's moving mean and variance, in that order."""
+        return [variable for layer in self.layers for variable in (layer.moving_mean, layer.moving_variance)]
+
+    @tf.autograph.experimental.do_not_convert
+    def _add_batch(self, images, sums: tuple) -> tuple:
+        self.model(images, training=True)  # momentum 0: each layer now holds this batch's statistics
+        # float64 sums in batch order: the bits NumPy's accumulation gave.
+        return tuple(total + tf.cast(v, "float64") for total, v in zip(sums, self._statistics(), strict=True))
+
+    @tf.autograph.experimental.do_not_convert
+    def _assign_means(self, sums: tuple, count) -> None:
+        for variable, total in zip(self._statistics(), sums, strict=True):
+            variable.assign(tf.cast(total / count, variable.dtype))
 
 
 class AveragedWeights(keras.callbacks.SwapEMAWeights):
@@ -144,8 +159,26 @@ class AveragedWeights(keras.callbacks.SwapEMAWeights):
         super().__init__(swap_on_epoch=True)
         self.statistics = statistics
         self._batch_statistics = None  # BatchStatistics of the model, made at the first validation
+        self._graphs = {}  # (optimizer, swap or finalize): its tf.function
         self._ema_weights_in_model = in_model  # SwapEMAWeights's own record of where the averages are
         self.stops_early = stops_early  # this fit ends before its phase does (train.stop_at_epoch)
+
+    def _tf_swap_variables(self, optimizer):
+        self._traced(optimizer, "swap", super()._tf_swap_variables)()
+
+    def _tf_finalize_ema_values(self, optimizer):
+        self._traced(optimizer, "finalize", super()._tf_finalize_ema_values)()
+
+    def _traced(self, optimizer, name: str, method):
+        """Keras's swap (or finalize) of `optimizer`'s variables as one tf.function, traced once.
+
+        The same adds and subtractions (the swap is arithmetic, a + b - b, so the bits stay
+        Keras's), but one graph call instead of three eager strategy updates per variable.
+        """
+        key = (id(optimizer), name)
+        if key not in self._graphs:
+            self._graphs[key] = tf.function(lambda: method(optimizer))
+        return self._graphs[key]
 
     def on_epoch_end(self, epoch, logs=None):
         """As SwapEMAWeights, except after the last epoch of a fit that stops before its phase ends.
