@@ -8,7 +8,9 @@ inline data: URI, and the result of a JavaScript expression evaluated on the pag
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -80,11 +82,15 @@ def open_page(
     if binary is None:
         raise FileNotFoundError(INSTALL_HINT)
     page_url = Path(path).resolve().as_uri()
-    with tempfile.TemporaryDirectory() as profile:
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    try:
+        # Its own process group: Chromium's helpers (crashpad, zygotes) outlive the browser process
+        # and go on writing into the profile unless the whole group is stopped.
         process = subprocess.Popen(
             [binary, *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}", "about:blank"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         try:
             port_file = Path(profile) / "DevToolsActivePort"
@@ -121,11 +127,9 @@ def open_page(
                 Path(screenshot).write_bytes(base64.b64decode(shot["data"]))
             session.ws.close()
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            stop_group(process)
+    finally:
+        remove_profile(Path(profile))
     errors, requests = [], []
     for event in session.events:
         method, params = event.get("method"), event.get("params", {})
@@ -140,6 +144,33 @@ def open_page(
             if url != page_url and not url.startswith("data:"):
                 requests.append(url)
     return {"console_errors": errors, "requests": requests, "value": value.get("result", {}).get("value")}
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """Stop Chromium and every helper it started (its process group)."""
+    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+        time.sleep(0.2)  # let helpers that got the same signal exit before the profile goes
+
+
+def remove_profile(profile: Path) -> None:
+    """Remove the profile folder, retrying while a late helper still writes into it."""
+    for _ in range(20):
+        try:
+            shutil.rmtree(profile)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.25)
+    shutil.rmtree(profile, ignore_errors=True)
 
 
 # What the tests read off a page: images and whether they decoded, the headline, the leaderboard.
