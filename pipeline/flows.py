@@ -146,7 +146,7 @@ def dvc_stage(
     workspace.check_trusted(repository, dvc_remote, logger.warning)
     with (
         workspace.clean_checkout(repository, commit, f"stage-{stage}") as checkout,
-        environments.environment_for(checkout, on_line=logger.debug) as runenv,
+        environments.environment_for(checkout, on_line=logger.debug, params=[files.get("params.yaml") or ""]) as runenv,
     ):
         logger.info(runenv.summary())
         env = {**workspace.run_environment(dvc_remote), **runenv.variables(checkout)}
@@ -188,7 +188,7 @@ def dvc_experiment(
     workspace.check_trusted(repository, dvc_remote, logger.warning)
     with (
         workspace.clean_checkout(repository, commit, name) as checkout,
-        environments.environment_for(checkout, on_line=logger.debug) as runenv,
+        environments.environment_for(checkout, on_line=logger.debug, params=overrides) as runenv,
     ):
         logger.info(runenv.summary())
         env = {**workspace.run_environment(dvc_remote), **runenv.variables(checkout)}
@@ -243,14 +243,20 @@ def dvc_sweep(
     halving: int = 0,
     min_epochs: int = 1,
     halving_metric: str = "val_loss",
+    run_timeout: float | None = None,
+    deadline: float | None = None,
 ) -> list[dict]:
     """Every point of the `-S` grid as one experiment on the pool; results pulled into this project.
 
     data_pool: where the shared data stages run (default: `cpu` when a worker polls it, else `pool`).
+    run_timeout: seconds one run may stay RUNNING before it is cancelled (default: its pool's,
+    pipeline.waiting.run_timeout_for); deadline: seconds from now after which the sweep cancels
+    what has not ended and fails, naming those points (a rerun goes on with them).
     halving: 2 or more for successive halving by that factor (pipeline.rungs), from rungs of
     `min_epochs`, ranked by the best epoch's `halving_metric` (val_loss or val_accuracy).
     """
     logger = get_run_logger()
+    bounds = sweep.Bounds(run_timeout, time.monotonic() + deadline if deadline else None)
     project = project_root(project_dir)
     points, target, groups, data_stages = sweep_plan(project, set_params, name_prefix, pool, git_remote)
     logger.info(
@@ -259,7 +265,16 @@ def dvc_sweep(
 
     def run(rung_points: list[grid.Point], groups_of_rung: dict[str, list[grid.Point]]) -> list[results.Outcome]:
         return sweep.run_points(
-            dvc_experiment, rung_points, target, groups_of_rung, data_stages, timeout, retries, logger.info, data_pool
+            dvc_experiment,
+            rung_points,
+            target,
+            groups_of_rung,
+            data_stages,
+            timeout,
+            retries,
+            logger.info,
+            data_pool,
+            bounds,
         )
 
     if halving:
@@ -268,13 +283,8 @@ def dvc_sweep(
     home = [o.point.name for o in outcomes if o.ok]
     if home:
         tasks.pull_experiments(project, git_remote, home)
-        tasks.publish_leaderboard(project, home)
-    rows = results.leaderboard(outcomes)
-    create_table_artifact(
-        key="dvc-sweep",
-        table=rows,
-        description=f"Sweep of {target.commit[:7]} on pool {pool} (`dvc exp show` has them)",
-    )
+    description = f"Sweep of {target.commit[:7]} on pool {pool} (`dvc exp show` has them)"
+    rows = tasks.publish_leaderboard(project, results.point_rows(outcomes), description=description)
     if not all(o.ok for o in outcomes):
         raise results.ExperimentsFailed(outcomes, rows)
     return rows
@@ -315,9 +325,7 @@ def halving_sweep(
     home = [o.point.name for o in outcomes if o.ok]
     if home:
         tasks.pull_experiments(project, git_remote, home)
-        tasks.publish_leaderboard(project, home)  # from `dvc exp show`: one row per point there too
-    rows = rungs.leaderboard(result, metric)
-    create_table_artifact(key="dvc-sweep", table=rows, description=result.closing_line())
+    rows = tasks.publish_leaderboard(project, rungs.point_rows(result), metric, result.closing_line())
     logger.info(result.closing_line())
     if not all(o.ok for o in outcomes):
         raise results.ExperimentsFailed(outcomes, rows)

@@ -69,33 +69,35 @@ def test_points_with_the_same_data_params_share_one_data_run(repo_root):
     assert len(groups) == 2  # two seeds (the split reads it); the epochs do not matter to the data
 
 
-def outcome(name: str, status: str, accuracy: float | None = None, message: str = "") -> results.Outcome:
-    figures = {"test_accuracy": accuracy, "roc_auc": None, "best_epoch": 2, "epochs": 3} if accuracy else {}
+def outcome(name: str, status: str, message: str = "") -> results.Outcome:
     return results.Outcome(
-        Point((f"seed={name}",), name), status=status, message=message, figures=figures, host="gpu-1", seconds=75.2
+        Point((f"seed={name}",), name), status=status, message=message, host="gpu-1", attempts=1, seconds=75.2
     )
 
 
-def test_the_leaderboard_puts_the_best_first_and_failures_last_with_their_error():
+def board(outcomes: list[results.Outcome], best_first: list[str]) -> list[dict[str, str]]:
+    """The sweep's table, with compare's rows (best test accuracy first) for the experiments `best_first`."""
+    compared = [{"experiment": name, "test accuracy": f"0.{9 - i}000"} for i, name in enumerate(best_first)]
+    return results.leaderboard(["experiment", "test accuracy"], compared, results.point_rows(outcomes))
+
+
+def test_the_leaderboard_keeps_compares_order_and_puts_failures_last_with_their_error():
     outcomes = [
-        outcome("a", "done", 0.7),
+        outcome("a", "done"),
         outcome("b", "failed", message="stage 'train' failed: error: boom\nmore"),
-        outcome("c", "already done", 0.9),
+        outcome("c", "already done"),
     ]
-    rows = results.leaderboard(outcomes)
+    rows = board(outcomes, ["c", "a"])
     assert [r["experiment"] for r in rows] == ["c", "a", "b"]
     assert rows[0] == {
         "experiment": "c",
-        "overrides": "seed=c",
-        "status": "already done",
         "test accuracy": "0.9000",
-        "ROC AUC": "",
-        "best epoch": "2 of 3",
+        "status": "already done",
         "worker": "gpu-1",
+        "attempts": "1",
         "wall time": "1m 15s",
-        "environment": "",
     }
-    assert rows[2]["status"] == "failed: stage 'train' failed: error: boom"
+    assert rows[2]["status"] == "failed: stage 'train' failed: error: boom" and rows[2]["test accuracy"] == ""
     table = results.text_table(rows)
     header = table.splitlines()[0].split()
     assert header[:3] == ["experiment", "test", "accuracy"] and len(table.splitlines()) == 4  # the figures first
@@ -104,9 +106,9 @@ def test_the_leaderboard_puts_the_best_first_and_failures_last_with_their_error(
 
 
 def test_the_printed_command_pulls_the_best_experiments_outputs_before_applying_it():
-    rows = results.leaderboard([outcome("a", "done", 0.7), outcome("c", "already done", 0.9)])
+    rows = board([outcome("a", "done"), outcome("c", "already done")], ["c", "a"])
     assert results.bring_home_command(rows, "origin") == "dvc exp pull origin c && dvc exp apply c"
-    failed = results.leaderboard([outcome("b", "failed", message="stage 'train' failed")])
+    failed = board([outcome("b", "failed", message="stage 'train' failed")], [])
     assert results.bring_home_command(failed, "origin") is None  # nothing came home: nothing to bring
 
 
