@@ -61,6 +61,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: -slow[item.module.__name__])  # stable: a module's own order is kept
 
 
+WATCHED_PREFIXES = ("CONVNETS_", "XDG_", "PREFECT_", "DVC_", "KAGGLE_", "GIT_", "HOME", "PATH", "VIRTUAL_ENV")
+
+
 def global_state() -> dict:
     """What a test module must leave as it found it: the process's environment, working folder and,
     once Keras is loaded, its dtype policy, float type and eager mode."""
@@ -96,6 +99,11 @@ def module_leaves_no_state():
     before = global_state()
     yield
     after = global_state()
+    # TensorFlow sets variables of its own on import and first use (TF2_BEHAVIOR, KMP_*...): a new
+    # variable counts only under the names the project and its tools read.
+    after["environ"] = {
+        k: v for k, v in after["environ"].items() if k in before["environ"] or k.startswith(WATCHED_PREFIXES)
+    }
     reset_seeds()
     leaked = sorted(key for key in after if key in before and after[key] != before[key])
     if "environ" in leaked:
