@@ -32,7 +32,11 @@ def model_dir(tmp_path_factory):
     params = Params.model_validate(
         {"model": {"conv_filters": [8, 16], "pooled_blocks": 2}, "train": {"epochs": 3, "batch_size": 16}}
     )
-    train(params, prepared, root / "model", root / "train")
+    # A private user cache for the resume state: the per-test one (conftest.user_cache) is not set
+    # yet in a module fixture, and another process training the same params shared ~/.cache.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(root / "user-cache"))
+        train(params, prepared, root / "model", root / "train")
     return root / "model"
 
 
