@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import http.client
 import json
 import logging
@@ -49,6 +48,7 @@ except ImportError:  # Windows: no flock; the private folders and the rename sti
     fcntl = None
 
 from convnets.errors import DataError
+from convnets.outputs import file_digest
 from convnets.progress import progress
 
 log = logging.getLogger(__name__)
@@ -215,11 +215,7 @@ def filesystem_extra(protocol: str) -> str | None:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, "sha256").hexdigest()
 
 
 def note_path(path: Path) -> Path:
@@ -315,6 +311,8 @@ def remove_leftovers(target: Path) -> None:
 
 def publish(download: Path, target: Path) -> None:
     """Rename a verified download, then its note, into the cache: a reader sees all of it or none."""
+    # Not outputs.atomic_file: the temporary file is the download, verified before any rename,
+    # and its note must follow it (a reader trusts the file only once the note is there).
     download.replace(target)
     note_path(download).replace(note_path(target))
 

@@ -13,12 +13,13 @@ No heavy imports: the versions come from the installed packages' metadata.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import platform
 import sys
 from pathlib import Path
+
+from convnets.outputs import file_digest
 
 STAMP_FILE = "convnets-uv-lock.sha256"  # in the environment's folder, next to pyvenv.cfg
 SHORT = 12  # characters of the lock's hash shown in records, reports and logs
@@ -27,7 +28,7 @@ UNLOCKED = "unlocked"  # an environment installed some other way (pip install -e
 
 def lock_digest(lock_file: Path) -> str:
     """The SHA-256 of a uv.lock's bytes: the environment's identity."""
-    return hashlib.sha256(Path(lock_file).read_bytes()).hexdigest()
+    return file_digest(lock_file, "sha256").hexdigest()
 
 
 def write_stamp(prefix: Path, digest: str) -> None:

@@ -58,6 +58,12 @@ def user_cache_dir() -> Path:
     return Path(base) / "convnets"
 
 
+def resume_states_dir() -> Path:
+    """Where train keeps an unfinished run's state (convnets.resume), and pipeline.clean removes old ones:
+    named here because importing resume loads Keras."""
+    return user_cache_dir() / "train-resume"
+
+
 def downloads_dir() -> Path:
     """Kaggle and URL downloads of the fetch stage, kept across runs (as Keras keeps ~/.keras)."""
     return user_cache_dir() / "downloads"

@@ -62,8 +62,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from convnets.layout import RESUME_URL_ENV, user_cache_dir
-from convnets.outputs import write_json
+from convnets.layout import RESUME_URL_ENV, resume_states_dir
+from convnets.outputs import file_digest, replace_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,7 @@ def digest_files(files: dict[str, Path]) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for name in sorted(files):
         digest.update(name.encode() + b"\0")
-        with files[name].open("rb") as handle:
-            while chunk := handle.read(1 << 22):
-                digest.update(chunk)
+        file_digest(files[name], lambda: digest)  # fed on: one digest of every name and file
     return digest.hexdigest()
 
 
@@ -156,7 +154,7 @@ class Found:
 
 
 def default_resume_root(folder_name: str) -> Path:
-    return user_cache_dir() / "train-resume" / folder_name
+    return resume_states_dir() / folder_name
 
 
 def read_key(text: str | bytes) -> dict:
@@ -338,7 +336,7 @@ class ResumeDir:
         self.root.mkdir(parents=True, exist_ok=True)
         # Should the folder be put inside a checkout, keep it out of git.
         (self.root / ".gitignore").write_text("# training state of an interrupted run, see convnets/resume.py\n*\n")
-        write_json_synced(self.root / KEY, self.key.as_dict())
+        write_json(self.root / KEY, self.key.as_dict(), sync=True)
 
     def _take_from_mirror(self, epoch: str) -> Progress:
         taken = self.mirror.download(self.folder_name, epoch, self.root)
@@ -384,36 +382,10 @@ def discard_line(broken: list[Found], resumes: bool) -> str:
     return f"resume: discarded the saved state {places}" + ("" if resumes else ": starting over")
 
 
-def write_json_synced(path: Path, data: object) -> None:
-    write_json(path, data)
-    fsync_path(path)
-    fsync_path(path.parent)
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file, or a folder's entries, to the disk."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        if path.is_dir():
-            return  # Windows cannot open a folder: its renames are not synced this way
-        raise
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def commit_folder(tmp: Path, final: Path) -> Path:
     """Rename a complete folder into place, its files and entries on the disk before the rename
     and the rename on the disk after it: a power cut cannot leave a committed but empty epoch."""
-    for file in tmp.iterdir():
-        fsync_path(file)
-    fsync_path(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    fsync_path(final.parent)
-    return final
+    return replace_dir(tmp, final, sync=True)
 
 
 class EpochBackup(keras.callbacks.Callback):
