@@ -33,14 +33,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from convnets.layout import RESUME_URL_ENV, user_cache_dir
+from convnets.layout import RESUME_URL_ENV, resume_states_dir
 from pipeline import environments, workspace
 
 DAY_S = 24 * 3600
 DEFAULT_OLDER_THAN_DAYS = 7.0
 # Long against any gap between a live run's commands (seconds), short against a dead run's disk.
 CLONE_GRACE_S = 3600
-RESUME_DIR = "train-resume"  # convnets.resume.default_resume_root's folder (importing resume loads Keras)
 PROC = Path("/proc")
 # clean_checkout's folders: tempfile.mkdtemp(prefix=f"{safe_name(label)}-"), 8 random characters after
 RUN_FOLDER = re.compile(r"^[A-Za-z0-9._-]+-[a-z0-9_]{8}$")
@@ -177,10 +176,6 @@ def default_resume_url() -> str | None:
     return os.environ.get(RESUME_URL_ENV) or None
 
 
-def resume_root() -> Path:
-    return user_cache_dir() / RESUME_DIR
-
-
 def old_resume_states(root: Path, now: float, older_than_s: float, in_use: InUse) -> list[Removal]:
     """The states no run wrote for `older_than_s`: a rerun of theirs would start over (cost, not loss)."""
     if not root.is_dir():
@@ -227,24 +222,10 @@ def mirrored_change(fs, state: str) -> float | None:
 
 
 def environments_beyond_kept(root: Path, keep: int) -> list[Removal]:
-    """What environments.prune would remove now: all but the `keep` most recently used, never
-    one a run holds (its `<key>.lock`, tried without waiting)."""
-    folders = sorted((path for path in root.iterdir() if path.is_dir()), key=environments.last_used, reverse=True)
-    removals = []
-    for folder in folders[keep:]:
-        if not environment_held(root, folder):
-            why = f"beyond the {keep} most recently used, {environments.KEEP_ENV}"
-            removals.append(Removal("environment", str(folder), freed_bytes(folder), why))
-    return removals
-
-
-def environment_held(root: Path, folder: Path) -> bool:
-    with open(root / f"{folder.name}.lock", "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-    return False
+    """What environments.prune would remove now: its selection, less those a run holds."""
+    why = f"beyond the {keep} most recently used, {environments.KEEP_ENV}"
+    folders = [folder for folder in environments.beyond_kept(root, keep) if not environments.held(root, folder)]
+    return [Removal("environment", str(folder), freed_bytes(folder), why) for folder in folders]
 
 
 # --- the plan and carrying it out -----------------------------------------------------------
@@ -260,7 +241,7 @@ def plan(
     now = time.time() if now is None else now
     in_use = in_use or in_use_on_this_machine()
     removals = dead_clones(workspace.work_root(), now, older_than_s, in_use)
-    removals += old_resume_states(resume_root(), now, older_than_s, in_use)
+    removals += old_resume_states(resume_states_dir(), now, older_than_s, in_use)
     if resume_url:
         removals += old_mirrored_states(resume_url, now, older_than_s)
     return removals + environments_beyond_kept(environments.envs_root(), environments.keep_count())

@@ -257,20 +257,39 @@ def last_reason(stderr: str) -> str:
 
 def prune(root: Path, keep: int, on_line: Callable[[str], None]) -> list[str]:
     """Remove all but the `keep` most recently used environments, never one a run holds."""
-    folders = [path for path in root.iterdir() if path.is_dir()]
-    folders.sort(key=last_used, reverse=True)
     removed = []
-    for folder in folders[keep:]:
-        with open(root / f"{folder.name}.lock", "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a run is using it (or building it)
-            remove(folder)
-            removed.append(folder.name)
+    for folder in beyond_kept(root, keep):
+        with unheld(root, folder) as free:
+            if free:  # else a run is using it (or building it)
+                remove(folder)
+                removed.append(folder.name)
     if removed:
         on_line(f"removed {len(removed)} old environment(s), keeping the {keep} most recently used")
     return removed
+
+
+def beyond_kept(root: Path, keep: int) -> list[Path]:
+    """The environments pruning removes unless a run holds them: all but the `keep` most recently used."""
+    folders = sorted((path for path in root.iterdir() if path.is_dir()), key=last_used, reverse=True)
+    return folders[keep:]
+
+
+@contextlib.contextmanager
+def unheld(root: Path, folder: Path) -> Iterator[bool]:
+    """True, holding its `<key>.lock` exclusively for the block, when no run holds the environment now."""
+    with open(root / f"{folder.name}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+def held(root: Path, folder: Path) -> bool:
+    """Whether a run holds the environment now (tried without waiting; a look, nothing kept)."""
+    with unheld(root, folder) as free:
+        return not free
 
 
 def remove(folder: Path) -> None:
