@@ -352,9 +352,10 @@ def sweep_plan(
     target = sweep_target(project, pool, git_remote)
     data_stages = data_stages_of(project)
     keys = grid.data_params(project, data_stages)
+    source = grid.data_source(project, target.commit, data_stages)
     groups: dict[str, list[grid.Point]] = {}
     for point in points:
-        groups.setdefault(grid.data_key(params[point.name], keys), []).append(point)
+        groups.setdefault(grid.data_key(params[point.name], keys, source), []).append(point)
     return points, target, groups, data_stages
 
 

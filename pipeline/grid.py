@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.locked import lookup, param_keys
+from pipeline.locked import PARAMS_FILE, lookup, param_keys, paths
 from pipeline.overrides import OverridesError, refuse_secrets, secret_in
 
 MAX_NAME = 80  # long grids still get names a person can read in `dvc exp show`
@@ -253,6 +253,48 @@ def data_params(project: Path, data_stages: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(key for stage in data_stages for key in param_keys(stages[stage].get("params", []))))
 
 
-def data_key(params: dict, keys: Sequence[str]) -> str:
-    """Equal for two points whose data stages read the same params (so they share one run)."""
-    return json.dumps({key: lookup(params, key) for key in keys}, sort_keys=True)
+def data_key(params: dict, keys: Sequence[str], source: str = "") -> str:
+    """Equal for two points whose data stages read the same params and run the same `source`
+    (data_source), so that they share one run."""
+    return json.dumps({"params": {key: lookup(params, key) for key in keys}, "source": source}, sort_keys=True)
+
+
+def data_source(project: Path, commit: str, data_stages: Sequence[str]) -> str:
+    """A digest of what the data stages of `commit` run, params.yaml aside (data_key has those): their
+    dvc.yaml entries, the git blobs of their deps, and the params they read from other files
+    (runtime.yaml: their packages). Two commits that differ elsewhere (training code, a package only
+    training imports, the docs) have the same source, so a sweep of the second reuses the data-stage
+    run of the first; a point still checks the handed-over dvc.lock against its own clone
+    (pipeline.locked) before it relies on it."""
+    stages = yaml.safe_load(git_show(project, commit, "dvc.yaml") or "{}").get("stages", {})
+    described = []
+    for name in data_stages:
+        stage = stages.get(name, {})
+        deps = paths(stage.get("deps", []))
+        tree = git_output(project, "ls-tree", "-r", commit, "--", *deps) if deps else ""
+        described.append({"stage": stage, "blobs": tree, "other params": other_params(project, commit, stage)})
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+def other_params(project: Path, commit: str, stage: dict) -> dict:
+    """The values a stage reads from params files other than params.yaml, as `commit` has them."""
+    values = {}
+    for entry in stage.get("params", []):
+        if not isinstance(entry, dict):
+            continue
+        for name, keys in entry.items():
+            if name == PARAMS_FILE:
+                continue
+            content = yaml.safe_load(git_show(project, commit, name) or "{}") or {}
+            values[name] = {key: lookup(content, key) for key in keys or []}
+    return values
+
+
+def git_show(project: Path, commit: str, path: str) -> str | None:
+    """`path` as `commit` has it (None where it has no such file)."""
+    proc = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=project, capture_output=True, text=True)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def git_output(project: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=project, capture_output=True, text=True, check=True).stdout

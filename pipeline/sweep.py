@@ -122,7 +122,7 @@ def attempt_of(flow_run, identity: str) -> int:
 def sweep_identities(points: Sequence[Point], target: Target, data_groups: dict[str, list[Point]]) -> list[str]:
     """The tags of every run a sweep of `points` may have in flight: its points and its groups' data stages."""
     return [run_identity(target, point) for point in points] + [
-        run_identity(target, data_artifact=data_artifact(target.commit, key)) for key in data_groups
+        run_identity(target, data_artifact=data_artifact(key)) for key in data_groups
     ]
 
 
@@ -252,9 +252,10 @@ def run_points(
     shared data stages of each group run first, once, on `data_pool` (see choose_data_pool).
     bounds: how long one run may stay RUNNING, and the sweep's deadline (pipeline.waiting.wait_for).
 
-    data_groups: the points by the params their data stages read (grid.data_key). A group whose
-    data stages an earlier data-stage run of this commit already ran (its dvc.lock entries are
-    published) runs none: its points get those entries, as they would get a new run's.
+    data_groups: the points by the params their data stages read and the code they run (grid.data_key).
+    A group whose data stages an earlier data-stage run already ran, at this commit or at one whose
+    data stages are the same, (its dvc.lock entries are published) runs none: its points get those
+    entries, as they would get a new run's.
     Ctrl-C raises SweepInterrupted, saying which runs go on.
     """
     from prefect.client.orchestration import get_client
@@ -310,9 +311,9 @@ def fan_out(
 
     # point name -> the dvc.lock entries of its data stages, from an earlier or a new data-stage run
     claimed = {o.point.name for o in outcomes if o.status != "pending" or o.flow_run_id is not None}
-    locks, shared = plan_data_runs(data_groups, claimed, lambda key: published_lock(target.commit, key))
+    locks, shared = plan_data_runs(data_groups, claimed, published_lock)
     if locks:
-        log(f"data stages already run for {target.commit[:7]}, their dvc.lock handed to: {', '.join(locks)}")
+        log(f"data stages already run for this code and data params, their dvc.lock handed to: {', '.join(locks)}")
     if shared and data_stages:
         data = Target(target.repository, target.commit, target.dvc_remote, data_deployment.pool)
         locks.update(
@@ -391,7 +392,7 @@ def prepare_data(
     runs, artifacts = [], {}
     for key, group in groups.items():
         first = group[0]
-        artifacts[first.name] = data_artifact(target.commit, key)
+        artifacts[first.name] = data_artifact(key)
         flow_run_id = submit(deployment, target, first, data_stages, data_artifact=artifacts[first.name])
         runs.append((Outcome(first, flow_run_id=flow_run_id, attempts=1), key, group))
     log(
@@ -412,7 +413,7 @@ def prepare_data(
     locks: dict[str, dict] = {}
     for run, key, group in runs:
         if run.status == "done":
-            entries = published_lock(target.commit, key)
+            entries = published_lock(key)
             locks.update({point.name: entries for point in group if entries})
             continue
         for point in group:
@@ -422,14 +423,15 @@ def prepare_data(
     return locks
 
 
-def data_artifact(commit: str, data_key: str) -> str:
-    """The artifact a data-stage run of `commit` publishes its dvc.lock entries in, by its data params."""
-    return artifact_key("data", commit[:7], hashlib.sha256(data_key.encode()).hexdigest()[:12])
+def data_artifact(data_key: str) -> str:
+    """The artifact a data-stage run publishes its dvc.lock entries in, by what its stages run and read
+    (grid.data_key: the data params and the data stages' code, whichever commit has them)."""
+    return artifact_key("data", hashlib.sha256(data_key.encode()).hexdigest()[:16])
 
 
-def published_lock(commit: str, data_key: str) -> dict[str, dict]:
-    """The dvc.lock entries a data-stage run of `commit` published for these data params ({} if none)."""
-    rows = latest_table(data_artifact(commit, data_key))
+def published_lock(data_key: str) -> dict[str, dict]:
+    """The dvc.lock entries a data-stage run published for this data key ({} if none)."""
+    rows = latest_table(data_artifact(data_key))
     try:
         return {row["stage"]: json.loads(row["entry"]) for row in rows}
     except (KeyError, TypeError, ValueError):

@@ -345,11 +345,63 @@ def test_groups_whose_data_already_ran_get_the_published_lock_and_no_new_run():
     assert sweep.plan_data_runs({}, set(), lookup) == ({}, {})
 
 
-def test_the_data_artifact_is_named_by_commit_and_data_params():
-    one = sweep.data_artifact("0123456789abcdef", '{"split": 1}')
-    assert one.startswith("data-0123456-") and one == sweep.data_artifact("0123456aaaa", '{"split": 1}')
-    assert one != sweep.data_artifact("0123456789abcdef", '{"split": 2}')
+def test_the_data_artifact_is_named_by_the_data_key():
+    one = sweep.data_artifact(grid.data_key({"split": 1}, ["split"], "source-a"))
+    assert one.startswith("data-") and one == sweep.data_artifact(grid.data_key({"split": 1}, ["split"], "source-a"))
+    assert one != sweep.data_artifact(grid.data_key({"split": 2}, ["split"], "source-a"))
+    assert one != sweep.data_artifact(grid.data_key({"split": 1}, ["split"], "source-b"))
     assert re.fullmatch(r"[a-z0-9-]+", one)  # what Prefect accepts as a key
+
+
+TOY_STAGES = {
+    "stages": {
+        "split": {
+            "cmd": "python split.py",
+            "deps": ["split.py", "data/raw"],
+            "params": ["split", {"runtime.yaml": ["split"]}],
+            "outs": ["data/split"],
+        },
+        "train": {"cmd": "python train.py", "deps": ["train.py", "data/split"], "params": ["train"]},
+    }
+}
+
+
+def commit_files(work, files: dict[str, str], message: str) -> str:
+    for name, text in files.items():
+        (work / name).write_text(text)
+    git(work, "add", "-A")
+    git(work, "commit", "-q", "-m", message)
+    return git(work, "rev-parse", "HEAD").strip()
+
+
+def test_commits_whose_data_stages_are_the_same_share_one_data_source(tmp_path):
+    """Issue 27 (test time) and everyday sweeps: a commit that changes only training code, or a package
+    only training imports, reuses the data-stage run of the commit before (it ran again before)."""
+    work = tmp_path / "work"
+    subprocess.run(["git", "init", "-q", "-b", "main", str(work)], check=True)
+    runtime = {"python": "3.11", "split": {"numpy": "2.0"}, "train": {"keras": "3.0"}}
+    base = {
+        "dvc.yaml": yaml.safe_dump(TOY_STAGES),
+        "split.py": "split\n",
+        "train.py": "train\n",
+        "runtime.yaml": yaml.safe_dump(runtime),
+    }
+    a = commit_files(work, base, "A")
+    source = grid.data_source(work, a, ["split"])
+    b = commit_files(
+        work, {"train.py": "train v2\n", "runtime.yaml": yaml.safe_dump({**runtime, "train": {"keras": "3.1"}})}, "B"
+    )
+    assert grid.data_source(work, b, ["split"]) == source
+    assert grid.data_source(work, a, ["split"]) == source  # read from the commit, not the working tree
+    changed = {
+        "code": {"split.py": "split v2\n"},
+        "package": {"runtime.yaml": yaml.safe_dump({**runtime, "split": {"numpy": "2.1"}})},
+        "command": {"dvc.yaml": yaml.safe_dump(TOY_STAGES).replace("python split.py", "python split.py --fast")},
+    }
+    for what, files in changed.items():
+        commit = commit_files(work, files, what)
+        assert grid.data_source(work, commit, ["split"]) != source, what
+        git(work, "reset", "-q", "--hard", b)
 
 
 # --- a point is done only when its results are home: outputs first, refs last --------------------
