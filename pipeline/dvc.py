@@ -6,6 +6,7 @@ read what it prints. Everything that depends on DVC's wording lives in this modu
 
 from __future__ import annotations
 
+import configparser
 import itertools
 import json
 import os
@@ -13,12 +14,14 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from convnets.downloads import TRANSIENT_FAILURE
+from pipeline.workspace import git, host, redact, seconds_from
 
 # `python -m dvc` of this interpreter, so the flow, DVC and the stages share one venv,
 # unless the run names another environment (VIRTUAL_ENV, as `activate` sets it: a worker's
@@ -41,12 +44,27 @@ TRANSIENT_PATTERNS = (
     re.compile(r"could not download .+: HTTP (408|425|429|5\d\d)\b"),
 )
 
+# The bound on one dvc command other than a stage run (docs/orchestration.md, "Every wait bounded"):
+# a push, pull or `status --cloud` against a remote that accepts and never answers otherwise hangs
+# the run forever while its worker's heartbeats keep it RUNNING.
+DVC_TIMEOUT_ENV = "CONVNETS_DVC_TIMEOUT"
+DEFAULT_DVC_TIMEOUT_S = 7200.0  # a first push or pull of a large data set over a slow link, with room to spare
+# Commands that run stages get no wall-clock bound here: their time is mostly training, which the
+# sweep bounds from outside (--run-timeout cancels the run; its worker stops the process group).
+# One number here would cut a long training short, or be too long to matter for a transfer.
+RUNS_STAGES = (("repro",), ("exp", "run"))
+
 TAIL_LINES = 200  # output kept for error messages
 FALLBACK_LINES = 15  # shown when the stage printed no "error:" line (e.g. a traceback)
 
 
 class DvcError(Exception):
     """A `dvc` command other than a stage run failed; the message holds its output."""
+
+
+class DvcTimeout(DvcError):
+    """A `dvc` command did not finish within $CONVNETS_DVC_TIMEOUT and was stopped: a remote that did
+    not answer, which may answer later, so a transient failure (pipeline.tasks.retry_if_transient)."""
 
 
 class StageFailed(Exception):
@@ -106,23 +124,113 @@ def run_dvc(
     StageRanLocally is raised. `keep` lines of output are kept (None: all); `env` adds
     variables to DVC's environment. The process
     runs in its own group so that stopping it, or cancelling the flow, never leaves a
-    stage running behind.
+    stage running behind. A command other than a stage run is stopped after dvc_bound(args)
+    seconds: DvcTimeout.
     """
     tail: deque[str] = deque(maxlen=keep)
     proc = start_dvc(project, args, env)
+    limit = dvc_bound(args)
     try:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.rstrip("\n")
-            tail.append(line)
-            on_line(line)
-            if stop_on is not None and stop_on(line):
-                raise StageRanLocally(line)
-        proc.wait()
+        with Deadline(proc, limit) as deadline:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                line = raw.rstrip("\n")
+                tail.append(line)
+                on_line(line)
+                if stop_on is not None and stop_on(line):
+                    raise StageRanLocally(line)
+            proc.wait()
     finally:
         if proc.poll() is None:
             stop_group(proc)
+    if deadline.expired.is_set() and proc.returncode != 0:
+        raise DvcTimeout(timed_out(project, args, limit))
     return DvcRun(tuple(args), proc.returncode, tuple(tail))
+
+
+def dvc_bound(args: Sequence[str]) -> float | None:
+    """Seconds `dvc <args>` may take ($CONVNETS_DVC_TIMEOUT); None for a command that runs stages."""
+    if any(tuple(args[: len(command)]) == command for command in RUNS_STAGES):
+        return None
+    return seconds_from(os.environ, DVC_TIMEOUT_ENV, DEFAULT_DVC_TIMEOUT_S)
+
+
+class Deadline:
+    """Stops `proc`'s process group once `limit` seconds have passed (None: never); `expired` says
+    whether it did. A timer thread, because the reader blocks on a pipe a silent remote never fills."""
+
+    def __init__(self, proc: subprocess.Popen, limit: float | None):
+        self.expired = threading.Event()
+        self.timer = None if limit is None else threading.Timer(limit, self.expire, [proc])
+
+    def expire(self, proc: subprocess.Popen) -> None:
+        self.expired.set()
+        stop_group(proc)
+
+    def __enter__(self) -> Deadline:
+        if self.timer is not None:
+            self.timer.daemon = True
+            self.timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+def timed_out(project: Path, args: Sequence[str], limit: float) -> str:
+    """One line for a dvc command stopped at its bound: the command, the bound, the remote it talked to."""
+    return (
+        f"`dvc {' '.join(args)}` did not finish within {limit:.0f} s ({DVC_TIMEOUT_ENV}) on {host()} and was "
+        f"stopped; it talks to {talks_to(project, args)}: check that it is reachable from this machine and "
+        "answers, and the credentials this worker uses for it"
+    )
+
+
+def talks_to(project: Path, args: Sequence[str]) -> str:
+    """The remote a dvc command talks to, credentials redacted: the git remote of `exp push/pull`,
+    else the DVC remote (`-r NAME`, or the project's default one)."""
+    if tuple(args[:2]) in (("exp", "push"), ("exp", "pull")):
+        positional = [arg for arg in args[2:] if not arg.startswith("-")]
+        name = positional[0] if positional else "origin"
+        url = git_remote_url(project, name)
+        return f"git remote {redact(name)}" + (f" ({redact(url)})" if url != name else "")
+    name = option_value(args, ("-r", "--remote"))
+    remotes = dvc_remotes(project)
+    name = name or remotes.get("", "")
+    url = remotes.get(name)
+    return f"DVC remote {name} ({redact(url)})" if url else f"the DVC remote {name or '(default)'}"
+
+
+def option_value(args: Sequence[str], names: tuple[str, ...]) -> str | None:
+    for index, arg in enumerate(args):
+        if arg in names and index + 1 < len(args):
+            return args[index + 1]
+        for name in names:
+            if name.startswith("--") and arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+def dvc_remotes(project: Path) -> dict[str, str]:
+    """{name: url} of the project's DVC remotes ("": the default's name), from .dvc/config and
+    config.local, as `dvc config` writes them (sections `'remote "name"'`) or configure_dvc does."""
+    config = configparser.ConfigParser(interpolation=None, strict=False)
+    config.read([project / ".dvc" / "config", project / ".dvc" / "config.local"], encoding="utf-8")
+    remotes: dict[str, str] = {}
+    for section in config.sections():
+        match = re.fullmatch(r"""'?remote "([^"]+)"'?""", section.strip())
+        if match and "url" in config[section]:
+            remotes[match.group(1)] = config[section]["url"]
+        elif section.strip("'") == "core" and "remote" in config[section]:
+            remotes[""] = config[section]["remote"]
+    return remotes
+
+
+def git_remote_url(project: Path, name: str) -> str:
+    """The URL of git remote `name` in `project` (`name` itself when it is a URL, or no such remote)."""
+    proc = git(project, "remote", "get-url", "--", name, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else name
 
 
 def start_dvc(project: Path, args: Sequence[str], env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -170,17 +278,29 @@ def check_dvc(
 
 
 def dvc_json(project: Path, args: Sequence[str], env: dict[str, str] | None = None) -> object:
-    """Run a `dvc ... --json` command and parse its stdout (its warnings go to stderr)."""
-    proc = subprocess.run(
+    """Run a `dvc ... --json` command and parse its stdout (its warnings go to stderr); bounded as
+    run_dvc's commands are, in a process group of its own for the same reason."""
+    proc = subprocess.Popen(
         [*dvc_command(env), *args, "--json"],
         cwd=project,
         env={**dvc_env(), **(env or {})},
         text=True,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
+    limit = dvc_bound(args)
+    try:
+        with Deadline(proc, limit) as deadline:
+            stdout, stderr = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            stop_group(proc)
+    if deadline.expired.is_set() and proc.returncode != 0:
+        raise DvcTimeout(timed_out(project, args, limit))
     if proc.returncode != 0:
-        raise DvcError(f"`dvc {' '.join(args)} --json` exited with {proc.returncode}:\n{proc.stderr.strip()}")
-    return json.loads(proc.stdout or "null")
+        raise DvcError(f"`dvc {' '.join(args)} --json` exited with {proc.returncode}:\n{stderr.strip()}")
+    return json.loads(stdout or "null")
 
 
 # --- one `dvc repro` for several stages, read stage by stage -----------------------------

@@ -18,6 +18,7 @@ from prefect.tasks import exponential_backoff
 
 from pipeline import artifacts, remote, results
 from pipeline.dvc import (
+    DvcTimeout,
     ReproRun,
     StageRanLocally,
     TransientStageError,
@@ -36,11 +37,25 @@ from pipeline.workspace import without_credentials
 LEADERBOARD = "dvc-leaderboard"  # the one table of experiments side by side (a sweep's too)
 STAGE_RETRIES = 3
 STAGE_BACKOFF_S = 5  # waits of about 5, 10, 20 s between tries
+# A transfer that timed out ($CONVNETS_DVC_TIMEOUT, hours) is tried once more: a remote that hung may
+# answer again, and each try is bounded, so a remote that stays silent costs two bounds, not forever.
+TRANSFER_RETRIES = 1
+TRANSFER_BACKOFF_S = 60
 
 
 def retry_if_transient(task, task_run, state) -> bool:
-    """Retry a stage only for a held lock or a network error, never for bad params or data."""
-    return isinstance(state.data, TransientStageError)
+    """Retry only for a held lock or a network error (a stage's, or a transfer that timed out),
+    never for bad params or data."""
+    return isinstance(state.data, (TransientStageError, DvcTimeout))
+
+
+# The tasks that only move data to or from a remote (pull_inputs, push_outputs, pull_experiments).
+TRANSFER_OPTIONS = {
+    "cache_policy": NO_CACHE,
+    "retries": TRANSFER_RETRIES,
+    "retry_delay_seconds": TRANSFER_BACKOFF_S,
+    "retry_condition_fn": retry_if_transient,
+}
 
 
 @task(name="apply-overrides", cache_policy=NO_CACHE)
@@ -130,7 +145,7 @@ def run_on_worker(project: Path, stage: str, upstream: list[str], target: remote
     return flow_run.name
 
 
-@task(name="pull-inputs", cache_policy=NO_CACHE)
+@task(name="pull-inputs", **TRANSFER_OPTIONS)
 def pull_inputs(project: Path, upstream: list[str], env: dict[str, str] | None = None) -> None:
     """Worker side: the outputs of the upstream stages, as the parent's dvc.lock names them."""
     logger = get_run_logger()
@@ -138,14 +153,14 @@ def pull_inputs(project: Path, upstream: list[str], env: dict[str, str] | None =
     check_dvc(project, ["pull", "--force", *upstream], on_line=logger.info, env=env)
 
 
-@task(name="push-outputs", cache_policy=NO_CACHE)
+@task(name="push-outputs", **TRANSFER_OPTIONS)
 def push_outputs(project: Path, stage: str, env: dict[str, str] | None = None) -> None:
     """Worker side: the stage's outputs and DVC's run cache, so the parent can restore the run."""
     logger = get_run_logger()
     check_dvc(project, ["push", "--run-cache", stage], on_line=logger.info, env=env)
 
 
-@task(name="pull-experiments", cache_policy=NO_CACHE)
+@task(name="pull-experiments", **TRANSFER_OPTIONS)
 def pull_experiments(project: Path, git_remote: str, names: list[str]) -> None:
     """`dvc exp pull --no-cache`: the experiments' refs, so they show in `dvc exp show` here.
 

@@ -1,9 +1,9 @@
 """Every wait of a worker and of a sweep is bounded, and the line that ends it names what hung
-(issue 25, item 3): git against a remote that never answers, the machine's mirror lock, a run
-that stays RUNNING, a sweep past its --deadline.
+(issue 25, item 3): git and DVC against a remote that never answers, the machine's mirror lock, a
+run that stays RUNNING, a sweep past its --deadline.
 
-The git cases use a local server that accepts connections and never says a word; the bounds are
-set small through the worker's environment variables, as a worker's would be set large.
+The git and DVC cases use a local server that accepts connections and never says a word; the
+bounds are set small through the worker's environment variables, as a worker's would be set large.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import git
-from pipeline import results, waiting, workspace
+from pipeline import clean, dvc, experiment, results, waiting, workspace
 from pipeline.grid import Point
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,6 +171,63 @@ def test_the_mirror_lock_is_waited_for_until_a_deadline_then_names_its_holder(ma
     finally:
         if holder.poll() is None:
             holder.kill()
+
+
+# --- DVC's transfers ---------------------------------------------------------------------------
+
+
+def dvc_project(machine: Path, remote_url: str) -> Path:
+    """A git and DVC project with one file in DVC's cache, its remote `remote_url` as a run's clone has it."""
+    project = machine / "project"
+    subprocess.run(["git", "init", "-q", "-b", "main", str(project)], check=True)
+    dvc.check_dvc(project, ["init", "-q"])
+    (project / "data.txt").write_text("some data\n")
+    dvc.check_dvc(project, ["add", "-q", "data.txt"])
+    experiment.configure_dvc(project, remote_url)  # the DVC remote of a worker's run
+    return project
+
+
+@pytest.mark.parametrize(
+    ("command", "call"),
+    [
+        ("dvc push", lambda project: dvc.check_dvc(project, ["push"])),
+        ("dvc status --cloud", lambda project: experiment.outputs_not_on_remote(project)),
+    ],
+)
+def test_a_dvc_transfer_to_a_remote_that_never_answers_stops_within_the_bound_naming_it(
+    machine, monkeypatch, silent_server, command, call
+):
+    monkeypatch.setenv(workspace.DVC_CACHE_ENV, str(machine / "dvc-cache"))
+    url = f"http://alice:s3cr3t@127.0.0.1:{silent_server.port}/team/dvc-store"
+    project = dvc_project(machine, url)
+    monkeypatch.setenv("CONVNETS_DVC_TIMEOUT", "2")
+    hung, report = in_thread(lambda: call(project))
+    hung.join(timeout=30)
+    assert not hung.is_alive(), f"`{command}` to a DVC remote that never answers hung past 30 s"
+    error = report["error"]
+    assert isinstance(error, dvc.DvcTimeout) and isinstance(error, dvc.DvcError), repr(error)
+    line = str(error)
+    assert "\n" not in line and f"`{command}" in line and "CONVNETS_DVC_TIMEOUT" in line and "2 s" in line, line
+    assert f"127.0.0.1:{silent_server.port}/team/dvc-store" in line and "s3cr3t" not in line, line
+    assert report["seconds"] < 15, f"{command}: {report['seconds']:.1f} s"
+    assert not clean.inside(clean.paths_open_here(), project), "DVC's process group was left running"
+
+
+def test_a_dvc_timeout_is_transient_and_a_stage_run_has_no_wall_clock_bound(monkeypatch):
+    """The flow retries a transfer that timed out; a training's time is bounded by the sweep (--run-timeout)."""
+    from prefect.states import Failed
+
+    from pipeline import tasks
+
+    assert tasks.retry_if_transient(None, None, Failed(data=dvc.DvcTimeout("`dvc push` did not finish")))
+    assert not tasks.retry_if_transient(None, None, Failed(data=dvc.DvcError("`dvc push` exited with 1")))
+    monkeypatch.setenv("CONVNETS_DVC_TIMEOUT", "2")
+    assert dvc.dvc_bound(["push", "--run-cache"]) == 2
+    assert dvc.dvc_bound(["exp", "push", "--no-cache", "origin", "x"]) == 2
+    assert dvc.dvc_bound(["exp", "run", "--pull", "-n", "x"]) is None
+    assert dvc.dvc_bound(["repro", "--pull", "fetch"]) is None
+    monkeypatch.delenv("CONVNETS_DVC_TIMEOUT")
+    assert dvc.dvc_bound(["pull"]) == dvc.DEFAULT_DVC_TIMEOUT_S >= 3600
 
 
 # --- the sweep's side: a run that stays RUNNING, a sweep past its deadline ----------------------
