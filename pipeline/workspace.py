@@ -255,32 +255,53 @@ def clean_checkout(repository: str, commit: str, label: str) -> Iterator[Path]:
 
     The clone is made from this machine's mirror of `repository` (git_mirror), then its
     `origin` is set back to `repository`, so `dvc exp push origin` and the like go to the
-    real remote, as from a plain clone.
+    real remote, as from a plain clone. The run holds its folder's lock (run_folder_lock) from
+    the moment the folder exists until the run leaves it.
     """
     refuse_options(repository=repository, commit=commit)
     folder = Path(tempfile.mkdtemp(prefix=f"{safe_name(label)}-", dir=work_root()))
     keep = False
     try:
-        with git_mirror(repository, commit) as mirror:
-            git(folder.parent, "clone", "--quiet", "--no-checkout", "--local", "--", str(mirror), str(folder))
-        git(folder, "remote", "set-url", "--", "origin", repository)
-        # `git checkout` takes no end of options before a commit (`--` would make it a path):
-        # it gets the full SHA git itself resolved, which cannot start with '-'.
-        resolved = git(
-            folder, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{commit}^{{commit}}", check=False
-        )
-        if resolved.returncode != 0:
-            raise WorkspaceError(
-                f"commit {commit[:7]} is not on {redact(repository)}: push it (git push) and submit again"
-            )
-        git(folder, "checkout", "--quiet", "--detach", resolved.stdout.strip(), "--")
-        yield folder
+        with run_folder_lock(folder):
+            clone_at(repository, commit, folder)
+            yield folder
     except KeepCheckout:
         keep = True
         raise
     finally:
         if not keep:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def clone_at(repository: str, commit: str, folder: Path) -> None:
+    """Clone the machine's mirror of `repository` into `folder` and check `commit` out there."""
+    with git_mirror(repository, commit) as mirror:
+        git(folder.parent, "clone", "--quiet", "--no-checkout", "--local", "--", str(mirror), str(folder))
+    git(folder, "remote", "set-url", "--", "origin", repository)
+    # `git checkout` takes no end of options before a commit (`--` would make it a path):
+    # it gets the full SHA git itself resolved, which cannot start with '-'.
+    resolved = git(folder, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{commit}^{{commit}}", check=False)
+    if resolved.returncode != 0:
+        raise WorkspaceError(f"commit {commit[:7]} is not on {redact(repository)}: push it (git push) and submit again")
+    git(folder, "checkout", "--quiet", "--detach", resolved.stdout.strip(), "--")
+
+
+@contextlib.contextmanager
+def run_folder_lock(folder: Path) -> Iterator[None]:
+    """A shared flock on the run's folder itself, held while the run lives, which
+    `python -m pipeline clean` honours (pipeline.clean.run_folder_locked tries an exclusive one):
+    a live run's clone is never removed, however long the run has left it untouched (a long
+    epoch, a slow push), and even where clean cannot see the run's processes (no /proc). The
+    kernel lets go when the process dies, so a dead run's clone is free to go.
+    Shared, so that another process of the same run may take it too; the descriptor is not
+    inherited by the commands the run starts (Python's default), so a stray child keeps nothing.
+    """
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(handle)  # lets go of the lock
 
 
 @contextlib.contextmanager

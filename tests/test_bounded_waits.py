@@ -1,6 +1,7 @@
 """Every wait of a worker and of a sweep is bounded, and the line that ends it names what hung
 (issue 25, item 3): git and DVC against a remote that never answers, the machine's mirror lock, a
-run that stays RUNNING, a sweep past its --deadline.
+run that stays RUNNING, a sweep past its --deadline; and what a run holds stays held while it waits
+(its clone, against `python -m pipeline clean`).
 
 The git and DVC cases use a local server that accepts connections and never says a word; the
 bounds are set small through the worker's environment variables, as a worker's would be set large.
@@ -228,6 +229,22 @@ def test_a_dvc_timeout_is_transient_and_a_stage_run_has_no_wall_clock_bound(monk
     assert dvc.dvc_bound(["repro", "--pull", "fetch"]) is None
     monkeypatch.delenv("CONVNETS_DVC_TIMEOUT")
     assert dvc.dvc_bound(["pull"]) == dvc.DEFAULT_DVC_TIMEOUT_S >= 3600
+
+
+# --- a live run's clone stays, however long it waits ---------------------------------------------
+
+
+def test_a_runs_clone_is_locked_for_its_whole_life_so_clean_never_removes_it(machine):
+    origin, commit = small_origin(machine)
+    with pytest.raises(workspace.KeepCheckout), workspace.clean_checkout(str(origin), commit, "idle") as clone:
+        two_hours_ago = time.time() - 2 * 3600  # idle past clean's grace: only the lock keeps it
+        for entry in [clone, *clone.rglob("*")]:
+            os.utime(entry, (two_hours_ago, two_hours_ago), follow_symlinks=False)
+        assert clean.run_folder_locked(clone), "a live run's clone is not locked"
+        assert str(clone) not in {item.path for item in clean.plan(in_use=clean.run_folder_locked)}
+        raise workspace.KeepCheckout("its push failed: the clone stays")
+    assert not clean.run_folder_locked(clone), "the run ended and its clone is still locked"
+    assert str(clone) in {item.path for item in clean.plan(in_use=clean.run_folder_locked)}
 
 
 # --- the sweep's side: a run that stays RUNNING, a sweep past its deadline ----------------------
