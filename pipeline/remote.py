@@ -14,9 +14,15 @@ The round trip, all through DVC's remote (no shared disk, no result storage):
 from __future__ import annotations
 
 import os
-import subprocess
+
+# Unused here (git goes through pipeline.workspace.git), but tests/test_trusted_repositories.py
+# patches remote.subprocess.run; that line can go, and this import with it.
+import subprocess  # noqa: F401
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.workspace import WorkspaceError, git, ls_remote, redact
 
 DEFAULT_DEPLOYMENT = "dvc-stage/train-gpu"
 # Files the parent may have changed that travel with the request; any other uncommitted
@@ -59,20 +65,17 @@ def find_remote_target(deployment: str) -> RemoteTarget | None:
 # --- git state, on both sides ------------------------------------------------------------
 
 
-def git(project: Path, *args: str) -> str:
-    proc = subprocess.run(["git", *args], cwd=project, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RemoteStageError(f"`git {' '.join(args)}` failed in {project}: {proc.stderr.strip()}")
-    return proc.stdout
+# git goes through pipeline.workspace.git, the one wrapper: bounded, never prompting, and with a
+# one-line failure naming a remote that does not answer.
 
 
 def head_commit(project: Path) -> str:
-    return git(project, "rev-parse", "HEAD").strip()
+    return git(project, "rev-parse", "HEAD").stdout.strip()
 
 
 def changed_files(project: Path) -> list[str]:
     """Tracked files changed since HEAD."""
-    lines = git(project, "status", "--porcelain", "--untracked-files=no").splitlines()
+    lines = git(project, "status", "--porcelain", "--untracked-files=no").stdout.splitlines()
     return [line[3:].split(" -> ")[-1].strip('"') for line in lines]
 
 
@@ -128,8 +131,8 @@ def write_shipped_files(project: Path, files: dict[str, str | None]) -> None:
 
 def git_remote_url(project: Path, remote: str = "origin") -> str:
     try:
-        return git(project, "remote", "get-url", "--", remote).strip()
-    except RemoteStageError:
+        return git(project, "remote", "get-url", "--", remote).stdout.strip()
+    except WorkspaceError:
         raise RemoteStageError(
             f"no git remote {remote!r} in {project}: workers clone the commit from it, so add one "
             f"(`git remote add {remote} URL`) and push, or run here with --local"
@@ -137,13 +140,59 @@ def git_remote_url(project: Path, remote: str = "origin") -> str:
 
 
 def check_pushed(project: Path, commit: str, remote: str = "origin") -> None:
-    """The commit must be on the git remote, or no worker can check it out."""
-    branches = git(project, "branch", "-r", f"--contains={commit}").split()
-    if not any(b.startswith(f"{remote}/") for b in branches):
+    """The commit must be on the git remote, or no worker can check it out.
+
+    Asked of the remote itself (its branches and tags, `git ls-remote`), never of the local
+    remote-tracking refs, which may be stale both ways: a commit pushed from another clone would be
+    refused, and one whose branch was deleted on the remote would pass. A commit that is no tip
+    must be an ancestor of one: the tips this clone lacks are fetched first (objects only, no ref
+    of this clone moves). Both bounded (pipeline.workspace.git).
+    """
+    try:
+        url = git_remote_url(project, remote)
+    except RemoteStageError:
         raise RemoteStageError(
-            f"commit {commit[:7]} is not on {remote!r}: workers check out the commit from there, "
-            "so push it first (`git push`)"
+            f"commit {commit[:7]} is not on {remote!r}: this clone has no git remote {remote!r}, and workers "
+            f"check out the commit from there, so add it (`git remote add {remote} URL`) and push (`git push`)"
+        ) from None
+    try:
+        tips = ls_remote(remote, "refs/heads/*", "refs/tags/*", cwd=project, url=url)
+        if commit not in {sha for sha, _ in tips} and not reachable(project, remote, url, commit, tips):
+            raise RemoteStageError(
+                f"commit {commit[:7]} is not on {remote!r}: workers check out the commit from there, "
+                "so push it first (`git push`)"
+            )
+    except WorkspaceError as exc:
+        raise RemoteStageError(f"cannot tell whether commit {commit[:7]} is on {remote!r}: {exc}") from None
+
+
+def reachable(project: Path, remote: str, url: str, commit: str, tips: list[tuple[str, str]]) -> bool:
+    """Whether `commit` is an ancestor of one of the remote's `tips` (fetched first where missing here)."""
+    fetch_missing(project, remote, url, tips)
+    shas = sorted({sha for sha, _ in tips})
+    # Nothing listed: every commit reachable from `commit` is reachable from a tip. --ignore-missing
+    # passes over a tip that moved on the remote between the listing and the fetch.
+    proc = git(project, "rev-list", "--max-count=1", commit, "--not", "--ignore-missing", *shas)
+    return proc.stdout.strip() == ""
+
+
+def fetch_missing(project: Path, remote: str, url: str, tips: list[tuple[str, str]]) -> None:
+    """Fetch the remote's refs whose commits this clone lacks, into no ref: --refmap= keeps git
+    from moving the remote-tracking refs, --no-write-fetch-head from writing FETCH_HEAD."""
+    missing = set(missing_objects(project, (sha for sha, _ in tips)))
+    refs = sorted({ref.removesuffix("^{}") for sha, ref in tips if sha in missing})
+    if refs:
+        git(
+            project,
+            *("fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--refmap=", "--", remote, *refs),
+            remote=url,
         )
+
+
+def missing_objects(project: Path, shas: Iterable[str]) -> list[str]:
+    """Of `shas`, those this clone does not have (one `git cat-file --batch-check` for all)."""
+    proc = git(project, "cat-file", "--batch-check", stdin="".join(f"{sha}\n" for sha in shas))
+    return [line.split()[0] for line in proc.stdout.splitlines() if line.endswith(" missing")]
 
 
 def dvc_remote_url(project: Path) -> str | None:
@@ -173,8 +222,6 @@ def installed_checkout() -> Path:
 
 def branch_head(repository: str, branch: str) -> str:
     """The commit at the head of `branch` in the git remote, asked of the remote itself."""
-    from pipeline.workspace import WorkspaceError, ls_remote, redact
-
     try:
         found = [sha for sha, ref in ls_remote(repository, f"refs/heads/{branch}") if ref == f"refs/heads/{branch}"]
     except WorkspaceError as exc:

@@ -32,7 +32,7 @@ from pipeline.grid import Point
 from pipeline.overrides import apply_overrides
 from pipeline.results import Outcome
 from pipeline.waiting import wait_for
-from pipeline.workspace import without_credentials
+from pipeline.workspace import WorkspaceError, git, without_credentials
 
 LEADERBOARD = "dvc-leaderboard"  # the one table of experiments side by side (a sweep's too)
 STAGE_RETRIES = 3
@@ -183,8 +183,8 @@ def save_experiment(project: Path, name: str | None) -> str:
 def baseline_description(project: Path) -> str:
     """The baseline DVC compares against: the last commit on the branch."""
     try:
-        return "HEAD " + remote.git(project, "log", "-1", "--format=%h %s").strip()
-    except remote.RemoteStageError:  # no commit yet
+        return "HEAD " + git(project, "log", "-1", "--format=%h %s").stdout.strip()
+    except WorkspaceError:  # no commit yet
         return "HEAD (no commit yet)"
 
 

@@ -202,9 +202,11 @@ def git_environment(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     }
 
 
-def git(cwd: Path, *args: str, check: bool = True, remote: str | None = None) -> subprocess.CompletedProcess:
+def git(
+    cwd: Path, *args: str, check: bool = True, remote: str | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess:
     """git in `cwd`, bounded (git_environment, $CONVNETS_GIT_TIMEOUT); remote: the URL it talks
-    to, named in the one line it fails with when the remote does not answer.
+    to, named in the one line it fails with when the remote does not answer; stdin: git's input.
 
     On the timeout subprocess.run kills git; git's own protocol (git://) ends with it, and its
     helpers for http and ssh end on their own bounds (the low-speed limit, ssh's ServerAlive).
@@ -212,7 +214,7 @@ def git(cwd: Path, *args: str, check: bool = True, remote: str | None = None) ->
     limit = seconds_from(os.environ, GIT_TIMEOUT_ENV, DEFAULT_GIT_TIMEOUT_S)
     try:
         proc = subprocess.run(
-            ["git", *args], cwd=cwd, capture_output=True, text=True, env=git_environment(), timeout=limit
+            ["git", *args], cwd=cwd, input=stdin, capture_output=True, text=True, env=git_environment(), timeout=limit
         )
     except subprocess.TimeoutExpired:
         raise WorkspaceError(
@@ -242,10 +244,15 @@ def unanswered(args: Sequence[str], remote: str | None, what: str) -> str:
     )
 
 
-def ls_remote(repository: str, *patterns: str) -> list[tuple[str, str]]:
-    """(commit, ref) pairs the git remote itself reports, never a stale local view of it."""
+def ls_remote(
+    repository: str, *patterns: str, cwd: Path | None = None, url: str | None = None
+) -> list[tuple[str, str]]:
+    """(commit, ref) pairs the git remote itself reports, never a stale local view of it.
+
+    cwd: where git runs (a repository whose remote `repository` names); url: the remote's URL, for
+    the line a remote that does not answer fails with (default: `repository`)."""
     refuse_options(repository=repository)
-    proc = git(Path.cwd(), "ls-remote", "--", repository, *patterns, remote=repository)
+    proc = git(cwd or Path.cwd(), "ls-remote", "--", repository, *patterns, remote=url or repository)
     return [tuple(line.split("\t", 1)) for line in proc.stdout.splitlines() if "\t" in line]
 
 

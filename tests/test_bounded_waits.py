@@ -1,7 +1,7 @@
 """Every wait of a worker and of a sweep is bounded, and the line that ends it names what hung
 (issue 25, item 3): git and DVC against a remote that never answers, the machine's mirror lock, a
 run that stays RUNNING, a sweep past its --deadline; and what a run holds stays held while it waits
-(its clone, against `python -m pipeline clean`).
+(its clone, against `python -m pipeline clean`), and what it checks asks the remote itself.
 
 The git and DVC cases use a local server that accepts connections and never says a word; the
 bounds are set small through the worker's environment variables, as a worker's would be set large.
@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import git
-from pipeline import clean, dvc, experiment, results, waiting, workspace
+from pipeline import clean, dvc, experiment, remote, results, waiting, workspace
 from pipeline.grid import Point
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,6 +245,60 @@ def test_a_runs_clone_is_locked_for_its_whole_life_so_clean_never_removes_it(mac
         raise workspace.KeepCheckout("its push failed: the clone stays")
     assert not clean.run_folder_locked(clone), "the run ended and its clone is still locked"
     assert str(clone) in {item.path for item in clean.plan(in_use=clean.run_folder_locked)}
+
+
+# --- check_pushed asks the remote --------------------------------------------------------------
+
+
+@pytest.fixture
+def clones(tmp_path) -> SimpleNamespace:
+    """A bare `origin`, the submitter's clone `mine` (origin/main fetched once) and a colleague's `theirs`."""
+    origin, mine, theirs = tmp_path / "origin.git", tmp_path / "mine", tmp_path / "theirs"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], check=True)
+    subprocess.run(["git", "init", "-q", "-b", "main", str(mine)], check=True)
+    git(mine, "commit", "-q", "--allow-empty", "-m", "one")
+    git(mine, "remote", "add", "origin", str(origin))
+    git(mine, "push", "-q", "origin", "main")  # also sets origin/main in `mine`
+    git(tmp_path, "clone", "-q", str(origin), str(theirs))
+    return SimpleNamespace(origin=origin, mine=mine, theirs=theirs)
+
+
+def test_check_pushed_finds_a_commit_pushed_from_another_clone_though_the_local_view_is_stale(clones):
+    """`theirs` pushed two commits; `mine` has the first (from `theirs` directly), not origin's new tip."""
+    git(clones.theirs, "commit", "-q", "--allow-empty", "-m", "two")
+    two = git(clones.theirs, "rev-parse", "HEAD").strip()
+    git(clones.theirs, "branch", "wip")  # what `mine` fetches from its colleague: `two`, not `three`
+    git(clones.theirs, "commit", "-q", "--allow-empty", "-m", "three")
+    git(clones.theirs, "push", "-q", "origin", "main")
+    git(clones.mine, "fetch", "-q", str(clones.theirs), "wip")
+    git(clones.mine, "checkout", "-q", "--detach", two)
+    stale = git(clones.mine, "rev-parse", "origin/main")
+    remote.check_pushed(clones.mine, two)  # an ancestor of origin's main, which `mine` had never seen
+    assert git(clones.mine, "rev-parse", "origin/main") == stale  # nobody's refs were moved
+    git(clones.mine, "commit", "-q", "--allow-empty", "-m", "mine only")
+    with pytest.raises(remote.RemoteStageError, match="not on 'origin'.*git push"):
+        remote.check_pushed(clones.mine, git(clones.mine, "rev-parse", "HEAD").strip())
+
+
+def test_check_pushed_refuses_a_commit_whose_branch_was_deleted_on_the_remote(clones):
+    git(clones.mine, "checkout", "-q", "-b", "feature")
+    git(clones.mine, "commit", "-q", "--allow-empty", "-m", "feature")
+    feature = git(clones.mine, "rev-parse", "HEAD").strip()
+    git(clones.mine, "push", "-q", "origin", "feature")
+    remote.check_pushed(clones.mine, feature)
+    git(clones.theirs, "push", "-q", "origin", "--delete", "feature")  # origin/feature stays in `mine`
+    with pytest.raises(remote.RemoteStageError, match=f"{feature[:7]} is not on 'origin'.*git push"):
+        remote.check_pushed(clones.mine, feature)
+
+
+def test_check_pushed_against_a_remote_that_never_answers_fails_within_the_bound(clones, machine, silent_server):
+    git(clones.mine, "remote", "set-url", "origin", f"http://alice:s3cr3t@127.0.0.1:{silent_server.port}/r.git")
+    started = time.monotonic()
+    with pytest.raises(remote.RemoteStageError) as failed:
+        remote.check_pushed(clones.mine, git(clones.mine, "rev-parse", "HEAD").strip())
+    line = str(failed.value)
+    assert "\n" not in line and "CONVNETS_GIT_STALL_S" in line and "s3cr3t" not in line, line
+    assert time.monotonic() - started < 15
 
 
 # --- the sweep's side: a run that stays RUNNING, a sweep past its deadline ----------------------
