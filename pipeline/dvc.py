@@ -181,7 +181,7 @@ class Deadline:
 def timed_out(project: Path, args: Sequence[str], limit: float) -> str:
     """One line for a dvc command stopped at its bound: the command, the bound, the remote it talked to."""
     return (
-        f"`dvc {' '.join(args)}` did not finish within {limit:.0f} s ({DVC_TIMEOUT_ENV}) on {host()} and was "
+        f"`dvc {redact(' '.join(args))}` did not finish within {limit:.0f} s ({DVC_TIMEOUT_ENV}) on {host()} and was "
         f"stopped; it talks to {talks_to(project, args)}: check that it is reachable from this machine and "
         "answers, and the credentials this worker uses for it"
     )

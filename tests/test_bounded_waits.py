@@ -231,6 +231,16 @@ def test_a_dvc_timeout_is_transient_and_a_stage_run_has_no_wall_clock_bound(monk
     assert dvc.dvc_bound(["pull"]) == dvc.DEFAULT_DVC_TIMEOUT_S >= 3600
 
 
+def test_a_timed_out_exp_push_names_the_git_remote_and_no_token(tmp_path):
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    git(tmp_path, "remote", "add", "origin", "https://alice:t0ken@git.example.org/team/r.git")
+    line = dvc.timed_out(tmp_path, ["exp", "push", "--no-cache", "origin", "sweep-1"], 7200)
+    assert "`dvc exp push --no-cache origin sweep-1` did not finish within 7200 s (CONVNETS_DVC_TIMEOUT)" in line
+    assert "git remote origin (https://***@git.example.org/team/r.git)" in line and "t0ken" not in line, line
+    line = dvc.timed_out(tmp_path, ["exp", "pull", "https://bob:s3cr3t@git.example.org/r.git", "sweep-1"], 60)
+    assert "s3cr3t" not in line and "git.example.org/r.git" in line, line
+
+
 # --- a live run's clone stays, however long it waits ---------------------------------------------
 
 
