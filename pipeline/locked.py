@@ -8,9 +8,10 @@ DVC 3.67 still skips the stages above it without pulling their outputs, then run
 the changed one, and the stage after it reads a `data/raw` that is not there (seen in the
 fleet test). So the flag is only safe when no data stage will run or be restored at all.
 
-locked_data_reused answers that from the clone before DVC starts: every data stage has an
-entry in the commit's dvc.lock with the same command, outputs, declared deps, code (the md5
-of each file dep that is not another data stage's output) and the point's params.
+locked_data_reused lets DVC answer before `dvc exp run` starts: in a scratch copy with the
+point's params, every data stage must pass the check DVC's repro makes under --allow-missing
+(Stage.changed: command, deps' hashes, params, locked deps against the locked outputs above;
+absent data aside) and have every output it declares in dvc.lock (unlocked_outs).
 
 A sweep's points mostly change params of the data stages too (all points of a group share
 them), so the commit's own lock rarely fits. The group's data-stage run hands its dvc.lock
@@ -21,7 +22,7 @@ the point's params and the clone's code before DVC relies on them.
 
 from __future__ import annotations
 
-import hashlib
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ import yaml
 
 PARAMS_FILE = "params.yaml"
 LOCK_FILE = "dvc.lock"
+DVC_FILE = "dvc.yaml"
 
 
 def stage_entries(checkout: Path, stages: Sequence[str]) -> dict[str, dict]:
@@ -48,61 +50,72 @@ def adopt_entries(checkout: Path, entries: dict[str, dict]) -> None:
 
 
 def locked_data_reused(checkout: Path, overrides: Sequence[str], data_stages: Sequence[str]) -> bool:
-    """True when the commit's dvc.lock holds every data stage exactly as this point would run it."""
+    """True when the clone's dvc.lock holds every data stage exactly as this point would run it."""
+    if not data_stages or not (checkout / LOCK_FILE).is_file():
+        return False
+    # DVC reads params.yaml from its workspace, so it must see the point's composed one. Not in
+    # the clone: without -S (a point of defaults) `dvc exp run` leaves params.yaml as committed,
+    # and with Hydra off it applies -S to the file it finds, so a composed file left there could
+    # change the experiment. A scratch project of only what the check reads (dvc.yaml, dvc.lock,
+    # the params files, the stages' own deps) leaves the clone as the run expects it.
+    with tempfile.TemporaryDirectory() as folder:
+        scratch = Path(folder)
+        copy_stage_inputs(checkout, scratch, overrides, data_stages)
+        return not changed_stages(scratch, data_stages)
+
+
+def copy_stage_inputs(checkout: Path, scratch: Path, overrides: Sequence[str], stages: Sequence[str]) -> None:
+    """Into `scratch`: what DVC reads to tell whether `stages` changed, params.yaml as the point's."""
     from pipeline.overrides import compose_params
 
-    if not data_stages:
-        return False
-    lock_file, dvc_file = checkout / LOCK_FILE, checkout / "dvc.yaml"
-    if not lock_file.is_file():
-        return False
-    locked = (yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}).get("stages", {})
-    declared = yaml.safe_load(dvc_file.read_text(encoding="utf-8"))["stages"]
-    with tempfile.TemporaryDirectory() as folder:
-        target = Path(folder) / PARAMS_FILE
-        compose_params(checkout, list(overrides), target)
-        params = yaml.safe_load(target.read_text(encoding="utf-8")) or {}
-    produced = [out["path"] for stage in data_stages for out in (locked.get(stage) or {}).get("outs", [])]
-    return all(stage_unchanged(checkout, declared[stage], locked.get(stage), params, produced) for stage in data_stages)
+    declared = yaml.safe_load((checkout / DVC_FILE).read_text(encoding="utf-8"))["stages"]
+    # Another stage's outputs stay out: absent from a fresh clone anyway (DVC then compares the
+    # locked hashes with that stage's outs, `upstream`), and large where they are not.
+    produced = [out for stage in declared.values() for out in paths(stage.get("outs", []))]
+    deps = {dep for stage in stages for dep in paths(declared[stage].get("deps", []))}
+    params = {name for stage in stages for name in params_files(declared[stage].get("params", []))}
+    for name in {DVC_FILE, LOCK_FILE} | params - {PARAMS_FILE} | deps:
+        if not any(is_within(name, out) for out in produced):
+            copy_path(checkout / name, scratch / name)
+    compose_params(checkout, list(overrides), scratch / PARAMS_FILE)
 
 
-def stage_unchanged(checkout: Path, declared: dict, locked: dict | None, params: dict, produced: list[str]) -> bool:
-    """Whether DVC would find the stage unchanged with these params (its outputs aside)."""
-    if not locked or locked.get("cmd") != declared.get("cmd"):
-        return False
-    if sorted(out["path"] for out in locked.get("outs", [])) != sorted(paths(declared.get("outs", []))):
-        return False
-    deps = locked.get("deps", [])
-    if sorted(dep["path"] for dep in deps) != sorted(paths(declared.get("deps", []))):
-        return False
-    code = [dep for dep in deps if not any(is_within(dep["path"], out) for out in produced)]
-    if any(file_md5(checkout / dep["path"]) != dep.get("md5") for dep in code):
-        return False  # another data stage's outputs are checked there; these are the stage's own files
-    locked_params = locked.get("params", {})
-    if sorted(locked_params) != sorted(params_files(declared.get("params", []))):
-        return False
-    values = locked_params.get(PARAMS_FILE, {})
-    if sorted(values) != sorted(param_keys(declared.get("params", []))):
-        return False
-    if not all(lookup(params, key) == value for key, value in values.items()):
-        return False
-    # Other params files (runtime.yaml) are not composed from overrides: the clone's own file counts.
-    return all(
-        other_file_unchanged(checkout, name, values) for name, values in locked_params.items() if name != PARAMS_FILE
-    )
+def copy_path(source: Path, target: Path) -> None:
+    """A file or folder as it is; nothing for a missing one (DVC sees it missing, as in the clone)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, target)
+    elif source.is_file():
+        shutil.copy2(source, target)
+
+
+def changed_stages(project: Path, names: Sequence[str]) -> list[str]:
+    """The stages of `names` that `dvc repro --allow-missing` would run or restore in `project`."""
+    from dvc.repo import Repo
+
+    (project / ".dvc").mkdir()
+    # No git in the scratch project; DVC's hash and index databases go with it, not to /var/tmp.
+    config = {"core": {"no_scm": True, "site_cache_dir": str(project / ".dvc" / "site")}}
+    with Repo(str(project), config=config) as repo, repo.lock:
+        # One load of dvc.yaml and dvc.lock for all stages (a target per stage reparses both).
+        stages = [stage for stage in repo.stage.collect(str(project / DVC_FILE)) if stage.name in names]
+        return [
+            stage.name for stage in stages if stage.changed(allow_missing=True, upstream=stages) or unlocked_outs(stage)
+        ]
+
+
+def unlocked_outs(stage) -> bool:
+    """An output dvc.lock does not record (a new one, or no entry): the stage must run to make it.
+
+    DVC 3.67.1's changed_outs(allow_missing=True) skips every absent output as merely missing,
+    even one without a locked hash: it would call such a stage unchanged and never make it.
+    """
+    return any(not out.hash_info for out in stage.outs)
 
 
 def params_files(entries: list) -> list[str]:
     """The params files a stage reads: params.yaml for bare keys, the named ones otherwise."""
     return sorted({PARAMS_FILE if isinstance(entry, str) else next(iter(entry)) for entry in entries})
-
-
-def other_file_unchanged(checkout: Path, name: str, values: dict) -> bool:
-    path = checkout / name
-    if not path.is_file():
-        return False
-    content = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    return all(lookup(content, key) == value for key, value in values.items())
 
 
 def paths(entries: list) -> list[str]:
@@ -130,14 +143,3 @@ def lookup(params: dict, key: str):
 
 def is_within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip("/") + "/")
-
-
-def file_md5(path: Path) -> str | None:
-    """The md5 DVC 3 records for a file (of its bytes as they are); None for a missing file or a folder."""
-    if not path.is_file():
-        return None
-    digest = hashlib.md5()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

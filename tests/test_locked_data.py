@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from conftest import REPO_ROOT
-from pipeline.locked import file_md5, locked_data_reused
+from conftest import git
+from pipeline.locked import locked_data_reused
 
 DATA_STAGES = ["fetch", "split", "preprocess"]
 
@@ -89,11 +89,24 @@ def test_no_lock_or_no_entry_means_no_reuse(project):
     assert not locked_data_reused(project, [], [])  # nothing upstream of train: nothing to leave out
 
 
-def test_file_md5_is_what_dvc_locks():
-    locked = yaml.safe_load((REPO_ROOT / "dvc.lock").read_text())["stages"]["split"]["deps"]
-    code = next(dep for dep in locked if dep["path"] == "src/convnets/split.py")
-    assert file_md5(REPO_ROOT / code["path"]) == code["md5"]
-    assert file_md5(REPO_ROOT / "src") is None and file_md5(REPO_ROOT / "no-such-file") is None
+def test_the_check_leaves_the_clone_as_it_found_it(project):
+    # DVC reads the point's params.yaml in a scratch copy: the clone's stays the commit's.
+    assert not locked_data_reused(project, ["split.train_size=300"], DATA_STAGES)
+    assert git(project, "status", "--porcelain", "--untracked-files=all").strip() == ""
+
+
+def test_entries_that_disagree_with_the_stage_above_are_not_reused(project):
+    # As DVC's repro: preprocess locked on another data/split than split's locked output would run.
+    lock = project / "dvc.lock"
+    original = lock.read_text(encoding="utf-8")
+    stages = yaml.safe_load(original)
+    dep = next(dep for dep in stages["stages"]["preprocess"]["deps"] if dep["path"] == "data/split")
+    dep["md5"] = "0" * 32 + ".dir"
+    try:
+        lock.write_text(yaml.safe_dump(stages), encoding="utf-8")
+        assert not locked_data_reused(project, [], DATA_STAGES)
+    finally:
+        lock.write_text(original, encoding="utf-8")
 
 
 def test_entries_handed_over_by_another_run_are_adopted_and_still_checked(project):
