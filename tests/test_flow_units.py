@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import fcntl
 import json
 import os
 import shutil
@@ -68,16 +69,23 @@ NETWORK = (
 )
 
 # Answers like dvc 3 for the commands the flows use; every call is logged in the state file.
+# The flows run some at the same time (publish_metrics beside publish_report): each call holds the
+# state's lock from its read to its exit, and writes it whole with a rename, or one read the other's
+# half-written file (JSONDecodeError, under load) or lost its calls.
 FAKE_DVC = textwrap.dedent("""
-    import json, os, sys
+    import fcntl, json, os, sys
     from pathlib import Path
     state_path = Path(os.environ["FAKE_DVC_STATE"])
+    lock = open(f"{state_path}.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # let go when the process exits
     state = json.loads(state_path.read_text())
     args = sys.argv[1:]
     state["calls"].append(args)
 
     def done(code=0, out=""):
-        state_path.write_text(json.dumps(state))
+        partial = state_path.with_name(f"{state_path.name}.{os.getpid()}")
+        partial.write_text(json.dumps(state))
+        os.replace(partial, state_path)
         if out:
             print(out, flush=True)
         sys.exit(code)
@@ -122,9 +130,11 @@ class FakeDvc:
         self.state_path = state_path
 
     def set(self, **changes) -> None:
-        state = json.loads(self.state_path.read_text())
-        state.update(changes)
-        self.state_path.write_text(json.dumps(state))
+        with open(f"{self.state_path}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            state = json.loads(self.state_path.read_text())
+            state.update(changes)
+            self.state_path.write_text(json.dumps(state))
 
     @property
     def calls(self) -> list[list[str]]:
