@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from convnets import outputs
 from pipeline.workspace import WorkspaceError, git, ls_remote, redact
 
 DEFAULT_DEPLOYMENT = "dvc-stage/train-gpu"
@@ -121,9 +122,7 @@ def write_shipped_files(project: Path, files: dict[str, str | None]) -> None:
         if text is None:
             target.unlink(missing_ok=True)
             continue
-        temp = target.with_name(f".{name}.incoming")
-        temp.write_text(text, encoding="utf-8")
-        temp.replace(target)
+        outputs.write_text(target, text)
 
 
 # --- what a worker needs to find the submitter's commit and data ----------------------------
