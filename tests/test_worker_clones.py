@@ -9,12 +9,14 @@ and `dvc push` (case a of docs/orchestration.md, "What a run checks out").
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -273,9 +275,12 @@ def test_two_clones_on_one_machine_share_one_copy_of_the_data(machine):
     project, origin, remote = machine / "project", machine / "origin.git", machine / "dvc-remote"
     subprocess.run(["git", "init", "-q", "-b", "main", str(project)], check=True)
     dvc(project, "init", "-q")
-    dvc(project, "remote", "add", "-d", "storage", str(remote))
+    # As `dvc remote add -d storage` and `dvc stage add -n make -o out` write them (a DVC start each saved).
+    with (project / ".dvc" / "config").open("a") as config:
+        config.write(f"[core]\n    remote = storage\n['remote \"storage\"']\n    url = {remote}\n")
     script = "import os; os.makedirs('out'); [open(f'out/{i}.bin', 'wb').write(os.urandom(65536)) for i in range(40)]"
-    dvc(project, "stage", "add", "-n", "make", "-o", "out", f'python -c "{script}"')
+    stage = {"cmd": f'python -c "{script}"', "outs": ["out"]}
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"make": stage}}, sort_keys=False))
     dvc(project, "repro", "-q")
     dvc(project, "push", "-q")
     git(project, "add", "-A")
@@ -324,7 +329,9 @@ def locked_origin(tmp_path_factory) -> tuple[Path, Path, str]:
 
     apply_overrides(source, SPLIT)
     remote = root / "dvc-remote"
-    dvc(source, "remote", "modify", "--local", "storage", "url", str(remote))
+    local = source / ".dvc" / "config.local"  # as `dvc remote modify --local storage url` writes it
+    assert not local.exists()
+    local.write_text(f"['remote \"storage\"']\n    url = {remote}\n")
     dvc(source, "repro", "preprocess")
     dvc(source, "push")
     git(source, "add", "-A")
@@ -332,6 +339,36 @@ def locked_origin(tmp_path_factory) -> tuple[Path, Path, str]:
     origin = root / "origin.git"
     git(root, "clone", "-q", "--bare", str(source), str(origin))
     return origin, remote, git(source, "rev-parse", "HEAD").strip()
+
+
+@pytest.fixture(scope="module")
+def data_stage_run(locked_origin, tmp_path_factory) -> Callable[[list[str]], dict[str, dict]]:
+    """The sweep's data-stage run on another machine: `run(change)` runs (or restores) the data
+    stages with [*SPLIT, *change] in a clean clone there (experiment.prepare_data), pushing them to
+    the run cache and the remote, and returns their dvc.lock entries, as a sweep hands them over.
+
+    That machine is the one locked_origin ran the data stages on (its DVC cache holds data/raw,
+    so nothing is downloaded again), and each change runs once per module: the cases that share
+    one get a copy of the same entries. Whatever a case's point does happens on its own machine."""
+    origin, remote, commit = locked_origin
+    cache = origin.parent / "source" / ".dvc" / "cache"
+    assert (cache / "files" / "md5").is_dir()
+    other = tmp_path_factory.mktemp("other-machine")
+    entries: dict[tuple[str, ...], dict[str, dict]] = {}
+
+    def run(change: list[str]) -> dict[str, dict]:
+        if tuple(change) not in entries:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv(workspace.WORK_DIR_ENV, str(other / "runs"))
+                patch.setenv(workspace.GIT_MIRRORS_ENV, str(other / "mirrors"))
+                patch.setenv(workspace.DVC_CACHE_ENV, str(cache))
+                with workspace.clean_checkout(str(origin), commit, "data") as clone:
+                    experiment.configure_dvc(clone, str(remote))
+                    ran = experiment.prepare_data(clone, DATA_STAGES, [*SPLIT, *change], venv_env(), print)
+            entries[tuple(change)] = ran
+        return copy.deepcopy(entries[tuple(change)])
+
+    return run
 
 
 def probe_env(tmp: Path) -> dict[str, str]:
@@ -382,7 +419,7 @@ def test_a_point_starting_at_train_trains_without_the_photos_and_goes_home(machi
     ids=["preprocess", "split", "split-handed-over"],
 )
 def test_a_point_with_other_data_params_restores_them_from_the_run_cache(
-    machine, locked_origin, monkeypatch, change, handed
+    machine, locked_origin, data_stage_run, change, handed
 ):
     """Case b: the sweep's data-stage run (another machine) ran the data stages with the point's
     params. On its own the commit's dvc.lock does not fit the point, so the point pulls and
@@ -391,12 +428,8 @@ def test_a_point_with_other_data_params_restores_them_from_the_run_cache(
     forcing the flag). Handed the data-stage run's dvc.lock entries, as a sweep does, the
     point skips the data stages and pulls only data/prepared."""
     origin, remote, commit = locked_origin
-    monkeypatch.setenv(workspace.DVC_CACHE_ENV, str(machine / "other-machine-cache"))
-    with workspace.clean_checkout(str(origin), commit, "data") as clone:
-        experiment.configure_dvc(clone, str(remote))
-        entries = experiment.prepare_data(clone, DATA_STAGES, [*SPLIT, *change], venv_env(), print)
+    entries = data_stage_run(change)
     assert sorted(entries) == sorted(DATA_STAGES)
-    monkeypatch.setenv(workspace.DVC_CACHE_ENV, str(machine / "dvc-cache"))
 
     lines: list[str] = []
     with workspace.clean_checkout(str(origin), commit, "p2") as clone:
