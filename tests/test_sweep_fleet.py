@@ -1,11 +1,13 @@
 """Sweeps and nightly runs on a real fleet: a Prefect server on loopback with basic authentication
 on, a bare git repository as `origin`, a local DVC remote, two process workers on pool `gpu` and one
 on pool `cpu`, each started in a folder that is no checkout with an allow-list of the repositories
-it runs (docs/orchestration.md, "Workers"). Tiny MNIST experiments.
+it runs (docs/orchestration.md, "Workers"); and two more workers on pool `pair` that share one user
+cache, as two workers of one user on one machine would. Tiny MNIST experiments.
 
-The tests of this module share that fleet and run in order: a sweep, the same sweep again,
-the nightly deployment after a new commit, a worker killed mid-training, then commits that
-change the locked dependencies, run by the same untouched worker.
+The tests of this module share that fleet and run in order: a sweep, two points side by side on
+one machine, the same sweep again, a new point, a halving sweep, the nightly deployment after a
+new commit, a worker killed mid-training, then commits that change the locked dependencies, run
+by the same untouched worker.
 """
 
 from __future__ import annotations
@@ -56,6 +58,16 @@ PASSWORD = "fleet-pass-7c1e"
 AUTH = f"admin:{PASSWORD}"
 
 
+# The run environment of a checkout's uv.lock, built as a worker's run builds it (in the user cache).
+PREBUILD = """
+import sys
+from pathlib import Path
+from pipeline.environments import environment_for
+with environment_for(Path(sys.argv[1])):
+    pass
+"""
+
+
 class Fleet:
     def __init__(self, root: Path):
         self.root = root
@@ -66,9 +78,27 @@ class Fleet:
         self.env = {**clone_env(root, self.port, self.submitter), "PREFECT_API_AUTH_STRING": AUTH}
         self.processes = Processes()
         self.workers: dict[str, tuple[subprocess.Popen, Path]] = {}
+        self.machine_cache = root / "machine-cache"  # pool `pair`'s two workers share it
 
     def start(self) -> None:
         source = copy_working_tree(self.root / "source")
+        # The shared machine has run this lock before (the everyday case, and issue 25's): its
+        # environment is built beside the server's start rather than inside a test.
+        prebuild = subprocess.Popen(
+            [sys.executable, "-c", PREBUILD, str(source)],
+            cwd=self.root,
+            env={**self.env, "PYTHONPATH": str(source), "XDG_CACHE_HOME": str(self.machine_cache)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            self.start_fleet(source)
+        finally:
+            _, err = prebuild.communicate(timeout=600)
+        assert prebuild.returncode == 0, err
+
+    def start_fleet(self, source: Path) -> None:
         git(self.root, "clone", "-q", "--bare", str(source), str(self.origin))
         git(self.root, "clone", "-q", str(self.origin), str(self.submitter))
         run(["dvc", "remote", "modify", "--local", "storage", "url", str(self.dvc_remote)], self.submitter, self.env)
@@ -80,10 +110,12 @@ class Fleet:
             log,
         )
         wait_for_server(server, self.port, log)
-        for pool in ("gpu", "cpu"):
+        for pool in ("gpu", "cpu", "pair"):
             self.create_pool(pool)
         for name, pool in (("w1", "gpu"), ("w2", "gpu"), ("nightly", "cpu")):
-            self.start_worker(name, pool)
+            self.start_worker(name, pool, self.root / f"{name}-cache")
+        for name in ("p1", "p2"):
+            self.start_worker(name, "pair", self.machine_cache)
 
     def create_pool(self, pool: str) -> None:
         """A process pool whose runs beat every HEARTBEAT_S (its base job template's env): the sweep
@@ -103,15 +135,15 @@ class Fleet:
             self.env,
         )
 
-    def start_worker(self, name: str, pool: str) -> None:
-        """A worker in an empty folder of its own, with its own user cache (as on its own machine), that
-        runs only the fleet's repository and DVC remote."""
+    def start_worker(self, name: str, pool: str, cache: Path) -> None:
+        """A worker in an empty folder of its own, with the user cache `cache` (its own: as on its own
+        machine), that runs only the fleet's repository and DVC remote."""
         home = self.root / f"{name}-home"
         home.mkdir(exist_ok=True)
         env = {
             **clone_env(self.root, self.port),
             "PREFECT_API_AUTH_STRING": AUTH,
-            "XDG_CACHE_HOME": str(self.root / f"{name}-cache"),
+            "XDG_CACHE_HOME": str(cache),
             "CONVNETS_TRUSTED_REPOSITORIES": f"{self.origin} {self.dvc_remote}",
         }
         log = self.root / f"{name}.log"
@@ -233,6 +265,64 @@ def test_a_sweep_fans_out_over_both_workers_and_comes_home(fleet):
         assert json.loads((fleet.submitter / metrics).read_text()) == experiments[best][metrics], metrics
     git(fleet.submitter, "checkout", "-q", "HEAD", "--", ".")  # HEAD again, clean, for the next sweeps
     git(fleet.submitter, "clean", "-fdq")
+
+
+# What each experiment's flow run logged, with Prefect's timestamps: its environment line and the
+# DVC lines that start its stages.
+FLOW_RUN_LOGS = """
+import json, sys
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName, LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.sorting import LogSort
+with get_client(sync_client=True) as client:
+    runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["dvc-experiment"])))
+    found = []
+    for flow_run in [r for r in runs if r.name in sys.argv[1:]]:
+        lines, offset = [], 0
+        while batch := client.read_logs(
+            LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])),
+            limit=200, offset=offset, sort=LogSort.TIMESTAMP_ASC,
+        ):
+            lines += [(log.timestamp.timestamp(), log.message) for log in batch]
+            offset += len(batch)
+        found.append({"name": flow_run.name, "state": flow_run.state.type.value,
+                      "logs": [(t, m) for t, m in lines if "Running stage" in m or "environment of uv.lock" in m]})
+json.dump(found, sys.stdout)
+"""
+REUSED_WITHIN_S = 10.0  # finding a built environment is a hash of uv.lock; waiting for a run is a whole run
+
+
+def training_interval(flow_run: dict) -> tuple[float, float]:
+    """From the log line that starts DVC's train stage to the one that starts the next stage."""
+    starts = [(t, m) for t, m in flow_run["logs"] if "Running stage" in m]
+    index = next(i for i, (_, message) in enumerate(starts) if "'train'" in message)
+    return starts[index][0], starts[index + 1][0]
+
+
+def test_two_workers_on_one_machine_train_side_by_side(fleet):
+    """Issue 25: pool `pair`'s workers share one user cache (run environments, DVC cache, clones,
+    downloads); the second point used to wait for the first point's whole run, on the lock of
+    their shared environment. Now their trainings overlap, and neither waits for the environment."""
+    # learning rates of their own: the first sweep's would be restored from DVC's run cache, not trained
+    points = ["-S", "train.learning_rate=0.0021,0.0022", "-S", "train.epochs=1"]
+    sweep = fleet.sweep(*TINY, *points, "--pool", "pair", "--name-prefix", "side", "--timeout", "120")
+    assert sweep.returncode == 0, failure(fleet, sweep)
+    names = re.findall(r"^(side-train.learning_rate-0.002[12]-[0-9a-f]{6})\s.*\bdone\b", sweep.stdout, re.M)
+    assert len(names) == 2, sweep.stdout
+    points = json.loads(run([sys.executable, "-c", FLOW_RUN_LOGS, *names], fleet.submitter, fleet.env))
+    assert len(points) == 2 and all(point["state"] == "COMPLETED" for point in points), points
+    assert all(any(name in fleet.log(worker) for name in names) for worker in ("p1", "p2"))
+    environments = [m for point in points for _, m in point["logs"] if "environment of uv.lock" in m]
+    intervals = sorted(training_interval(point) for point in points)
+    (_, first_end), (second_start, second_end) = intervals
+    overlap = min(first_end, second_end) - second_start
+    figures = f"training intervals {intervals}, overlap {overlap:.1f} s; {environments}"
+    print(figures)  # the measured overlap, for the record (pytest -s)
+    assert overlap > 0, figures
+    # both points used the environment built on the machine before, and neither waited for it
+    assert len(environments) == 2 and all(" reused in " in line for line in environments), figures
+    waits = [float(re.search(r" in ([0-9.]+) s", line).group(1)) for line in environments]
+    assert max(waits) < REUSED_WITHIN_S, figures
 
 
 def test_the_same_sweep_again_trains_nothing(fleet):
