@@ -14,10 +14,6 @@ The round trip, all through DVC's remote (no shared disk, no result storage):
 from __future__ import annotations
 
 import os
-
-# Unused here (git goes through pipeline.workspace.git), but tests/test_trusted_repositories.py
-# patches remote.subprocess.run; that line can go, and this import with it.
-import subprocess  # noqa: F401
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path

@@ -47,7 +47,6 @@ def git_calls(monkeypatch) -> list[list[str]]:
         return subprocess.CompletedProcess(argv, 1 if failing else 0, stdout=stdout, stderr="")
 
     monkeypatch.setattr(workspace.subprocess, "run", fake_run)
-    monkeypatch.setattr(remote.subprocess, "run", fake_run)
     return calls
 
 
