@@ -4,10 +4,10 @@ on pool `cpu`, each started in a folder that is no checkout with an allow-list o
 it runs (docs/orchestration.md, "Workers"); and two more workers on pool `pair` that share one user
 cache, as two workers of one user on one machine would. Tiny MNIST experiments.
 
-The tests of this module share that fleet and run in order: a sweep, two points side by side on
-one machine, the same sweep again, a new point, a halving sweep, the nightly deployment after a
-new commit, a worker killed mid-training, then commits that change the locked dependencies, run
-by the same untouched worker.
+The tests of this module share that fleet and run in order: a sweep, the same sweep again, a new
+point, a halving sweep on the shared machine, the nightly deployment after a new commit, a worker
+killed mid-training, then commits that change the locked dependencies, run by the same untouched
+worker.
 """
 
 from __future__ import annotations
@@ -299,32 +299,6 @@ def training_interval(flow_run: dict) -> tuple[float, float]:
     return starts[index][0], starts[index + 1][0]
 
 
-def test_two_workers_on_one_machine_train_side_by_side(fleet):
-    """Issue 25: pool `pair`'s workers share one user cache (run environments, DVC cache, clones,
-    downloads); the second point used to wait for the first point's whole run, on the lock of
-    their shared environment. Now their trainings overlap, and neither waits for the environment."""
-    # learning rates of their own: the first sweep's would be restored from DVC's run cache, not trained
-    points = ["-S", "train.learning_rate=0.0021,0.0022", "-S", "train.epochs=1"]
-    sweep = fleet.sweep(*TINY, *points, "--pool", "pair", "--name-prefix", "side", "--timeout", "120")
-    assert sweep.returncode == 0, failure(fleet, sweep)
-    names = re.findall(r"^(side-train.learning_rate-0.002[12]-[0-9a-f]{6})\s.*\bdone\b", sweep.stdout, re.M)
-    assert len(names) == 2, sweep.stdout
-    points = json.loads(run([sys.executable, "-c", FLOW_RUN_LOGS, *names], fleet.submitter, fleet.env))
-    assert len(points) == 2 and all(point["state"] == "COMPLETED" for point in points), points
-    assert all(any(name in fleet.log(worker) for name in names) for worker in ("p1", "p2"))
-    environments = [m for point in points for _, m in point["logs"] if "environment of uv.lock" in m]
-    intervals = sorted(training_interval(point) for point in points)
-    (_, first_end), (second_start, second_end) = intervals
-    overlap = min(first_end, second_end) - second_start
-    figures = f"training intervals {intervals}, overlap {overlap:.1f} s; {environments}"
-    print(figures)  # the measured overlap, for the record (pytest -s)
-    assert overlap > 0, figures
-    # both points used the environment built on the machine before, and neither waited for it
-    assert len(environments) == 2 and all(" reused in " in line for line in environments), figures
-    waits = [float(re.search(r" in ([0-9.]+) s", line).group(1)) for line in environments]
-    assert max(waits) < REUSED_WITHIN_S, figures
-
-
 def test_the_same_sweep_again_trains_nothing(fleet):
     trained = stage_runs(fleet, "train")
     sweep = fleet.sweep(*TINY, *GRID, "--timeout", "120")
@@ -348,11 +322,15 @@ def test_a_new_point_on_data_that_already_ran_runs_no_data_stages(fleet):
 
 def test_a_halving_sweep_stops_the_losing_points_and_continues_the_others_from_their_checkpoints(fleet):
     """2 points, 2 epochs, factor 2: both to epoch 1 (stopped, state kept), the better one goes on to
-    epoch 2 from its own state (on whichever worker takes it: the mirror), 3 epochs of the grid's 4."""
+    epoch 2 from its own state, 3 epochs of the grid's 4. On pool `pair`, whose two workers share one
+    user cache (run environments, DVC cache, clones, downloads), as two workers on one machine do
+    (issue 25: the second point used to wait for the first point's whole run, on the lock of their
+    shared environment): the first rung's two trainings overlap, and neither waits for the environment."""
     resumed = "resuming train at epoch 2 of 2"
-    before = sum(fleet.log(worker).count(resumed) for worker in ("w1", "w2"))
+    before = sum(fleet.log(worker).count(resumed) for worker in ("p1", "p2"))
     grid = ["-S", "train.learning_rate=0.0011,0.0012", "-S", "train.epochs=2"]
-    sweep = fleet.sweep(*TINY, *grid, "--halving", "2", "--name-prefix", "halving", "--timeout", "120")
+    args = ("--halving", "2", "--pool", "pair", "--name-prefix", "halving", "--timeout", "120")
+    sweep = fleet.sweep(*TINY, *grid, *args)
     assert sweep.returncode == 0, failure(fleet, sweep)
     assert "epochs trained: 3 of the full grid's 4" in sweep.stdout, sweep.stdout
     experiments = fleet.experiments()
@@ -364,9 +342,28 @@ def test_a_halving_sweep_stops_the_losing_points_and_continues_the_others_from_t
         assert experiments[name]["data/train/metrics.json"]["step"] == 1  # two epochs in its history
         assert 0 < experiments[name]["data/eval/metrics.json"]["test"]["accuracy"] <= 1
     # the finalist trained only its second epoch, from its own state
-    assert sum(fleet.log(worker).count(resumed) for worker in ("w1", "w2")) == before + 1
+    assert sum(fleet.log(worker).count(resumed) for worker in ("p1", "p2")) == before + 1
     rows = [line for line in sweep.stdout.splitlines() if line.startswith("halving-")]
     assert len(rows) == 2 and rows[0].split()[0] in final  # one row per point, the winner first
+    assert_side_by_side(fleet, first)
+
+
+def assert_side_by_side(fleet: Fleet, names: list[str]) -> None:
+    """Both workers of the machine ran one of `names`, their trainings overlapped (Prefect's log
+    timestamps), and each found the machine's environment built."""
+    points = json.loads(run([sys.executable, "-c", FLOW_RUN_LOGS, *names], fleet.submitter, fleet.env))
+    assert len(points) == 2 and all(point["state"] == "COMPLETED" for point in points), points
+    assert all(any(name in fleet.log(worker) for name in names) for worker in ("p1", "p2"))
+    environments = [m for point in points for _, m in point["logs"] if "environment of uv.lock" in m]
+    intervals = sorted(training_interval(point) for point in points)
+    (_, first_end), (second_start, second_end) = intervals
+    overlap = min(first_end, second_end) - second_start
+    figures = f"training intervals {intervals}, overlap {overlap:.1f} s; {environments}"
+    print(figures)  # the measured overlap, for the record (pytest -s)
+    assert overlap > 0, figures
+    assert len(environments) == 2 and all(" reused in " in line for line in environments), figures
+    waits = [float(re.search(r" in ([0-9.]+) s", line).group(1)) for line in environments]
+    assert max(waits) < REUSED_WITHIN_S, figures
 
 
 def test_nightly_runs_the_new_head_of_main_and_brings_it_home(fleet):
