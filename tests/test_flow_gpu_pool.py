@@ -20,6 +20,8 @@ from conftest import copy_working_tree, git
 pytestmark = pytest.mark.slow
 
 TINY = ["-S", "train.epochs=1", "-S", "split.train_size=300", "-S", "split.val_size=100", "-S", "split.test_size=100"]
+# no Grad-CAM or example pages: seconds of the parent's evaluate and report that this test does not look at
+TINY += ["-S", "evaluate.heatmaps=0", "-S", "report.misclassified_examples=0"]
 FLOW_TIMEOUT_S = 900
 
 
