@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
-import subprocess
 import sys
 import time
 import zipfile
@@ -37,6 +35,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_model  # benchmarks/machine.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src")]
@@ -49,14 +48,6 @@ RECORD_EPOCH = {"train": 2000, "val": 1000, "statistics": 512}  # photos of one 
 import keras  # noqa: E402  (after TF_CPP_MIN_LOG_LEVEL)
 
 from convnets.averaging import AveragedWeights, statistics_batches  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown CPU"
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
 
 
 def replica_photos(count: int, start: int) -> tuple[np.ndarray, np.ndarray]:

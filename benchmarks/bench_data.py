@@ -36,6 +36,8 @@ import threading
 import time
 from pathlib import Path
 
+from machine import cpu_model  # benchmarks/machine.py, beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 REPLICA = REPO.parent / "shared" / "data" / "dogs-vs-cats-128" / "dogs-vs-cats.zip"
 BOOK = {"train_range": [0, 1000], "val_range": [1000, 1500], "test_range": [1500, 2500]}
@@ -189,13 +191,6 @@ def row(r: dict) -> str:
         f"{r['preprocess_s']:>8} {r['preprocess_cpu_s']:>10} {r['total_s']:>8} {r['peak_rss_mib']:>8} "
         f"{r['worker_rss_mib']:>11} {r['peak_anon_mib']:>9} {r['peak_file_mib']:>9} {r['prepared_mib']:>8}"
     )
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "CPU model unknown"
 
 
 if __name__ == "__main__":

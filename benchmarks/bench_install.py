@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_model  # benchmarks/machine.py, beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = "74f89e8"  # the last commit that installed with pip (issue 17)
 # What the stages' processes import, in the pipeline's order: the run's DVC, the data and report stages'
@@ -39,12 +41,6 @@ STAGE_IMPORTS = {
     ),
     "train, evaluate (tensorflow, keras, dvclive)": "import tensorflow, keras, dvclive",
 }
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:

@@ -27,11 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import cpu_model  # benchmarks/machine.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -60,13 +61,6 @@ def timed(args: list[str], cwd: Path, env: dict[str, str]) -> float:
     started = time.perf_counter()
     run(args, cwd, env, timeout=3600)
     return time.perf_counter() - started
-
-
-def cpu_model() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def sweep_args(*extra: str, tiny: bool = True) -> list[str]:
