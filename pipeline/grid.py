@@ -10,7 +10,6 @@ import json
 import ntpath
 import posixpath
 import re
-import subprocess
 import tempfile
 import urllib.parse
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ import yaml
 
 from pipeline.locked import PARAMS_FILE, lookup, param_keys, paths
 from pipeline.overrides import OverridesError, refuse_secrets, secret_in
+from pipeline.workspace import git
 
 MAX_NAME = 80  # long grids still get names a person can read in `dvc exp show`
 
@@ -234,9 +234,7 @@ def in_commit(project: Path, path: str, commit: str = "HEAD") -> bool:
     relative = posixpath.normpath(path.replace("\\", "/"))
     if relative == ".." or relative.startswith("../"):
         return False
-    proc = subprocess.run(
-        ["git", "ls-tree", "--name-only", commit, "--", relative], cwd=project, capture_output=True, text=True
-    )
+    proc = git(project, "ls-tree", "--name-only", commit, "--", relative, check=False)
     return proc.returncode == 0 and bool(proc.stdout.strip())
 
 
@@ -271,7 +269,7 @@ def data_source(project: Path, commit: str, data_stages: Sequence[str]) -> str:
     for name in data_stages:
         stage = stages.get(name, {})
         deps = paths(stage.get("deps", []))
-        tree = git_output(project, "ls-tree", "-r", commit, "--", *deps) if deps else ""
+        tree = git(project, "ls-tree", "-r", commit, "--", *deps).stdout if deps else ""
         described.append({"stage": stage, "blobs": tree, "other params": other_params(project, commit, stage)})
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
@@ -292,9 +290,5 @@ def other_params(project: Path, commit: str, stage: dict) -> dict:
 
 def git_show(project: Path, commit: str, path: str) -> str | None:
     """`path` as `commit` has it (None where it has no such file)."""
-    proc = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=project, capture_output=True, text=True)
+    proc = git(project, "show", f"{commit}:{path}", check=False)
     return proc.stdout if proc.returncode == 0 else None
-
-
-def git_output(project: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=project, capture_output=True, text=True, check=True).stdout
