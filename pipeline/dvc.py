@@ -6,7 +6,6 @@ read what it prints. Everything that depends on DVC's wording lives in this modu
 
 from __future__ import annotations
 
-import configparser
 import itertools
 import json
 import os
@@ -213,18 +212,13 @@ def option_value(args: Sequence[str], names: tuple[str, ...]) -> str | None:
 
 
 def dvc_remotes(project: Path) -> dict[str, str]:
-    """{name: url} of the project's DVC remotes ("": the default's name), from .dvc/config and
-    config.local, as `dvc config` writes them (sections `'remote "name"'`) or configure_dvc does."""
-    config = configparser.ConfigParser(interpolation=None, strict=False)
-    config.read([project / ".dvc" / "config", project / ".dvc" / "config.local"], encoding="utf-8")
-    remotes: dict[str, str] = {}
-    for section in config.sections():
-        match = re.fullmatch(r"""'?remote "([^"]+)"'?""", section.strip())
-        if match and "url" in config[section]:
-            remotes[match.group(1)] = config[section]["url"]
-        elif section.strip("'") == "core" and "remote" in config[section]:
-            remotes[""] = config[section]["remote"]
-    return remotes
+    """{name: url} of the project's DVC remotes ("": the default's name), as DVC itself reads its config
+    (.dvc/config, config.local and the user's and system's levels merged)."""
+    from dvc.config import Config
+
+    config = Config(dvc_dir=os.fspath(project / ".dvc"), validate=False)
+    remotes = {name: section["url"] for name, section in config["remote"].items() if "url" in section}
+    return {**remotes, "": config["core"].get("remote", "")}
 
 
 def git_remote_url(project: Path, name: str) -> str:
