@@ -24,6 +24,7 @@ from convnets.fetch import fetch
 from convnets.layout import downloads_dir
 from convnets.params import FetchParams, load_params
 from pipeline import grid
+from pipeline.__main__ import main  # sets PREFECT_SERVER_ANALYTICS_ENABLED on import: at collection, as elsewhere
 from pipeline.grid import Point, SweepError
 from pipeline.overrides import OverridesError, apply_overrides, compose_params
 
@@ -207,7 +208,6 @@ def test_the_downloader_reads_credentials_from_netrc_and_logs_none(tmp_path, mon
 def test_the_command_refuses_a_secret_before_any_flow_gets_it(command, monkeypatch, capsys):
     """A flow's parameters go to the Prefect API: the command checks the overrides before calling one."""
     import pipeline.flows
-    from pipeline.__main__ import main
 
     def no_flow(*args, **kwargs):
         raise AssertionError("a flow was called with the secret")
