@@ -39,7 +39,7 @@ def clone_env(tmp_path: Path, port: int, checkout: Path | None = None) -> dict[s
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",  # as docs/orchestration.md starts workers; each poll costs the server CPU
         "PREFECT_WORKER_HEARTBEAT_SECONDS": "5",
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
         "TF_CPP_MIN_LOG_LEVEL": "2",
