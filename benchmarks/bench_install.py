@@ -10,7 +10,9 @@ In one run, side by side, each in a fresh `git clone`:
    at that lock (built, from uv's warm cache and from an empty one) against a second run
    at the same lock (reused), and what a stage's imports then cost in it: the first process
    to import them, and the next (issue 27: bytecode is written on first import, not at build),
-   with PYTHONDONTWRITEBYTECODE set in the worker, as in CI and containers.
+   with PYTHONDONTWRITEBYTECODE set in the worker, as in CI and containers; side by side,
+   with the `.pyc` of the packages the worker's own environment shares linked in at build
+   (as runs do) and without (each module compiled by the first process that imports it).
 Prints the CPU model, since the figures depend on it.
 """
 
@@ -80,13 +82,20 @@ def install_and_run(rev: str, cache_env: dict[str, str], work: Path, skip_run: b
     return install, run
 
 
-def worker_environment(work: Path, uv_cache: str | None, imports: bool = False) -> list[tuple[float, float]]:
+def worker_environment(
+    work: Path, uv_cache: str | None, imports: bool = False, link: bool = True
+) -> list[tuple[float, float]]:
     """(wall, CPU) seconds of the first run at HEAD's lock, then of a second run, in a fresh envs folder.
 
-    With `imports`, also prints what the stages' imports cost in the new environment.
+    With `imports`, also prints what the stages' imports cost in the new environment. Without
+    `link`, the build links no `.pyc` from this interpreter's environment (the baseline).
     """
     sys.path[:0] = [str(REPO), str(REPO / "src")]
     from pipeline import environments
+
+    linking = environments.link_bytecode
+    if not link:
+        environments.link_bytecode = lambda target, donor: 0
 
     os.environ[environments.ENVS_DIR_ENV] = tempfile.mkdtemp(dir=work)
     if uv_cache is not None:
@@ -99,6 +108,7 @@ def worker_environment(work: Path, uv_cache: str | None, imports: bool = False) 
             if imports and len(times) == 1:
                 print_import_times(env)
     os.environ.pop("UV_CACHE_DIR", None)
+    environments.link_bytecode = linking
     return times
 
 
@@ -119,10 +129,13 @@ def print_worker_figures(work: Path, empty_cache: bool) -> None:
     if empty_cache:
         empty_first, _ = worker_environment(work, str(work / "uv-cache-worker"))
     print(f"worker run environment (HEAD's uv.lock, 237 packages), a stage's imports in it; load {load()}:")
+    print(" without the worker's .pyc linked in (compiled on first import):")
+    unlinked, _ = worker_environment(work, None, imports=True, link=False)
+    print(f" with the .pyc of the packages the worker's own environment ({sys.prefix}) shares linked in:")
     first, second = worker_environment(work, None, imports=True)
     if empty_cache:
         print(f"  first run at a new lock, empty uv cache: {seconds(empty_first)}")
-    print(f"  first run at a new lock, warm uv cache : {seconds(first)}")
+    print(f"  first run at a new lock, warm uv cache : {seconds(first)} ({seconds(unlinked)} without linking)")
     print(f"  second run at the same lock (reused)   : {seconds(second)}")
     print(f"  load average at the end: {load()}")
 

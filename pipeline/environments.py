@@ -12,8 +12,11 @@ stage commands put `src` on PYTHONPATH), so one environment serves every commit 
 uv installs from its own cache by hard links where the file system allows, so a second
 environment of the same packages costs seconds and little disk. Nothing is compiled to bytecode
 at build (compiling all 237 packages took 30 to 76 s on 2 cores, most of a new lock's wait, for
-modules no stage imports): the run's processes write each module's `.pyc` into the environment
-on its first import, whatever PYTHONDONTWRITEBYTECODE says on the worker (see `variables`).
+modules no stage imports). Where the worker's own environment holds the very same source file
+(the same file of uv's cache, linked into both), its `.pyc` is linked in too (`link_bytecode`):
+a new lock usually changes a few packages, and the others import at once. The rest is compiled
+by the run's processes on first import, whatever PYTHONDONTWRITEBYTECODE says on the worker
+(see `variables`).
 
 Concurrency (two workers on one machine share its user cache): a run holds a shared lock
 (flock) on its environment's `<key>.lock` from before it looks for the environment until it
@@ -214,8 +217,56 @@ def build(checkout: Path, folder: Path, digest: str, extras: tuple[str, ...], on
         raise RunEnvironmentError(
             f"uv.lock {digest[:SHORT]} cannot be installed: {failing_package(proc.stderr)} ({last_reason(proc.stderr)})"
         )
+    linked = link_bytecode(folder, Path(sys.prefix))
+    if linked:
+        on_line(f"{linked} compiled modules linked from the worker's own environment ({sys.prefix})")
     write_stamp(folder, digest)
     (folder / COMPLETE).write_text(digest + "\n", encoding="utf-8")
+
+
+def site_packages(environment: Path) -> Path:
+    return environment / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+
+
+def link_bytecode(target: Path, donor: Path) -> int:
+    """Hard-link `donor`'s `.pyc` files into the environment `target` wherever both hold the same
+    source file (one inode: uv linked both from its cache); the number linked.
+
+    Python accepts a `.pyc` whose recorded size and mtime are its source's, which a link of the
+    same file has; a package of another version, or one copied rather than linked, is left to
+    compile on first import. When Python rewrites a stale `.pyc` it replaces the file (a new
+    inode), so the donor's own copy is never changed. A donor that is no virtual environment (a
+    system Python) is not searched: its packages were never uv's.
+    """
+    if not (donor / "pyvenv.cfg").is_file():
+        return 0
+    donor_site, target_site = site_packages(donor), site_packages(target)
+    suffix = f".{sys.implementation.cache_tag}.pyc"
+    linked = 0
+    for folder, dirs, _ in os.walk(donor_site):
+        if "__pycache__" not in dirs:
+            continue
+        dirs.remove("__pycache__")
+        relative = Path(folder).relative_to(donor_site)
+        for pyc in os.scandir(Path(folder) / "__pycache__"):
+            if not pyc.name.endswith(suffix):
+                continue
+            source = pyc.name[: -len(suffix)] + ".py"
+            if not same_file(Path(folder) / source, target_site / relative / source):
+                continue
+            cache = target_site / relative / "__pycache__"
+            cache.mkdir(exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.link(pyc.path, cache / pyc.name)
+                linked += 1
+    return linked
+
+
+def same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def uv_binary() -> str:

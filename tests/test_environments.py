@@ -172,6 +172,31 @@ def test_nothing_is_compiled_at_build_and_a_run_writes_what_it_imports_on_first_
         assert PROBE_MODULE in written  # despite the worker's PYTHONDONTWRITEBYTECODE: the next one reads it
 
 
+def test_a_new_environment_links_the_compiled_modules_of_the_same_files_from_the_workers_own(envs, tmp_path):
+    """A new lock mostly repeats the worker's packages: their .pyc come linked, not compiled again."""
+    checkout = tiny_project(tmp_path / "clone")
+    with environments.environment_for(checkout, extras=()) as donor:
+        subprocess.run([str(donor.python), "-m", "compileall", "-q", str(site_packages(donor))], check=True)
+    built = tmp_path / "same-lock"
+    environments.build(checkout, built, donor.digest, (), lambda line: None)
+    reused = environments.RunEnvironment(built, donor.digest, True, 0.0)
+    source, twin = site_packages(donor) / f"{PROBE_MODULE}.py", site_packages(reused) / f"{PROBE_MODULE}.py"
+    if not os.path.samefile(source, twin):
+        pytest.skip("uv copied the files instead of linking them (another file system): nothing to link")
+    assert environments.link_bytecode(built, donor.path) >= 1
+    (pyc,) = (twin.parent / "__pycache__").glob(f"{PROBE_MODULE}.*.pyc")
+    assert os.path.samefile(pyc, source.parent / "__pycache__" / pyc.name)
+    assert probe_in(reused, checkout) == f"probe {built}"
+    assert os.path.samefile(pyc, source.parent / "__pycache__" / pyc.name)  # read as it was, not compiled again
+
+    # another version of the package (another file) and a donor that is no virtual environment: nothing
+    other = tiny_project(tmp_path / "other", source="WHO = 'other'\n", version="2.0")
+    with environments.environment_for(other, extras=()) as changed:
+        assert environments.link_bytecode(changed.path, donor.path) == 0
+        assert environments.link_bytecode(changed.path, tmp_path) == 0
+        assert probe_in(changed, other).split()[0] == "other"
+
+
 class Killed(BaseException):
     """The worker killed in the middle of a prune (not an Exception: nothing may catch it)."""
 
