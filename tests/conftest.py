@@ -16,10 +16,12 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
 
-# Small enough for CI's 2 cores, big enough that every class appears in every subset.
+# Small enough for CI's 2 cores, big enough that every class appears in every subset. No Grad-CAM
+# heatmaps: seconds of every evaluate; test_report_pages and test_gradcam ask for them.
 TINY_OVERRIDES = {
     "split": {"train_size": 300, "val_size": 100, "test_size": 100},
     "train": {"epochs": 2, "batch_size": 32},
+    "evaluate": {"heatmaps": 0},
     "report": {"misclassified_examples": 10},
 }
 
