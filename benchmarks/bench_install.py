@@ -101,14 +101,16 @@ def worker_environment(
     if uv_cache is not None:
         os.environ["UV_CACHE_DIR"] = uv_cache
     times = []
-    for _ in range(2):
-        cpu = children_cpu()
-        with environments.environment_for(REPO, extras=()) as env:
-            times.append((env.seconds, children_cpu() - cpu))
-            if imports and len(times) == 1:
-                print_import_times(env)
-    os.environ.pop("UV_CACHE_DIR", None)
-    environments.link_bytecode = linking
+    try:
+        for _ in range(2):
+            cpu = children_cpu()
+            with environments.environment_for(REPO, extras=()) as env:
+                times.append((env.seconds, children_cpu() - cpu))
+                if imports and len(times) == 1:
+                    print_import_times(env)
+    finally:
+        os.environ.pop("UV_CACHE_DIR", None)
+        environments.link_bytecode = linking
     return times
 
 

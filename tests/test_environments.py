@@ -156,7 +156,7 @@ def test_old_environments_are_pruned_but_never_one_in_use(envs, tmp_path, monkey
 
 
 def site_packages(env: environments.RunEnvironment) -> Path:
-    return next((env.path / "lib").glob("python*/site-packages"))
+    return environments.site_packages(env.path)
 
 
 def test_nothing_is_compiled_at_build_and_a_run_writes_what_it_imports_on_first_import(envs, tmp_path, monkeypatch):
