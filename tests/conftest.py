@@ -27,6 +27,10 @@ TINY_OVERRIDES = {
 
 # Keep TensorFlow's C++ start-up chatter out of test logs.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The project's .dvc/config turns DVC's usage reports off, but the tests' own small DVC projects
+# (`dvc init`) and commands run outside a project would each start a reporting daemon (a second
+# DVC start-up, then a request that cannot reach the internet here). Tests report nothing.
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
 def deep_update(base: dict, changes: dict) -> dict:
@@ -52,9 +56,9 @@ def write_params(path: Path, changes: dict | None = None, base: dict | None = No
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Modules with the most end-to-end (slow) tests first, each module's tests in their order.
 
-    `make test` spreads whole modules over two processes (pytest-xdist, --dist loadfile) in this
+    `make test` spreads whole modules over three processes (pytest-xdist, --dist loadfile) in this
     order: the Prefect fleet's module alone takes about a third of the suite, so it must start at
-    once, not after the short modules (which then fill the other process).
+    once, not after the short modules (which then fill the other processes).
     """
     slow = {}
     for item in items:
