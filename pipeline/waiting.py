@@ -66,7 +66,9 @@ def wait_for(
         try:
             with get_client(sync_client=True) as client:
                 runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(pending))))
-                workers = online_workers(client, pool)
+                # The pool's workers matter only while a run waits for one: while every run trains,
+                # a poll is one request, not two (a server serves every sweep's polls every 2 s).
+                workers = online_workers(client, pool) if any(map(not_started, runs)) else None
             api_down_since = None
         except Exception as exc:  # a restarting server: finished experiments are safe in git
             api_down_since = api_down_since or time.monotonic()
@@ -81,7 +83,7 @@ def wait_for(
         for run in runs:
             outcome = pending[run.id]
             state = run.state.type.value if run.state else "SCHEDULED"
-            if state in NOT_STARTED:
+            if not_started(run):
                 waiting = True
             elif state == "CRASHED" and resubmit is not None and outcome.attempts <= retries:
                 del pending[run.id]
@@ -110,6 +112,11 @@ def wait_for(
                 return
         else:
             no_worker_since = None
+
+
+def not_started(run) -> bool:
+    """Whether the flow run still waits for a worker to take it."""
+    return (run.state.type.value if run.state else "SCHEDULED") in NOT_STARTED
 
 
 def run_timeout_for(pool: str) -> float:

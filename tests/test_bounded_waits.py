@@ -332,6 +332,7 @@ class FakeClient:
     def __init__(self, runs):
         self.runs = runs
         self.cancelled: dict = {}
+        self.asked = {"runs": 0, "workers": 0}  # requests, by what they read
 
     def __enter__(self):
         return self
@@ -340,10 +341,12 @@ class FakeClient:
         return False
 
     def read_flow_runs(self, flow_run_filter, **kwargs):
+        self.asked["runs"] += 1
         asked = set(flow_run_filter.id.any_)
         return [run for run in self.runs if run.id in asked and run.id not in self.cancelled]
 
     def read_workers_for_work_pool(self, pool, **kwargs):
+        self.asked["workers"] += 1
         return [object()]  # heartbeats keep coming: nothing else would ever end the wait
 
     def set_flow_run_state(self, flow_run_id, state, force=False):
@@ -388,6 +391,20 @@ def test_a_run_that_stays_running_past_its_bound_is_cancelled_and_counted_as_fai
     assert client.cancelled[stuck.id].type.value == "CANCELLING"  # its worker stops the process
     (line,) = [line for line in logs if line.startswith("a:")]
     assert "0 s" in line and "--run-timeout" in line and "cancelled" in line, line
+
+
+def test_a_sweep_asks_for_the_pools_workers_only_while_a_run_waits_for_one(fake_prefect):
+    """While every run trains, a poll is one request: the pool's workers are not read."""
+    training = flow_run("RUNNING", "training")
+    client = fake_prefect([training])
+    waited([results.Outcome(Point(("seed=1",), "a"), flow_run_id=training.id, attempts=1)], run_timeout_s=0.3)
+    assert client.asked["runs"] > 5 and client.asked["workers"] == 0, client.asked
+
+    queued = flow_run("SCHEDULED", "queued")
+    client = fake_prefect([queued])
+    outcome = results.Outcome(Point(("seed=1",), "a"), flow_run_id=queued.id, attempts=1)
+    waited([outcome], deadline=time.monotonic() + 0.3)
+    assert client.asked["runs"] > 5 and client.asked["workers"] == client.asked["runs"], client.asked
 
 
 def test_past_the_deadline_the_sweep_cancels_what_is_left_and_says_how_to_resume(fake_prefect):
