@@ -57,7 +57,7 @@ PYTEST_ARGS ?=
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 3 --dist loadfile --no-loadscope-reorder --durations=20 $(PYTEST_ARGS)
 
-# The leak check, by hand (about 9 minutes on 2 cores): the fast modules in one process, in reverse
+# The leak check, by hand (about 12 minutes on 2 cores): the fast modules in one process, in reverse
 # order, so each runs after modules it never follows in `make test`. tests/conftest.py also fails a
 # module that leaves the environment or Keras's settings changed, and resets the global seeds.
 test-reverse: $(STAMP)

@@ -204,18 +204,25 @@ def runs_tagged(client, tags: Sequence[str], live_only: bool = False) -> list:
     return client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(any_=list(tags)), state=state))
 
 
-def cancel_run(client, flow_run) -> None:
+def state_of(flow_run) -> str:
+    """The flow run's state type ("RUNNING", ...); a run the API lists with no state yet is SCHEDULED."""
+    return flow_run.state.type.value if flow_run.state else "SCHEDULED"
+
+
+def not_started(flow_run) -> bool:
+    """Whether the flow run still waits for a worker to take it."""
+    return state_of(flow_run) in NOT_STARTED
+
+
+def cancel_run(client, flow_run, message: str = "cancelled by python -m pipeline sweep --cancel") -> None:
     """As `prefect flow-run cancel` does: Cancelling, so that its worker stops the run's process;
     a run that no worker has taken yet is Cancelled at once, since nobody would act on Cancelling."""
     from prefect.states import Cancelled, Cancelling
 
-    state = flow_run.state.type.value if flow_run.state else "SCHEDULED"
-    if state in NOT_STARTED:
-        client.set_flow_run_state(
-            flow_run.id, Cancelled(message="cancelled by python -m pipeline sweep --cancel"), force=True
-        )
+    if not_started(flow_run):
+        client.set_flow_run_state(flow_run.id, Cancelled(message=message), force=True)
     else:
-        client.set_flow_run_state(flow_run.id, Cancelling(message="cancelled by python -m pipeline sweep --cancel"))
+        client.set_flow_run_state(flow_run.id, Cancelling(message=message))
 
 
 def latest_table(key: str) -> list[dict]:

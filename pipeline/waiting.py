@@ -18,7 +18,7 @@ from collections.abc import Callable
 from uuid import UUID
 
 from pipeline.grid import Point, SweepError
-from pipeline.prefect_api import online_workers
+from pipeline.prefect_api import cancel_run, not_started, online_workers, state_of
 from pipeline.results import Outcome
 from pipeline.workspace import KeepCheckout
 
@@ -33,7 +33,6 @@ TIMED_OUT = "timed out"  # an Outcome's status: its run stayed RUNNING past the 
 PAST_DEADLINE = "past deadline"  # an Outcome's status: the sweep's --deadline passed before it ended
 
 FINAL_OK = "COMPLETED"
-NOT_STARTED = {"SCHEDULED", "PENDING"}
 
 
 def wait_for(
@@ -82,7 +81,7 @@ def wait_for(
         waiting = False
         for run in runs:
             outcome = pending[run.id]
-            state = run.state.type.value if run.state else "SCHEDULED"
+            state = state_of(run)
             if not_started(run):
                 waiting = True
             elif state == "CRASHED" and resubmit is not None and outcome.attempts <= retries:
@@ -114,11 +113,6 @@ def wait_for(
             no_worker_since = None
 
 
-def not_started(run) -> bool:
-    """Whether the flow run still waits for a worker to take it."""
-    return (run.state.type.value if run.state else "SCHEDULED") in NOT_STARTED
-
-
 def run_timeout_for(pool: str) -> float:
     """How long a run on `pool` may stay RUNNING when the sweep names no bound of its own."""
     return RUN_TIMEOUT_S.get(pool, DEFAULT_RUN_TIMEOUT_S)
@@ -134,18 +128,13 @@ def running_too_long(running_since: dict[UUID, float], run_id: UUID, bound: floa
 
 
 def stop(run, outcome: Outcome, status: str, message: str) -> None:
-    """Cancel `run` as `prefect flow-run cancel` does (prefect_api.cancel_run) and count it as `status`:
-    Cancelling for a run a worker has, which that worker then stops; Cancelled at once for one
-    nobody took yet, since nobody would act on Cancelling (and a later sweep would wait on it)."""
+    """Cancel `run` as `prefect flow-run cancel` does (prefect_api.cancel_run: a worker that has it
+    stops it; one nobody took yet is Cancelled at once, or a later sweep would wait on it) and count
+    it as `status`."""
     from prefect.client.orchestration import get_client
-    from prefect.states import Cancelled, Cancelling
 
-    state = run.state.type.value if run.state else "SCHEDULED"
     with get_client(sync_client=True) as client:
-        if state in NOT_STARTED:
-            client.set_flow_run_state(run.id, Cancelled(message=message), force=True)
-        else:
-            client.set_flow_run_state(run.id, Cancelling(message=message))
+        cancel_run(client, run, message)
     outcome.status, outcome.message = status, message
 
 
