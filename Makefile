@@ -49,13 +49,13 @@ lock: $(UV)
 run: $(STAMP)
 	dvc repro
 
-# Whole test modules on three processes, on CI's two cores too: the suite waits on DVC, Prefect and
-# TensorFlow subprocesses, servers and Prefect's 90 s crash window, and with two processes it left
-# about 15 % of the two cores idle (three: 5 %). tests/conftest.py orders the modules longest first.
-# PYTEST_ARGS=-n0 runs them in one process.
+# Whole test modules on two processes (in one, the suite left part of the two cores idle while it
+# waited on DVC, Prefect and TensorFlow subprocesses; three used 10 % more CPU and were no faster over
+# four fresh-clone runs); tests/conftest.py orders the modules longest first. PYTEST_ARGS=-n0 runs
+# them in one process.
 PYTEST_ARGS ?=
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 3 --dist loadfile --no-loadscope-reorder --durations=20 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=20 $(PYTEST_ARGS)
 
 # The leak check, by hand (about 12 minutes on 2 cores): the fast modules in one process, in reverse
 # order, so each runs after modules it never follows in `make test`. tests/conftest.py also fails a

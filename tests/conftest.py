@@ -56,9 +56,9 @@ def write_params(path: Path, changes: dict | None = None, base: dict | None = No
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Modules with the most end-to-end (slow) tests first, each module's tests in their order.
 
-    `make test` spreads whole modules over three processes (pytest-xdist, --dist loadfile) in this
+    `make test` spreads whole modules over two processes (pytest-xdist, --dist loadfile) in this
     order: the Prefect fleet's module alone takes about a third of the suite, so it must start at
-    once, not after the short modules (which then fill the other processes).
+    once, not after the short modules (which then fill the other process).
     """
     slow = {}
     for item in items:
