@@ -143,6 +143,18 @@ def mnist_raw(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def prefect_database(tmp_path_factory, worker_id) -> Path:
+    """A migrated Prefect database that every Prefect server of the session starts on a copy of
+    (prefect_fleet.migrated_database): one for the test processes of `make test` together."""
+    from prefect_fleet import migrated_database
+
+    shared = tmp_path_factory.getbasetemp()
+    if worker_id != "master":  # pytest-xdist: each process has its own base folder, in a shared one
+        shared = shared.parent
+    return migrated_database(shared / "prefect-database")
+
+
 def copy_working_tree(dest: Path) -> Path:
     """Copy the repo as a user's clone would see it, uncommitted edits included, and commit it."""
     files = (

@@ -6,13 +6,18 @@ start their own processes), so no test leaves a process behind.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -53,6 +58,53 @@ def clone_env(tmp_path: Path, port: int, checkout: Path | None = None) -> dict[s
     return env
 
 
+def migrated_database(folder: Path) -> Path:
+    """An empty Prefect database with every migration applied, made once in `folder` for all the
+    processes of a test session. A server started on a new database spends 12 CPU-s on Alembic's
+    migrations (about two thirds of its start); started on a copy of this one, it only checks them."""
+    database = folder / "prefect.db"
+    with (folder.parent / f"{folder.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other test process waits for the first one's
+        if not database.exists():
+            building = Path(tempfile.mkdtemp(prefix=f"{folder.name}-", dir=folder.parent))
+            env = {
+                **{k: v for k, v in os.environ.items() if "DATABASE" not in k},  # the default: PREFECT_HOME's
+                "PREFECT_HOME": str(building),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            }
+            run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"], building, env)
+            assert not list(building.glob("prefect.db-*")), "SQLite left a journal beside the database"
+            building.rename(folder)
+    return database
+
+
+def seed_database(database: Path, prefect_home: Path) -> None:
+    """Where a server whose PREFECT_HOME is `prefect_home` looks for its database: a copy of `database`."""
+    prefect_home.mkdir(parents=True, exist_ok=True)
+    shutil.copy(database, prefect_home / "prefect.db")
+
+
+@contextlib.contextmanager
+def seeded_test_harness(database: Path) -> Iterator[None]:
+    """Prefect's prefect_test_harness, its server started on a copy of `database` (migrated_database).
+
+    The harness puts its database, prefect-test.db, in a new folder of tempfile.mkdtemp: that folder
+    gets the copy. Should a later Prefect name it otherwise, the server migrates a new one, as before.
+    """
+    from prefect.testing import utilities
+
+    def seeded_folder() -> str:
+        folder = tempfile.mkdtemp()
+        shutil.copy(database, Path(folder) / "prefect-test.db")
+        return folder
+
+    with contextlib.ExitStack() as stack:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(utilities, "mkdtemp", seeded_folder)
+            stack.enter_context(utilities.prefect_test_harness(server_startup_timeout=180))
+        yield
+
+
 def uv_cache_dir() -> str:
     from pipeline.environments import uv_binary
 
@@ -74,21 +126,31 @@ class Processes:
         return proc
 
     def stop(self) -> None:
-        for proc, _ in reversed(self.started):  # workers before the server they talk to
-            stop_tree(proc)
+        stop_trees([proc for proc, _ in reversed(self.started)])
 
 
 def stop_tree(proc: subprocess.Popen) -> None:
     """SIGTERM, then SIGKILL, the process group and every descendant (flow runs may start their own)."""
-    try:
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        family = []
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    stop_trees([proc])
+
+
+def stop_trees(procs: list[subprocess.Popen]) -> None:
+    """stop_tree for all of `procs` at once: one 10-s grace for them together, not one each (a Prefect
+    worker can ignore SIGTERM for minutes, so each would cost the whole grace)."""
+    family = []
+    for proc in procs:
+        if proc.poll() is not None:  # ended and reaped: its pid may be another process's by now
+            continue
         try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
+            family += [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
             pass
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
         for member in family:
             try:
                 member.send_signal(sig)
@@ -97,7 +159,8 @@ def stop_tree(proc: subprocess.Popen) -> None:
         _, alive = psutil.wait_procs(family, timeout=10)
         if not alive:
             break
-    proc.wait(timeout=10)
+    for proc in procs:
+        proc.wait(timeout=10)
 
 
 def processes_in(folder: Path) -> list[str]:

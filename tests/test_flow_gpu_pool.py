@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import yaml
-from prefect_fleet import Processes, clone_env, free_port, processes_in, run, wait_for_server
+from prefect_fleet import Processes, clone_env, free_port, processes_in, run, seed_database, wait_for_server
 
 from conftest import copy_working_tree, git
 
@@ -25,7 +25,7 @@ TINY += ["-S", "evaluate.heatmaps=0", "-S", "report.misclassified_examples=0"]
 FLOW_TIMEOUT_S = 900
 
 
-def test_train_runs_on_the_gpu_pool_worker_and_comes_back_through_dvc(tmp_path):
+def test_train_runs_on_the_gpu_pool_worker_and_comes_back_through_dvc(tmp_path, prefect_database):
     origin = copy_working_tree(tmp_path / "origin")
     parent, worker = tmp_path / "parent", tmp_path / "worker-home"
     git(tmp_path, "clone", "-q", str(origin), str(parent))
@@ -41,6 +41,7 @@ def test_train_runs_on_the_gpu_pool_worker_and_comes_back_through_dvc(tmp_path):
 
     processes = Processes()
     try:
+        seed_database(prefect_database, tmp_path / "prefect-home")  # clone_env's PREFECT_HOME
         server_log = tmp_path / "server.log"
         server = processes.start(
             ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],

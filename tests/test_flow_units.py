@@ -1,6 +1,6 @@
 """The Prefect flows against a fake `dvc` (at the subprocess boundary) and a real tiny DVC run.
 
-One temporary Prefect API (prefect_test_harness) serves every test of this module.
+One temporary Prefect API (prefect_test_harness, on a migrated database) serves every test of this module.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from prefect.client.schemas.filters import (  # noqa: E402
     LogFilterFlowRunId,
 )
 from prefect.logging.handlers import APILogHandler  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+from prefect_fleet import seeded_test_harness  # noqa: E402
 
 from pipeline import artifacts, dvc, remote, tasks  # noqa: E402
 from pipeline.dag import StageGraph, UnknownStage, parse_dot  # noqa: E402
@@ -120,8 +120,8 @@ FAKE_DVC = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module", autouse=True)
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=180):
+def prefect_api(prefect_database):
+    with seeded_test_harness(prefect_database):
         yield
 
 

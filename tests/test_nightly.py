@@ -25,7 +25,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect.artifacts import create_table_artifact  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.states import Completed, Crashed  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+from prefect_fleet import seeded_test_harness  # noqa: E402
 
 from pipeline import nightly, remote, sweep, waiting  # noqa: E402
 from pipeline.flows import dvc_nightly  # noqa: E402
@@ -40,11 +40,11 @@ SUBMIT = sweep.submit  # the real one: a scheduled flow run of the dvc-experimen
 
 
 @pytest.fixture(scope="module")
-def prefect_api():
+def prefect_api(prefect_database):
     """One temporary Prefect API for the flow tests of this module (the name tests need none)."""
     from prefect.client.schemas.actions import WorkPoolCreate
 
-    with prefect_test_harness(server_startup_timeout=180):
+    with seeded_test_harness(prefect_database):
         with get_client(sync_client=True) as client:
             client.create_work_pool(WorkPoolCreate(name=POOL, type="process"))
         yield

@@ -29,7 +29,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowFilter, FlowFilterName  # noqa: E402
 from prefect.client.schemas.sorting import FlowRunSort  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+from prefect_fleet import seeded_test_harness  # noqa: E402
 
 from convnets import compare  # noqa: E402
 from pipeline import results, sweep, tasks  # noqa: E402
@@ -40,8 +40,8 @@ ENVIRONMENTS = {"1" * 40: "98dddbe733d1", "2" * 40: "4b1e07c2a9f0"}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=180):
+def prefect_api(prefect_database):
+    with seeded_test_harness(prefect_database):
         yield
 
 
