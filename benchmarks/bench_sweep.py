@@ -37,7 +37,7 @@ from machine import cpu_model  # benchmarks/machine.py, beside this script
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from prefect_fleet import run  # noqa: E402
+from prefect_fleet import migrated_database, run  # noqa: E402
 from test_sweep_fleet import TINY, Fleet  # noqa: E402
 
 from conftest import git  # noqa: E402
@@ -160,7 +160,7 @@ def main() -> int:
     figures: dict[str, dict[str, float]] = {}
 
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as folder:
-        fleet = Fleet(Path(folder))
+        fleet = Fleet(Path(folder), migrated_database(Path(folder) / "prefect-database"))
         try:
             fleet.start()
             if "overhead" in parts:

@@ -5,10 +5,11 @@ it runs (docs/orchestration.md, "Workers"); and, for the halving test, two more 
 `pair` that share one user cache, as two workers of one user on one machine would. Tiny MNIST
 experiments.
 
-The tests of this module share that fleet and run in order: a sweep, the same sweep again, a new
-point, a halving sweep on the shared machine, the nightly deployment after a new commit, a worker
-killed mid-training, then commits that change the locked dependencies, run by the same untouched
-worker.
+The tests of this module share that fleet and run in order: a sweep, the same sweep again, a halving
+sweep of new points on the shared machine, the nightly deployment after a new commit, a worker
+killed mid-training; then, while Prefect waits out that run's crash window (90 s of silence),
+commits that change the locked dependencies, run from a second checkout by pool cpu's untouched
+worker; and last the killed worker's point, which ends on the other worker.
 """
 
 from __future__ import annotations
@@ -24,11 +25,21 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
-from prefect_fleet import Processes, clone_env, free_port, processes_in, run, stop_tree, wait_for_server
+from prefect_fleet import (
+    Processes,
+    clone_env,
+    free_port,
+    processes_in,
+    run,
+    seed_database,
+    stop_tree,
+    wait_for_server,
+)
 from tiny_packages import PROBE_MODULE, add_wheel_dependency, make_wheel
 
 from conftest import copy_working_tree, git
@@ -71,17 +82,43 @@ with environment_for(Path(sys.argv[1])):
 """
 
 
+@dataclass
+class Preempted:
+    """A sweep running in the background (its output in `log`) whose point lost its worker."""
+
+    sweep: subprocess.Popen
+    log: Path
+    survivor: str  # the other worker of pool gpu
+
+
 class Fleet:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, database: Path):
         self.root = root
+        self.database = database  # the migrated database the server starts on a copy of
         self.origin = root / "origin.git"
         self.submitter = root / "submitter"
         self.dvc_remote = root / "dvc-remote"
         self.port = free_port()
-        self.env = {**clone_env(root, self.port, self.submitter), "PREFECT_API_AUTH_STRING": AUTH}
+        self.env = self.env_in(self.submitter)
         self.processes = Processes()
         self.workers: dict[str, tuple[subprocess.Popen, Path]] = {}
         self.machine_cache = root / "machine-cache"  # pool `pair`'s two workers share it
+        self.preempted: Preempted | None = None  # the sweep whose worker a test killed, still going on
+
+    def env_in(self, checkout: Path) -> dict[str, str]:
+        """A submitter's environment in `checkout`: the fleet's API and credentials, the checkout's code."""
+        return {**clone_env(self.root, self.port, checkout), "PREFECT_API_AUTH_STRING": AUTH}
+
+    def clone(self, name: str) -> Path:
+        """A checkout of origin's main with the fleet's DVC remote, as each person's own clone."""
+        checkout = self.root / name
+        git(self.root, "clone", "-q", str(self.origin), str(checkout))
+        run(
+            ["dvc", "remote", "modify", "--local", "storage", "url", str(self.dvc_remote)],
+            checkout,
+            self.env_in(checkout),
+        )
+        return checkout
 
     def start(self) -> None:
         source = copy_working_tree(self.root / "source")
@@ -103,8 +140,8 @@ class Fleet:
 
     def start_fleet(self, source: Path) -> None:
         git(self.root, "clone", "-q", "--bare", str(source), str(self.origin))
-        git(self.root, "clone", "-q", str(self.origin), str(self.submitter))
-        run(["dvc", "remote", "modify", "--local", "storage", "url", str(self.dvc_remote)], self.submitter, self.env)
+        self.clone(self.submitter.name)
+        seed_database(self.database, self.root / "prefect-home")
         log = self.root / "server.log"
         server = self.processes.start(
             ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port), "--no-ui"],
@@ -172,11 +209,13 @@ class Fleet:
     def log(self, name: str) -> str:
         return self.workers[name][1].read_text(errors="replace")
 
-    def sweep(self, *args: str) -> subprocess.CompletedProcess:
+    def sweep(self, *args: str, checkout: Path | None = None) -> subprocess.CompletedProcess:
+        """`python -m pipeline sweep` in `checkout` (the submitter's by default), to its end."""
+        checkout = checkout or self.submitter
         return subprocess.run(
             [sys.executable, "-m", "pipeline", "sweep", *args],
-            cwd=self.submitter,
-            env=self.env,
+            cwd=checkout,
+            env=self.env_in(checkout),
             capture_output=True,
             text=True,
             timeout=SWEEP_TIMEOUT_S,
@@ -214,8 +253,8 @@ def stage_runs(fleet: Fleet, stage: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    fleet = Fleet(tmp_path_factory.mktemp("fleet"))
+def fleet(tmp_path_factory, prefect_database):
+    fleet = Fleet(tmp_path_factory.mktemp("fleet"), prefect_database)
     try:
         fleet.start()
         yield fleet
@@ -321,31 +360,26 @@ def test_the_same_sweep_again_trains_nothing(fleet):
     assert stage_runs(fleet, "train") == trained
 
 
-def test_a_new_point_on_data_that_already_ran_runs_no_data_stages(fleet):
-    """One more point on the same commit and data params: the first sweep's data-stage run
-    published its dvc.lock entries, so no data-stage run now, and the point skips them too."""
-    data_runs = [r for r in fleet.flow_runs("dvc-experiment") if r["name"].endswith("-data")]
-    handed = "the data-stage run's dvc.lock holds the data stages as this run needs them: --allow-missing"
-    before = sum(fleet.log(worker).count(handed) for worker in ("w1", "w2"))
-    sweep = fleet.sweep(*TINY, "-S", "train.learning_rate=0.004", "-S", "train.epochs=1", "--timeout", "120")
-    assert sweep.returncode == 0, failure(fleet, sweep)
-    assert "data stages already run for" in sweep.stdout + sweep.stderr
-    assert [r for r in fleet.flow_runs("dvc-experiment") if r["name"].endswith("-data")] == data_runs
-    assert sum(fleet.log(worker).count(handed) for worker in ("w1", "w2")) == before + 1
-
-
 def test_a_halving_sweep_stops_the_losing_points_and_continues_the_others_from_their_checkpoints(fleet):
     """2 points, 2 epochs, factor 2: both to epoch 1 (stopped, state kept), the better one goes on to
     epoch 2 from its own state, 3 epochs of the grid's 4. On pool `pair`, whose two workers share one
     user cache (run environments, DVC cache, clones, downloads), as two workers on one machine do
     (issue 25: the second point used to wait for the first point's whole run, on the lock of their
-    shared environment): the first rung's two trainings overlap, and neither waits for the environment."""
+    shared environment): the first rung's two trainings overlap, and neither waits for the environment.
+
+    New points on the commit and data params of the first sweep: its data-stage run published its
+    dvc.lock entries, so no data-stage run now, and every run of the sweep skips the data stages."""
     resumed = "resuming train at epoch 2 of 2"
     grid = ["-S", "train.learning_rate=0.0011,0.0012", "-S", "train.epochs=2"]
     args = ("--halving", "2", "--pool", "pair", "--name-prefix", "halving", "--timeout", "120")
+    data_runs = [r for r in fleet.flow_runs("dvc-experiment") if r["name"].endswith("-data")]
     with fleet.pair():
         sweep = fleet.sweep(*TINY, *grid, *args)
     assert sweep.returncode == 0, failure(fleet, sweep)
+    assert "data stages already run for" in sweep.stdout + sweep.stderr
+    assert [r for r in fleet.flow_runs("dvc-experiment") if r["name"].endswith("-data")] == data_runs
+    handed = "the data-stage run's dvc.lock holds the data stages as this run needs them: --allow-missing"
+    assert sum(fleet.log(worker).count(handed) for worker in ("p1", "p2")) == 3  # two first rungs, one finalist
     assert "epochs trained: 3 of the full grid's 4" in sweep.stdout, sweep.stdout
     experiments = fleet.experiments()
     first = [name for name in experiments if name.startswith("halving-") and name.endswith("-e1")]
@@ -419,44 +453,26 @@ def test_nightly_runs_the_new_head_of_main_and_brings_it_home(fleet):
     assert stage_runs(fleet, "train") == trained
 
 
-def test_a_worker_killed_mid_training_costs_at_most_one_epoch(fleet):
-    epochs = 10
-    sweep = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "sweep",
-            *TINY,
-            "-S",
-            f"train.epochs={epochs}",
-            "--name-prefix",
-            "preempted",
-            "--timeout",
-            "120",
-        ],
-        cwd=fleet.submitter,
-        env=fleet.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+PREEMPTED_EPOCHS = 10
+
+
+def test_a_worker_killed_mid_training_leaves_its_sweep_waiting_for_prefects_crash_window(fleet):
+    """A point of 10 epochs on pool gpu; its worker goes (SIGKILL, with its run's processes) once
+    the point has mirrored two epochs. Prefect declares the run crashed only when its heartbeats
+    have stopped for 90 s: the sweep waits that out in the background while the next test uses
+    pool cpu, and the test after it sees the point end on the other worker."""
+    log = fleet.root / "preempted-sweep.log"
+    args = [*TINY, "-S", f"train.epochs={PREEMPTED_EPOCHS}", "--name-prefix", "preempted", "--timeout", "120"]
+    sweep = fleet.processes.start([sys.executable, "-m", "pipeline", "sweep", *args], fleet.submitter, fleet.env, log)
     mirror = fleet.root / "dvc-remote-train-resume"
     deadline = time.monotonic() + 600
     while not any(re.fullmatch(r"epoch-000[2-9]", p.read_text().strip()) for p in mirror.glob("*/LATEST")):
-        assert sweep.poll() is None and time.monotonic() < deadline, "training did not reach epoch 2"
+        reached = sweep.poll() is None and time.monotonic() < deadline
+        assert reached, f"training did not reach epoch 2:\n{log.read_text(errors='replace')[-6000:]}"
         time.sleep(0.1)
     victim = next(name for name in ("w1", "w2") if "preempted-" in fleet.log(name))
-    survivor = "w2" if victim == "w1" else "w1"
     kill_tree(fleet.workers[victim][0])
-    out, err = sweep.communicate(timeout=SWEEP_TIMEOUT_S)
-    assert sweep.returncode == 0, f"{out}\n{err}\n--- {survivor}:\n{fleet.log(survivor)[-6000:]}"
-    assert "crashed" in err + out
-    survivor_log = fleet.log(survivor)
-    assert "took the state of" in survivor_log and re.search(rf"resuming train at epoch \d+ of {epochs}", survivor_log)
-    (name,) = [n for n in fleet.experiments() if n.startswith("preempted-")]
-    assert fleet.experiments()[name]["data/train/metrics.json"]["step"] == epochs - 1
-    assert not [p for p in mirror.iterdir()]  # the mirrored state is deleted once training succeeded
+    fleet.preempted = Preempted(sweep, log, survivor="w2" if victim == "w1" else "w1")
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -470,29 +486,31 @@ def kill_tree(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def commit_all(fleet: Fleet, message: str) -> str:
-    git(fleet.submitter, "add", "-A")
-    git(fleet.submitter, "commit", "-q", "-m", message)
-    git(fleet.submitter, "push", "-q", "origin", "HEAD:main")
-    return git(fleet.submitter, "rev-parse", "HEAD").strip()
+def commit_all(checkout: Path, message: str) -> str:
+    git(checkout, "add", "-A")
+    git(checkout, "commit", "-q", "-m", message)
+    git(checkout, "push", "-q", "origin", "HEAD:main")
+    return git(checkout, "rev-parse", "HEAD").strip()
 
 
-def experiment_lock(fleet: Fleet, sweep: subprocess.CompletedProcess) -> str:
+def experiment_lock(fleet: Fleet, checkout: Path, sweep: subprocess.CompletedProcess) -> str:
     """The lock hash the experiment's train stage recorded (data/train/devices.json), read through DVC."""
     name = re.search(r"^(deps-\S+)\s.*\bdone\b", sweep.stdout, re.M).group(1)
-    refs = git(fleet.submitter, "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps").splitlines()
+    refs = git(checkout, "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps").splitlines()
     (commit,) = [line.split()[0] for line in refs if line.endswith(f"/{name}")]
     script = "import dvc.api, sys; print(dvc.api.read('data/train/devices.json', rev=sys.argv[1]))"
-    devices = json.loads(run([sys.executable, "-c", script, commit], fleet.submitter, fleet.env))
+    devices = json.loads(run([sys.executable, "-c", script, commit], checkout, fleet.env_in(checkout)))
     return devices["environment"]["lock"]
 
 
 def test_a_dependency_change_runs_on_the_untouched_worker_in_its_own_environment(fleet):
     """Commit B adds a package that train imports; C's lock cannot be installed; D is B again.
 
-    All on pool cpu, whose one worker has run commit A (the nightly test) and is not touched.
+    All on pool cpu, whose one worker has run commit A (the nightly test) and is not touched; from
+    a checkout of its own, while pool gpu's killed run (the test before) waits out its crash window.
     """
-    submitter, one_point = fleet.submitter, [*TINY, "-S", "train.epochs=1", "--pool", "cpu", "--timeout", "120"]
+    submitter = fleet.clone("submitter-deps")
+    one_point = [*TINY, "-S", "train.epochs=1", "--pool", "cpu", "--timeout", "120"]
     make_wheel(submitter / "vendor")
     add_wheel_dependency(submitter, next((submitter / "vendor").iterdir()))
     train = submitter / "src/convnets/train.py"
@@ -500,31 +518,49 @@ def test_a_dependency_change_runs_on_the_untouched_worker_in_its_own_environment
     train.write_text(
         train.read_text().replace(future, f"{future}import {PROBE_MODULE}  # noqa: F401  (only in B's environment)\n")
     )
-    commit_all(fleet, "B: train needs a new package")
+    commit_all(submitter, "B: train needs a new package")
     lock_b = lock_digest(submitter / "uv.lock")
 
-    sweep = fleet.sweep(*one_point, "--name-prefix", "deps-b")
+    sweep = fleet.sweep(*one_point, "--name-prefix", "deps-b", checkout=submitter)
     assert sweep.returncode == 0, failure(fleet, sweep)
     # B's data stages are A's (only train and the lock changed): the data-stage run of A serves B
     assert "data stages already run for" in sweep.stdout + sweep.stderr, failure(fleet, sweep)
     assert f"environment of uv.lock {lock_b[:12]} built" in fleet.log("nightly")
-    assert experiment_lock(fleet, sweep) == lock_b[:12]
+    assert experiment_lock(fleet, submitter, sweep) == lock_b[:12]
 
     # C: the lock names a wheel that is not there; the run fails saying which and whose lock
     add_wheel_dependency(submitter, make_wheel(submitter / "gone", name="convnets-gone"))
     shutil.rmtree(submitter / "gone")
-    commit_all(fleet, "C: a lock that cannot be installed")
+    commit_all(submitter, "C: a lock that cannot be installed")
     lock_c = lock_digest(submitter / "uv.lock")
-    sweep = fleet.sweep(*one_point, "--name-prefix", "deps-c")
+    sweep = fleet.sweep(*one_point, "--name-prefix", "deps-c", checkout=submitter)
     assert sweep.returncode == 1, failure(fleet, sweep)
     refused = rf"uv.lock {lock_c[:12]} cannot be installed: package convnets[-_]gone"
     assert re.search(refused, sweep.stdout + sweep.stderr), failure(fleet, sweep)
 
-    # D: B's tree again; the same worker goes on, reusing B's environment
+    # D: B's tree again; the same worker goes on, reusing B's environment. Another learning rate, so
+    # that train runs there rather than coming from B's run cache; the data stages are still A's.
     git(submitter, "revert", "--no-edit", "HEAD")
     git(submitter, "push", "-q", "origin", "HEAD:main")
     assert lock_digest(submitter / "uv.lock") == lock_b
-    sweep = fleet.sweep(*one_point, "-S", "seed=7", "--name-prefix", "deps-d")
+    sweep = fleet.sweep(*one_point, "-S", "train.learning_rate=0.003", "--name-prefix", "deps-d", checkout=submitter)
     assert sweep.returncode == 0, failure(fleet, sweep)
+    assert "data stages already run for" in sweep.stdout + sweep.stderr, failure(fleet, sweep)
     assert f"environment of uv.lock {lock_b[:12]} reused" in fleet.log("nightly")
     assert fleet.log("nightly").count(f"environment of uv.lock {lock_b[:12]} built") == 1
+
+
+def test_the_killed_workers_point_ends_on_the_other_worker_and_costs_at_most_one_epoch(fleet):
+    preempted = fleet.preempted
+    if preempted is None:
+        pytest.fail("no sweep lost its worker: see test_a_worker_killed_mid_training_leaves_...")
+    preempted.sweep.wait(timeout=SWEEP_TIMEOUT_S)
+    out, survivor_log = preempted.log.read_text(errors="replace"), fleet.log(preempted.survivor)
+    assert preempted.sweep.returncode == 0, f"{out}\n--- {preempted.survivor}:\n{survivor_log[-6000:]}"
+    assert "crashed" in out
+    assert "took the state of" in survivor_log
+    assert re.search(rf"resuming train at epoch \d+ of {PREEMPTED_EPOCHS}", survivor_log)
+    experiments = fleet.experiments()
+    (name,) = [n for n in experiments if n.startswith("preempted-")]
+    assert experiments[name]["data/train/metrics.json"]["step"] == PREEMPTED_EPOCHS - 1
+    assert not list((fleet.root / "dvc-remote-train-resume").iterdir())  # deleted once training succeeded
