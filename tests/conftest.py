@@ -54,17 +54,20 @@ def write_params(path: Path, changes: dict | None = None, base: dict | None = No
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules with the most end-to-end (slow) tests first, each module's tests in their order.
+    """Modules with the most end-to-end (slow) tests first, then those that train long in process
+    (marked long), each module's tests in their order.
 
     `make test` spreads whole modules over two processes (pytest-xdist, --dist loadfile) in this
     order: the Prefect fleet's module alone takes about a third of the suite, so it must start at
-    once, not after the short modules (which then fill the other process).
+    once, not after the short modules (which then fill the other process). A long module left to
+    the end would keep one process busy while the other has nothing left.
     """
-    slow = {}
+    weight: dict[str, tuple[int, int]] = {}
     for item in items:
-        slow.setdefault(item.module.__name__, 0)
-        slow[item.module.__name__] += item.get_closest_marker("slow") is not None
-    items.sort(key=lambda item: -slow[item.module.__name__])  # stable: a module's own order is kept
+        slow, long = weight.get(item.module.__name__, (0, 0))
+        is_slow, is_long = item.get_closest_marker("slow") is not None, item.get_closest_marker("long") is not None
+        weight[item.module.__name__] = (slow - is_slow, long - is_long)
+    items.sort(key=lambda item: weight[item.module.__name__])  # stable: a module's own order is kept
 
 
 WATCHED_PREFIXES = ("CONVNETS_", "XDG_", "PREFECT_", "DVC_", "KAGGLE_", "GIT_", "HOME", "PATH", "VIRTUAL_ENV")

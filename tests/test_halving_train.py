@@ -22,6 +22,8 @@ from convnets.split import read_catalog, split
 from convnets.train import train
 from pipeline.halving import Standing, planned_epochs, promote, rank, rung_epochs
 
+pytestmark = pytest.mark.long  # trains in process for half a minute or more: started early
+
 EPOCHS, ETA = 8, 2
 GRID = [
     {"train": {"learning_rate": rate, "optimizer": optimizer}, "model": {"dropout": dropout}}

@@ -25,6 +25,8 @@ from convnets.resume import RESUME_URL_ENV
 from convnets.train import train
 from test_train_pipeline import make_prepared
 
+pytestmark = pytest.mark.long  # trains in process for half a minute or more: started early
+
 COMPONENTS = ("params", "data", "code", "environment", "precision")
 
 

@@ -19,6 +19,8 @@ from convnets.params import Params
 from convnets.train import train
 from test_train_pipeline import make_prepared
 
+pytestmark = pytest.mark.long  # trains in process for half a minute or more: started early
+
 # A resumed run must end with exactly the uninterrupted run's weights; random layers (RANDOM_LAYERS)
 # too, since their generators' states are saved with each epoch.
 PLAIN = {"model": {"conv_filters": [8, 16], "pooled_blocks": 2}, "train": {"epochs": 4, "batch_size": 16}}

@@ -14,6 +14,8 @@ from convnets.params import Params, load_params
 from convnets.train import train
 from test_train_pipeline import make_prepared
 
+pytestmark = pytest.mark.long  # trains in process for half a minute or more: started early
+
 # The schedule spans the whole budget: a warm-up into a cosine decay, and the moving average.
 SCHEDULED = {"lr_schedule": "cosine", "warmup_epochs": 1, "ema": 0.9}
 
